@@ -1,0 +1,335 @@
+// CUDA kernels of fixed_point_dense and fixed_point_dense_backward (schemas in csrc/ops.cpp, semantics in
+// deqkern/reference.py). One persistent launch per solve: each block owns a tile of batch rows for the whole
+// solve, keeps its iterate in shared memory and stops when all of its rows have stopped; no host
+// synchronisation and no allocation between iterations.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+#include "activations.h"
+#include "solver_checks.h"
+
+namespace deqkern {
+namespace {
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kTileRows = 4;            // batch rows per block; 1 when such a tile does not fit in shared memory
+constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS of deqkern/reference.py
+
+// Forward: x <- act(x W^T + c). Adjoint (backward): h <- s * (h W + grad_z), s = act'(z W^T + c).
+enum class Mode { Forward, Adjoint };
+
+template <typename T>
+struct SolveParams {
+  const T* M;       // (d, d), read by columns: (x M)_i = sum_k M[k][i] x_k. Forward: W^T; adjoint: W.
+  const T* Wt;      // (d, d) W^T, for s = act'(z W^T + c) (adjoint only)
+  const T* c;       // (batch, d)
+  const T* z;       // (batch, d) forward: z0; adjoint: the fixed point z
+  const T* grad_z;  // (batch, d) adjoint only
+  T* out;           // (batch, d) the last iterate
+  int32_t* iterations;
+  T* residual;
+  bool* converged;
+  int64_t batch;
+  int d;
+  ActivationId act;
+  T alpha;
+  T one_minus_alpha;  // rounded from the double 1 - alpha, as the reference's (1 - alpha) * x
+  T tol;
+  int64_t max_iter;
+};
+
+template <bool FROM_SMEM, typename T>
+__device__ __forceinline__ T load_matrix(const T* p) {
+  if constexpr (FROM_SMEM) {
+    return *p;
+  } else {
+    return __ldg(p);
+  }
+}
+
+// acc[r] = sum_k M[k][i] xs[k][r] for the ROWS rows of a tile; M_col = M + i. Consecutive threads take
+// consecutive i, so M is read coalesced (global) or conflict-free (shared), and xs[k][.] is a broadcast.
+template <bool FROM_SMEM, int ROWS, typename T>
+__device__ __forceinline__ void column_matvec(const T* M_col, const T* xs, int d, T (&acc)[ROWS]) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = T(0);
+#pragma unroll 4
+  for (int k = 0; k < d; ++k) {
+    const T w = load_matrix<FROM_SMEM>(M_col);
+    M_col += d;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] += w * xs[k * ROWS + r];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Shared memory, in elements of T: [x, x_next (ROWS*d each, laid out [i][r])] [s (ROWS*d) if adjoint]
+// [per-warp sums (kMaxWarps*2*ROWS)] [M (d*d) if W_SMEM], then ints: [active (ROWS)] [any_active (1)].
+// The tiles come first so that x[k][0..ROWS) stays 16-byte aligned (vector loads).
+template <typename T, Mode MODE, int ROWS>
+size_t tile_smem_bytes(int d) {
+  const size_t tiles = MODE == Mode::Adjoint ? 3 : 2;
+  return (tiles * ROWS * d + size_t(kMaxWarps) * 2 * ROWS) * sizeof(T) + (ROWS + 1) * sizeof(int);
+}
+
+// One block per tile of ROWS batch rows, blockDim.x a multiple of 32 (at most kMaxThreads). Thread tid owns
+// the outputs i = tid, tid + blockDim.x, ... of every row of the tile, in the prologue and in every iteration.
+template <typename T, Mode MODE, int ROWS, bool W_SMEM>
+__global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolveParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int d = p.d;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = nthreads >> 5;
+  const int64_t row0 = int64_t(blockIdx.x) * ROWS;
+  const int rows = int(min(int64_t(ROWS), p.batch - row0));  // valid rows of this tile, >= 1
+
+  T* x = reinterpret_cast<T*>(smem_raw);
+  T* x_next = x + ROWS * d;
+  T* s = x_next + ROWS * d;  // adjoint only
+  T* warp_sums = s + (MODE == Mode::Adjoint ? ROWS * d : 0);
+  T* M_smem = warp_sums + kMaxWarps * 2 * ROWS;
+  int* active = reinterpret_cast<int*>(M_smem + (W_SMEM ? int64_t(d) * d : 0));
+  int* any_active = active + ROWS;
+  const T* M = p.M;
+  if constexpr (W_SMEM) {
+    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) M_smem[e] = __ldg(p.M + e);
+    M = M_smem;  // visible to all threads after the first __syncthreads below
+  }
+
+  // Prologue. Rows past the batch are zero and never active. Forward: x = z0. Adjoint: x = 0, and z goes
+  // to x_next for one matvec s = act'(z W^T + c).
+  for (int e = tid; e < ROWS * d; e += nthreads) {
+    const int r = e / d;
+    const int i = e - r * d;
+    const T v = r < rows ? p.z[(row0 + r) * d + i] : T(0);
+    if constexpr (MODE == Mode::Forward) {
+      x[i * ROWS + r] = v;
+    } else {
+      x[i * ROWS + r] = T(0);
+      x_next[i * ROWS + r] = v;
+    }
+  }
+  if (tid < ROWS) active[tid] = tid < rows;
+  __syncthreads();
+  if constexpr (MODE == Mode::Adjoint) {
+    for (int i = tid; i < d; i += nthreads) {
+      T acc[ROWS];
+      column_matvec<false>(p.Wt + i, x_next, d, acc);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        s[i * ROWS + r] = r < rows ? activation_derivative(p.act, acc[r] + p.c[(row0 + r) * d + i]) : T(0);
+      }
+    }
+    __syncthreads();  // the first iteration overwrites x_next, which still holds z
+  }
+
+  // The decider of row r is thread r (warp 0); it keeps the row's residual and iteration count.
+  T res = T(0);  // set at k = 1: every valid row is active then
+  int32_t iters = 0;
+  for (int64_t k = 1; k <= p.max_iter; ++k) {
+    // Phase 1: t = T(x) for my outputs, x_next = damped update (frozen rows copy x), partial sums.
+    bool row_active[ROWS];
+    T sq_diff[ROWS];
+    T sq_t[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      row_active[r] = active[r] != 0;
+      sq_diff[r] = T(0);
+      sq_t[r] = T(0);
+    }
+    for (int i = tid; i < d; i += nthreads) {
+      T acc[ROWS];
+      column_matvec<W_SMEM>(M + i, x, d, acc);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const T x_old = x[i * ROWS + r];
+        T x_new = x_old;
+        if (row_active[r]) {
+          const int64_t g = (row0 + r) * d + i;
+          T t;
+          if constexpr (MODE == Mode::Forward) {
+            t = activation_forward(p.act, acc[r] + __ldg(p.c + g));
+          } else {
+            t = s[i * ROWS + r] * (acc[r] + __ldg(p.grad_z + g));
+          }
+          const T diff = t - x_old;
+          sq_diff[r] += diff * diff;
+          sq_t[r] += t * t;
+          x_new = p.one_minus_alpha * x_old + p.alpha * t;
+        }
+        x_next[i * ROWS + r] = x_new;
+      }
+    }
+    // Phase 2: block sums of ||t - x||^2 and ||t||^2 per row.
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const T a = warp_sum(sq_diff[r]);
+      const T b = warp_sum(sq_t[r]);
+      if (lane == 0) {
+        warp_sums[(warp * ROWS + r) * 2] = a;
+        warp_sums[(warp * ROWS + r) * 2 + 1] = b;
+      }
+    }
+    __syncthreads();  // (1) x_next and warp_sums complete; every read of x, active, any_active done
+    // Phase 3: the deciders record the residual and stop their row if it converged or is not finite.
+    if (warp == 0) {
+      bool keep_going = false;
+      if (lane < ROWS && active[lane]) {
+        T a = T(0), b = T(0);
+        for (int w = 0; w < nwarps; ++w) {
+          a += warp_sums[(w * ROWS + lane) * 2];
+          b += warp_sums[(w * ROWS + lane) * 2 + 1];
+        }
+        res = sqrt(a) / (sqrt(b) + T(kResidualEps));
+        iters = int32_t(k);
+        keep_going = res > p.tol && isfinite(res);  // NaN > tol is false
+        active[lane] = keep_going;
+      }
+      const bool any = __any_sync(0xffffffffu, keep_going);
+      if (lane == 0) *any_active = any;
+    }
+    __syncthreads();  // (2) active, any_active written; warp_sums read
+    T* const tmp = x;
+    x = x_next;
+    x_next = tmp;
+    if (!*any_active) break;  // uniform: read after (2), next written after (1) of the next iteration
+  }
+
+  for (int e = tid; e < rows * d; e += nthreads) {
+    const int r = e / d;
+    const int i = e - r * d;
+    p.out[(row0 + r) * d + i] = x[i * ROWS + r];
+  }
+  if (tid < rows) {
+    p.iterations[row0 + tid] = iters;
+    p.residual[row0 + tid] = res;
+    p.converged[row0 + tid] = res <= p.tol;
+  }
+}
+
+template <typename T, Mode MODE, int ROWS, bool W_SMEM>
+void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream) {
+  auto kernel = dense_solve_kernel<T, MODE, ROWS, W_SMEM>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t blocks = (p.batch + ROWS - 1) / ROWS;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "deqkern: batch too large: ", p.batch);
+  const int threads = std::min(kMaxThreads, std::max(32, (p.d + 31) / 32 * 32));
+  kernel<<<dim3(unsigned(blocks)), dim3(threads), smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks the tile height and whether M fits in shared memory next to the tile (the opt-in limit of the device).
+template <typename T, Mode MODE>
+void launch_dense_solve(const SolveParams<T>& p, int device) {
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t limit = size_t(smem_limit);
+  const size_t w_bytes = size_t(p.d) * p.d * sizeof(T);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  size_t tile = tile_smem_bytes<T, MODE, kTileRows>(p.d);
+  if (tile <= limit) {
+    if (tile + w_bytes <= limit) {
+      launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream);
+    } else {
+      launch_kernel<T, MODE, kTileRows, false>(p, tile, stream);
+    }
+    return;
+  }
+  tile = tile_smem_bytes<T, MODE, 1>(p.d);
+  TORCH_CHECK(tile <= limit, "deqkern: d = ", p.d, " is too large for the CUDA dense solver (needs ", tile,
+              " bytes of shared memory per block, the device allows ", limit, ")");
+  launch_kernel<T, MODE, 1, false>(p, tile, stream);
+}
+
+using SolveOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// z is z0 (forward) or the fixed point (adjoint); grad_z is undefined in the forward.
+template <Mode MODE>
+SolveOutputs dense_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
+                         ActivationId act, double alpha, double tol, int64_t max_iter) {
+  // Without the guard the kernel would launch on the current device rather than W's.
+  const c10::cuda::CUDAGuard device_guard(W.device());
+  const int64_t batch = c.size(0);
+  const int64_t d = W.size(0);
+  TORCH_CHECK(d <= int64_t(INT32_MAX), "deqkern: d too large: ", d);
+  at::Tensor out = at::empty({batch, d}, W.options());
+  at::Tensor iterations = at::empty({batch}, W.options().dtype(at::kInt));
+  at::Tensor residual = at::empty({batch}, W.options());
+  at::Tensor converged = at::empty({batch}, W.options().dtype(at::kBool));
+  if (batch == 0) return {out, iterations, residual, converged};
+
+  // Both modes read their iteration matrix by columns (coalesced): the forward needs W^T, the adjoint W
+  // itself plus W^T once for s.
+  const at::Tensor Wt = W.t().contiguous();
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    SolveParams<T> p;
+    p.M = MODE == Mode::Forward ? Wt.const_data_ptr<T>() : W.const_data_ptr<T>();
+    p.Wt = Wt.const_data_ptr<T>();
+    p.c = c.const_data_ptr<T>();
+    p.z = z.const_data_ptr<T>();
+    p.grad_z = MODE == Mode::Adjoint ? grad_z.const_data_ptr<T>() : nullptr;
+    p.out = out.mutable_data_ptr<T>();
+    p.iterations = iterations.mutable_data_ptr<int32_t>();
+    p.residual = residual.mutable_data_ptr<T>();
+    p.converged = converged.mutable_data_ptr<bool>();
+    p.batch = batch;
+    p.d = int(d);
+    p.act = act;
+    p.alpha = static_cast<T>(alpha);
+    p.one_minus_alpha = static_cast<T>(1.0 - alpha);
+    p.tol = static_cast<T>(tol);
+    p.max_iter = max_iter;
+    launch_dense_solve<T, MODE>(p, W.get_device());
+  };
+  if (W.scalar_type() == at::kFloat) {
+    run(float(0));
+  } else {
+    run(double(0));
+  }
+  return {out, iterations, residual, converged};
+}
+
+SolveOutputs fixed_point_dense_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
+                                    c10::string_view activation, double alpha, double tol, int64_t max_iter) {
+  check_dense_solve_args(W, {c, z0}, alpha, tol, max_iter);
+  const ActivationId act = parse_activation(std::string(activation));
+  return dense_solve<Mode::Forward>(W, c, z0, at::Tensor(), act, alpha, tol, max_iter);
+}
+
+SolveOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                             const at::Tensor& grad_z, c10::string_view activation, double alpha,
+                                             double tol, int64_t max_iter) {
+  check_dense_solve_args(W, {c, z, grad_z}, alpha, tol, max_iter);
+  const ActivationId act = parse_activation(std::string(activation));
+  return dense_solve<Mode::Adjoint>(W, c, z, grad_z, act, alpha, tol, max_iter);
+}
+
+}  // namespace
+}  // namespace deqkern
+
+TORCH_LIBRARY_IMPL(deqkern, CUDA, m) {
+  m.impl("fixed_point_dense", &deqkern::fixed_point_dense_cuda);
+  m.impl("fixed_point_dense_backward", &deqkern::fixed_point_dense_backward_cuda);
+}

@@ -1,0 +1,62 @@
+"""Drop-in implicit layers built on the fused solves."""
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .activations import get_activation
+from .ops import SolverInfo, fixed_point_dense
+
+
+class DEQLinear(nn.Module):
+    """Dense implicit layer: x (batch, in_features) -> z* (batch, hidden_features), z* = act(z* W^T + x U^T + b).
+
+    The fixed point is found by one fused solve and differentiated implicitly (constant memory in the number of
+    iterations). Solver statistics of the latest call are in `last_info` (`last_info.backward` after backward).
+    `weight` is initialised with spectral norm `init_scale` / Lip(act) so that the iteration starts contractive;
+    nothing keeps it there during training: watch `last_info.converged` (or use on_nonconvergence="raise").
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        activation: str = "tanh",
+        alpha: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backend: str = "auto",
+        on_nonconvergence: str = "warn",
+        backward_tol: Optional[float] = None,
+        backward_max_iter: Optional[int] = None,
+        init_scale: float = 0.5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.activation = activation
+        self.solver_options = dict(
+            activation=activation, alpha=alpha, tol=tol, max_iter=max_iter, backend=backend,
+            on_nonconvergence=on_nonconvergence, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+        )
+        self.injection = nn.Linear(in_features, hidden_features, **factory)
+        self.weight = nn.Parameter(torch.empty(hidden_features, hidden_features, **factory))
+        self.init_scale = init_scale / get_activation(activation).lipschitz
+        self.last_info: Optional[SolverInfo] = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.weight.shape[0]))
+        self.weight.mul_(self.init_scale / torch.linalg.matrix_norm(self.weight.double(), ord=2).clamp_min(1e-12))
+        self.injection.reset_parameters()
+
+    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z, self.last_info = fixed_point_dense(self.weight, self.injection(x), z0=z0, **self.solver_options)
+        return z
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.injection.in_features}, hidden_features={self.weight.shape[0]}, "
+                f"activation={self.activation!r}")

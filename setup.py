@@ -1,0 +1,85 @@
+"""Builds deqkern: the CPU extension always, the CUDA extension when torch has CUDA and nvcc is found.
+
+Environment flags (see the README's table):
+  DEQKERN_FORCE_CUDA=1   build the CUDA extension even when no GPU is visible (fails if it cannot)
+  DEQKERN_SKIP_CUDA=1    never build the CUDA extension
+  TORCH_CUDA_ARCH_LIST   GPU architectures; default "8.0;9.0" when no GPU is visible to pick from
+  MAX_JOBS, NVCC_THREADS parallel compile jobs (ninja) and nvcc threads per job
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_extensions():
+    """The extension modules; shared with nothing else so the flags live in one place."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    extensions = [
+        CppExtension(
+            "deqkern._C",
+            sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+    torch_has_cuda = torch.version.cuda is not None
+    want_cuda = not _flag("DEQKERN_SKIP_CUDA") and (
+        _flag("DEQKERN_FORCE_CUDA") or (torch_has_cuda and CUDA_HOME is not None)
+    )
+    if want_cuda:
+        if not torch_has_cuda or CUDA_HOME is None:
+            raise RuntimeError(
+                "DEQKERN_FORCE_CUDA=1 but torch has no CUDA (torch.version.cuda is None) or no CUDA toolkit "
+                "was found (set CUDA_HOME)"
+            )
+        if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                      f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+        extensions.append(
+            CUDAExtension(
+                "deqkern._C_cuda",
+                sources=sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        )
+    return extensions
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="deqkern",
+        version="0.1.0",
+        description="Fused, certified deep equilibrium (DEQ) solvers for PyTorch: CPU C++, CUDA and Triton kernels",
+        packages=["deqkern", "deqkern.triton_kernels"],
+        package_dir={"deqkern.triton_kernels": "triton_kernels"},
+        ext_modules=build_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        python_requires=">=3.10",
+        install_requires=["torch>=2.11"],
+        extras_require={
+            "triton": ["triton>=3.6"],
+            "demo": ["scikit-learn", "tqdm"],
+            "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "numpy"],
+            "bench": ["torchdeq==0.1.0", "pytest-benchmark", "numpy"],
+        },
+        entry_points={"console_scripts": ["deqkern=deqkern.__main__:main"]},
+    )
+
+
+if __name__ == "__main__":
+    main()

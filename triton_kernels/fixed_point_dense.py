@@ -1,0 +1,345 @@
+"""Dense fixed-point solve z = act(z W^T + c) and its implicit backward: one Triton launch per solve.
+
+Semantics: deqkern/reference.py (fixed_point_dense_ref, fixed_point_dense_backward_ref). One kernel serves both
+solves; it iterates x <- (1 - alpha) x + alpha T(x) with
+    forward:  T(x) = act(x W^T + c),               x0 = z0,
+    adjoint:  T(h) = s * (h W + grad_z),           h0 = 0,   s = act'(z W^T + c) computed once,
+so both are x <- T(x) with a matvec against M = W (forward) or M = W^T (adjoint, passed as swapped strides).
+
+Each program owns BLOCK_B rows and all d columns and runs every iteration itself: a `while` loop stops when no row
+of its tile is active, stopped rows are frozen by masks, and nothing returns to the host until the solve is done.
+- IN_REGISTERS (small d): the iterate, the bias, s and the operator tile stay in registers for the whole solve.
+- otherwise: the iterate lives in a launcher-allocated scratch (2 ping-pong buffers, plus one for s in the adjoint)
+  and each iteration loops over BLOCK_N output columns x BLOCK_K input columns; a barrier separates the writes of
+  one iteration from the reads of the next. Any d works (scratch is 2-3 x B x d elements).
+float32 multiplies with tl.dot(input_precision="ieee") (no TF32, so results match the reference to ~1e-5);
+float64 with a broadcast multiply-and-sum, because fp64 tl.dot is not supported by every Triton version.
+"""
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from deqkern.activations import get_activation
+from deqkern.reference import RESIDUAL_EPS
+
+from .activations import activation_derivative, apply_activation
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_EPS: tl.constexpr = tl.constexpr(RESIDUAL_EPS)
+_INF: tl.constexpr = tl.constexpr(float("inf"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel helpers
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(p_base, o_b, o_d, m_b, m_d, stride_b, stride_d):
+    """Tile x[o_b, o_d] of a (B, d) tensor, 0 outside the masks."""
+    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
+    return tl.load(p, mask=m_b[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(p_base, value, o_b, o_d, m_b, m_d, stride_b, stride_d):
+    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
+    tl.store(p, value, mask=m_b[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
+    """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
+    p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out
+    return tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _matmul(b_x, b_mt, USE_DOT: tl.constexpr):
+    """(BLOCK_B, K) @ (K, N) accumulated in the input dtype."""
+    if USE_DOT:
+        return tl.dot(b_x, b_mt, input_precision="ieee")
+    else:
+        return tl.sum(b_x[:, :, None] * b_mt[None, :, :], axis=1)
+
+
+@triton.jit
+def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_out, stride_in,
+                    USE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x M^T)[o_b, n0:n0+BLOCK_N], x read from global memory BLOCK_K columns at a time."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty)
+    for k0 in range(0, D, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_x = _load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
+        acc += _matmul(b_x, _load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT)
+    return acc
+
+
+@triton.jit
+def _apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
+    """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""
+    if ADJOINT:
+        t = b_s * (acc + b_bias)
+    else:
+        t = apply_activation(acc + b_bias, ACTIVATION)
+    return tl.where(m_bd, t, 0.0)
+
+
+@triton.jit
+def _relative_residual(sq_diff, sq_t):
+    """||T(x) - x|| / (||T(x)|| + eps) from the squared norms, correctly rounded (fp32 sqrt and / are not)."""
+    if sq_diff.dtype == tl.float32:
+        return tl.div_rn(tl.sqrt_rn(sq_diff), tl.sqrt_rn(sq_t) + _EPS)
+    else:
+        return tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + _EPS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fixed_point_dense_kernel(
+    # pointers
+    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, scratch_ptr,
+    # sizes and scalars (alpha, 1 - alpha and tol as fp64 so that float64 solves see the caller's exact values)
+    B, D, alpha: tl.float64, one_minus_alpha: tl.float64, tol: tl.float64, max_iter,
+    # strides; (stride_w_out, stride_w_in) are those of the iteration operator M: W's, or W^T's in the adjoint
+    stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
+    stride_o_b, stride_o_d, stride_s_buf, stride_s_b,
+    # meta-parameters
+    ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, IN_REGISTERS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
+    dtype = W_ptr.dtype.element_ty
+    i_b = tl.program_id(0).to(tl.int64)
+    o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    m_b = o_b < B
+    # The bias of T: c (forward) or grad_z (adjoint).
+    if ADJOINT:
+        p_bias = gz_ptr
+        stride_bias_b = stride_gz_b
+        stride_bias_d = stride_gz_d
+    else:
+        p_bias = c_ptr
+        stride_bias_b = stride_c_b
+        stride_bias_d = stride_c_d
+    b_alpha = tl.full([BLOCK_B, BLOCK_N], alpha, dtype)
+    b_one_minus_alpha = tl.full([BLOCK_B, BLOCK_N], one_minus_alpha, dtype)
+    b_tol = tl.full([BLOCK_B], tol, dtype)
+
+    active = m_b
+    iters = tl.zeros([BLOCK_B], dtype=tl.int32)
+    residual = tl.full([BLOCK_B], _INF, dtype)
+    k = tl.full([], 0, tl.int32)
+
+    if IN_REGISTERS:
+        # BLOCK_N == BLOCK_K >= D: one tile holds whole rows.
+        o_d = tl.arange(0, BLOCK_N)
+        m_d = o_d < D
+        m_bd = m_b[:, None] & m_d[None, :]
+        b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
+        b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
+        b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
+        if ADJOINT:
+            # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
+            b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
+            b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
+            b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
+            b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
+        else:
+            b_s = b_bias
+            b_x = b_z
+        while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
+            k += 1
+            b_t = _apply_map(_matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
+            b_diff = b_t - b_x
+            r = _relative_residual(tl.sum(b_diff * b_diff, axis=1), tl.sum(b_t * b_t, axis=1))
+            b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
+            residual = tl.where(active, r, residual)
+            iters = tl.where(active, k, iters)
+            active = active & (r > b_tol) & (r < _INF)  # r >= 0, so this also stops NaN and Inf
+        _store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
+    else:
+        # Scratch: buffers 0 and 1 hold the iterate (ping-pong), buffer 2 holds s in the adjoint.
+        p_s = scratch_ptr + 2 * stride_s_buf
+        for n0 in range(0, D, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < D
+            if ADJOINT:
+                b_u = _blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D,
+                                      stride_w_in, stride_w_out, USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
+                b_c = _load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
+                _store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
+                b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
+            else:
+                b_x = _load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
+            _store_rows(scratch_ptr, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+        tl.debug_barrier()
+        while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
+            k += 1
+            p_src = scratch_ptr + ((k - 1) % 2).to(tl.int64) * stride_s_buf
+            p_dst = scratch_ptr + (k % 2).to(tl.int64) * stride_s_buf
+            sq_diff = tl.zeros([BLOCK_B], dtype=dtype)
+            sq_t = tl.zeros([BLOCK_B], dtype=dtype)
+            for n0 in range(0, D, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < D
+                m_bn = m_b[:, None] & m_n[None, :]
+                acc = _blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
+                                      USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
+                b_bias = _load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
+                if ADJOINT:
+                    b_s = _load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
+                else:
+                    b_s = b_bias
+                b_t = _apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
+                b_x = _load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
+                b_diff = b_t - b_x
+                sq_diff += tl.sum(b_diff * b_diff, axis=1)
+                sq_t += tl.sum(b_t * b_t, axis=1)
+                # Frozen rows are copied too: the next iteration reads the other buffer.
+                b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
+                _store_rows(p_dst, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            r = _relative_residual(sq_diff, sq_t)
+            residual = tl.where(active, r, residual)
+            iters = tl.where(active, k, iters)
+            active = active & (r > b_tol) & (r < _INF)
+            # The next iteration reads what this one wrote, from other threads of the program.
+            tl.debug_barrier()
+        p_last = scratch_ptr + (k % 2).to(tl.int64) * stride_s_buf
+        for n0 in range(0, D, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < D
+            b_x = _load_rows(p_last, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            _store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
+
+    tl.store(iters_ptr + o_b, iters, mask=m_b)
+    tl.store(res_ptr + o_b, residual, mask=m_b)
+    tl.store(conv_ptr + o_b, (residual <= b_tol).to(tl.uint8), mask=m_b)
+
+
+if _INTERPRET:
+    _kernel = _fixed_point_dense_kernel
+else:
+    # Block sizes come from _default_config; only the warp count is tuned. The kernel reads its inputs and
+    # rewrites its outputs and scratch from scratch, so the tuning runs leave no trace.
+    _kernel = triton.autotune(
+        configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)],
+        key=["D", "ACTIVATION", "ADJOINT", "IN_REGISTERS", "BLOCK_B", "BLOCK_N", "BLOCK_K"],
+    )(_fixed_point_dense_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
+def _default_config(dtype: torch.dtype, d: int) -> dict:
+    """Block sizes: whole rows in registers for small d, column blocks over a scratch buffer otherwise."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if dtype == torch.float32:
+        # tl.dot needs every dimension >= 16; a 128 x 128 fp32 operator tile is 64 KB, still fine in registers.
+        if block_d <= 128:
+            return dict(IN_REGISTERS=True, BLOCK_B=16, BLOCK_N=block_d, BLOCK_K=block_d)
+        return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=64, BLOCK_K=32)
+    # float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N) product: keep it at <= 8192 elements.
+    if block_d <= 32:
+        return dict(IN_REGISTERS=True, BLOCK_B=min(32, 8192 // block_d**2), BLOCK_N=block_d, BLOCK_K=block_d)
+    return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
+
+
+def _check_inputs(W: Tensor, rows: Tuple[Tensor, ...]) -> None:
+    torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: f"W must be (d, d), got {tuple(W.shape)}")
+    torch._check(W.dtype in (torch.float32, torch.float64), lambda: f"unsupported dtype {W.dtype}")
+    for x in rows:
+        torch._check(x.dim() == 2 and x.shape == rows[0].shape and x.shape[1] == W.shape[0],
+                     lambda: f"expected (batch, {W.shape[0]}) inputs, got {[tuple(r.shape) for r in rows]}")
+        torch._check(x.dtype == W.dtype and x.device == W.device, lambda: "inputs must share dtype and device")
+
+
+def _empty_outputs(like: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch = like.shape[0]
+    return (torch.empty_like(like, memory_format=torch.contiguous_format),
+            like.new_empty((batch,), dtype=torch.int32),
+            like.new_empty((batch,), dtype=like.dtype),
+            like.new_empty((batch,), dtype=torch.bool))
+
+
+def _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None):
+    """Runs one solve; `config` overrides _default_config (tests use it to reach the scratch path)."""
+    act_id = get_activation(activation).id
+    _check_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
+    W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
+    grad_z = c if grad_z is None else grad_z.contiguous()  # unused by the forward kernel
+    out, iters, residual, converged = _empty_outputs(z)
+    batch, d = z.shape
+    if batch == 0:
+        return out, iters, residual, converged
+    cfg = dict(_default_config(W.dtype, d), **(config or {}))
+    if cfg["IN_REGISTERS"]:
+        torch._check(cfg["BLOCK_N"] >= d and cfg["BLOCK_K"] == cfg["BLOCK_N"], lambda: f"bad config {cfg}")
+        scratch = out  # not read
+    else:
+        scratch = z.new_empty((3 if adjoint else 2, batch, d))
+    # M = W in the forward, W^T in the adjoint: the transpose is only a swap of strides.
+    stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
+    grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
+    # Triton launches on the current CUDA device: make it z's (otherwise the kernel runs on cuda:0).
+    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+        _kernel[grid](
+            W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), scratch,
+            batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter),
+            stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
+            grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
+            scratch.stride(0) if scratch.dim() == 3 else 0, scratch.stride(-2),
+            ACTIVATION=act_id, ADJOINT=adjoint, USE_DOT=W.dtype == torch.float32, **cfg,
+        )
+    return out, iters, residual, converged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile; fake kernels give the output metadata)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("deqkern::fixed_point_dense_triton", mutates_args=())
+def _fixed_point_dense_op(W: Tensor, c: Tensor, z0: Tensor, activation: str, alpha: float, tol: float,
+                          max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch(W, c, z0, None, activation, alpha, tol, max_iter, adjoint=False)
+
+
+@_fixed_point_dense_op.register_fake
+def _(W, c, z0, activation, alpha, tol, max_iter):
+    _check_inputs(W, (c, z0))
+    return _empty_outputs(z0)
+
+
+@torch.library.custom_op("deqkern::fixed_point_dense_backward_triton", mutates_args=())
+def _fixed_point_dense_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str, alpha: float,
+                                   tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint=True)
+
+
+@_fixed_point_dense_backward_op.register_fake
+def _(W, c, z, grad_z, activation, alpha, tol, max_iter):
+    _check_inputs(W, (c, z, grad_z))
+    return _empty_outputs(z)
+
+
+def fixed_point_dense_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, alpha: float, tol: float,
+                             max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fixed point of z = act(z W^T + c). W: (d, d), c, z0: (batch, d).
+
+    Returns (z (batch, d), iterations int32 (batch,), residual (batch,), converged bool (batch,)).
+    """
+    return torch.ops.deqkern.fixed_point_dense_triton(W, c, z0, activation, alpha, tol, max_iter)
+
+
+def fixed_point_dense_backward_triton(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str,
+                                      alpha: float, tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from 0. Shapes as the forward.
+
+    Returns (grad_u (batch, d), iterations int32 (batch,), residual (batch,), converged bool (batch,)).
+    """
+    return torch.ops.deqkern.fixed_point_dense_backward_triton(W, c, z, grad_z, activation, alpha, tol, max_iter)
