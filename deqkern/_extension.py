@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+import torch  # noqa: F401  (loads libc10/libtorch, which the extensions link against)
+
 try:
     from . import _C  # noqa: F401  (schemas + CPU kernels)
 except ImportError as error:  # pragma: no cover - only without a build

@@ -8,7 +8,7 @@ import deqkern
 from deqkern.reference import fixed_point_dense_ref
 from problems import dense_problem
 
-BACKENDS_HERE = ["cpu", "reference"]
+BACKENDS_HERE = ["cpu", "reference", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def test_solution_is_a_fixed_point_and_info_is_per_sample():

@@ -1,0 +1,23 @@
+"""The main job runs end to end (a short version of `python -m deqkern demo`)."""
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+from deqkern.__main__ import main  # noqa: E402
+from deqkern.demo import run  # noqa: E402
+
+
+def test_demo_trains_a_classifier(capsys):
+    results = run(["--epochs", "2", "--train-limit", "512", "--no-progress", "--backends", "cpu", "reference"])
+    out = capsys.readouterr().out
+    assert "test acc" in out and len(results) == 2
+    for r in results:
+        assert r["test_accuracy"] > 0.8, r  # 10 classes: chance is 0.1
+        assert 1 <= r["forward_iterations"] <= 100 and 1 <= r["backward_iterations"] <= 100
+    assert abs(results[0]["test_accuracy"] - results[1]["test_accuracy"]) < 0.02
+
+
+def test_cli_info(capsys):
+    assert main(["info"]) == 0
+    assert "CPU extension: built" in capsys.readouterr().out
