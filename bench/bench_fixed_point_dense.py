@@ -23,7 +23,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -534,6 +534,20 @@ def _load_average():
         return "unknown"
 
 
+def _stall_check(threads):
+    """Median time of a 64x64 torch.mm with `threads` threads and with 1: a busy machine stalls the first."""
+    a, out = torch.randn(64, 64), torch.empty(64, 64)
+    medians = []
+    for n in (threads, 1):
+        torch.set_num_threads(n)
+        medians.append(measure(lambda: torch.mm(a, a, out=out), torch.device("cpu"), 0.05)[0])
+    torch.set_num_threads(threads)
+    text = f"64x64 torch.mm {medians[0] * 1e3:.1f} us with {threads} threads, {medians[1] * 1e3:.1f} us with 1"
+    if medians[0] > 3 * medians[1]:
+        text += " -- WARNING: multi-threaded ops stall, the machine is busy: timings are not representative"
+    return text
+
+
 def header_lines(device, args):
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -562,7 +576,8 @@ def header_lines(device, args):
         f"versions: torch {torch.__version__}, triton {triton.__version__ if triton else 'not installed'}, "
         f"torchdeq {torchdeq_version}, deqkern {deqkern.__version__}, python {platform.python_version()}",
         f"threads: torch.set_num_threads({args.threads}) -> {torch.get_num_threads()}; "
-        f"load average (1/5/15 min) at start: {_load_average()}",
+        f"load average (1/5/15 min) at start: {_load_average()}"
+        + (f"; {_stall_check(args.threads)}" if device.type == "cpu" else ""),
         f"command: {shlex.join([sys.executable, *sys.argv])}",
         f"problem: f(z) = tanh(z W^T + c), W = 0.9 A/||A||_2 with A ~ N(0,1) (||W||_2 = 0.9), c ~ N(0,1) i.i.d., "
         f"z0 = 0, float32, tol {TOL:g} (relative), max_iter {MAX_ITER}, seed {SEED}",
