@@ -24,7 +24,8 @@ def build_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 from torch 2.14 on).
+    cxx_flags = ["-O3", "-fno-math-errno"]
     extensions = [
         CppExtension(
             "deqkern._C",
@@ -45,7 +46,7 @@ def build_extensions():
             )
         if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
         extensions.append(
             CUDAExtension(
