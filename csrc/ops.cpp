@@ -24,4 +24,10 @@ TORCH_LIBRARY(deqkern, m) {
   m.def(
       "fixed_point_dense_backward(Tensor W, Tensor c, Tensor z, Tensor grad_z, str activation, float alpha,"
       " float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One op per power iteration on J_b = diag(row_scale_b) W, batched over start vectors u0 (B, n): mode "gram"
+  // gives ||J_b||_2, mode "symmetric" lambda_max((J_b + J_b^T) / 2) (iterating on S_b + shift I). Per-sample
+  // stop on the relative change of the value; returns (value, u, iterations int32, converged bool).
+  m.def(
+      "power_iteration(Tensor W, Tensor? row_scale, Tensor u0, str mode, float shift, int max_iter, float tol)"
+      " -> (Tensor value, Tensor u, Tensor iterations, Tensor converged)");
 }

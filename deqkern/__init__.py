@@ -1,6 +1,8 @@
 """deqkern: fused, trustworthy deep equilibrium (DEQ) solvers for PyTorch."""
 from . import _extension  # noqa: F401  (loads the C++/CUDA kernels first: ops.py registers fakes for them)
 from . import nn, reference
+from . import jacobian
+from .jacobian import jacobian_reg
 from .activations import ACTIVATIONS
 from .ops import (
     BACKENDS,
@@ -9,6 +11,7 @@ from .ops import (
     SolverInfo,
     fixed_point_dense,
 )
+from . import lipschitz  # noqa: E402  (registers the fake kernel of deqkern::power_iteration)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,6 +21,8 @@ __all__ = [
     "NonConvergenceWarning",
     "SolverInfo",
     "fixed_point_dense",
+    "jacobian",
+    "jacobian_reg",
     "nn",
     "reference",
 ]

@@ -60,3 +60,6 @@ class DEQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.injection.in_features}, hidden_features={self.weight.shape[0]}, "
                 f"activation={self.activation!r}")
+
+
+from .certified import PositiveConcaveDEQ, LinfContractiveDEQ, LipschitzDEQ  # noqa: E402,F401

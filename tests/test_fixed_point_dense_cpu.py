@@ -19,8 +19,8 @@ def assert_solves_match(out, ref, dtype):
     report("z", z, z_ref)
     assert z.dtype == dtype and iterations.dtype == torch.int32 and converged.dtype == torch.bool
     if dtype == torch.float64:
-        torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(residual, residual_ref, rtol=1e-6, atol=1e-14)
+        torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(residual, residual_ref, rtol=1e-6, atol=1e-14, equal_nan=True)
         assert torch.equal(iterations, iterations_ref)
         assert torch.equal(converged, converged_ref)
     else:
@@ -75,15 +75,47 @@ def test_max_iter_reached_is_reported():
     torch.testing.assert_close(z, fixed_point_dense_ref(W, c, z0, "identity", 1.0, 1e-12, 3)[0])
 
 
-def test_nan_in_one_row_stops_that_row_only():
+def test_nan_in_one_row_flags_that_row_only():
     W, c, z0 = dense_problem(5, 9)
     c[2, 4] = float("nan")
     z, iterations, residual, converged = forward_op(W, c, z0, "tanh", 1.0, 1e-9, 200)
-    assert torch.isnan(residual[2]) and not converged[2] and iterations[2] == 1
+    assert torch.isnan(residual[2]) and not converged[2] and iterations[2] == 0
+    assert torch.equal(z[2], z0[2])  # never iterated
     keep = torch.tensor([0, 1, 3, 4])
     ref = fixed_point_dense_ref(W, c[keep], z0[keep], "tanh", 1.0, 1e-9, 200)
     torch.testing.assert_close(z[keep], ref[0], rtol=1e-10, atol=1e-10)
     assert converged[keep].all()
+    assert_solves_match((z, iterations, residual, converged), fixed_point_dense_ref(W, c, z0, "tanh", 1.0, 1e-9, 200),
+                        torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_inf_input_is_flagged_even_where_tanh_would_hide_it(dtype):
+    W, c, z0 = dense_problem(4, 6, dtype)
+    c[1, 0] = float("inf")  # tanh(inf) = 1 would give a finite, converged, meaningless sample
+    z0[3, 5] = float("-inf")
+    out = forward_op(W, c, z0, "tanh", 1.0, 1e-6, 100)
+    assert out[1].tolist()[1] == 0 and out[1].tolist()[3] == 0 and torch.isnan(out[2][[1, 3]]).all()
+    assert out[3].tolist() == [True, False, True, False]
+
+
+def test_nan_in_W_flags_every_sample():
+    W, c, z0 = dense_problem(3, 7)
+    W[6, 0] = float("nan")
+    z, iterations, residual, converged = forward_op(W, c, z0, "relu", 1.0, 1e-6, 100)
+    assert (iterations == 0).all() and torch.isnan(residual).all() and not converged.any()
+    assert torch.equal(z, z0)
+
+
+def test_backward_flags_non_finite_rows():
+    W, c, z0 = dense_problem(4, 5)
+    z = fixed_point_dense_ref(W, c, z0, "tanh", 1.0, 1e-10, 300)[0]
+    grad_z = torch.ones_like(z)
+    grad_z[0, 2] = float("nan")
+    z[2, 1] = float("inf")
+    out = backward_op(W, c, z, grad_z, "tanh", 1.0, 1e-9, 100)
+    assert out[1].tolist()[0] == 0 and out[1].tolist()[2] == 0 and out[3].tolist() == [False, True, False, True]
+    assert_solves_match(out, fixed_point_dense_backward_ref(W, c, z, grad_z, "tanh", 1.0, 1e-9, 100), torch.float64)
 
 
 def test_empty_batch():

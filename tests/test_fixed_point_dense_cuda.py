@@ -145,25 +145,94 @@ def test_per_sample_stopping(dtype):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nan_row_stops_alone(dtype):
-    B, d, tol, bad = 9, 33, TOL[dtype], 4
-    W, c, z0, grad_z = make_problem(B, d, dtype)
-    z = fixed_point_dense_ref(W, c, z0, "tanh", 1.0, tol, MAX_ITER)[0]
-    c[bad, 2] = float("nan")
-    forward = lambda W, c, z0: run_forward(W, c, z0, "tanh", 1.0, tol, MAX_ITER)  # noqa: E731
-    backward = lambda W, c, z, g: run_backward(W, c, z, g, "tanh", 1.0, tol, MAX_ITER)  # noqa: E731
-    for solve, ref, args in [
-        (forward, fixed_point_dense_ref, (W, c, z0)),
-        (backward, fixed_point_dense_backward_ref, (W, c, z, grad_z)),
+def assert_not_iterated(out, rows, start):
+    """The rows of a sample with a non-finite input: never iterated, x is its start (NaN included), residual NaN."""
+    x, it, res, conv = out
+    assert (it[rows] == 0).all() and res[rows].isnan().all() and not conv[rows].any()
+    torch.testing.assert_close(x[rows], start[rows], rtol=0, atol=0, equal_nan=True)
+
+
+def check_bad_rows(dtype, d, bad_inputs, activation, B=9):
+    """bad_inputs: (input name, row, column, value). Forward and backward against the reference; the bad rows are
+    never iterated and the others are bit-identical to solving them alone."""
+    tol = TOL[dtype]
+    W, c, z0, grad_z = make_problem(B, d, dtype, activation)
+    z = fixed_point_dense_ref(W, c, z0, activation, 0.6, tol, MAX_ITER)[0]
+    inputs = dict(W=W, c=c, z0=z0, z=z, grad_z=grad_z)
+    for name, row, col, value in bad_inputs:
+        inputs[name][row, col] = value
+    forward = lambda W, c, z0: run_forward(W, c, z0, activation, 0.6, tol, MAX_ITER)  # noqa: E731
+    backward = lambda W, c, z, g: run_backward(W, c, z, g, activation, 0.6, tol, MAX_ITER)  # noqa: E731
+    results = []
+    for solve, ref, args, start in [
+        (forward, fixed_point_dense_ref, (W, c, z0), z0),
+        (backward, fixed_point_dense_backward_ref, (W, c, z, grad_z), torch.zeros_like(z)),
     ]:
-        x, it, res, conv = out = solve(*args)
-        assert_matches(out, ref(*args, "tanh", 1.0, tol, MAX_ITER), dtype, tol)
-        assert res[bad].isnan() and not conv[bad] and it[bad] == 1
-        good = [b for b in range(B) if b != bad]
-        assert conv[good].all() and x[good].isfinite().all()
-        for a, b in zip(out, solve_rows_alone(solve, args, good)):
-            assert torch.equal(a[good], b)
+        out = solve(*args)
+        expected = ref(*args, activation, 0.6, tol, MAX_ITER)
+        assert_matches(out, expected, dtype, tol)
+        bad = (expected[1] == 0).nonzero().flatten().tolist()
+        good = [b for b in range(B) if b not in bad]
+        assert_not_iterated(out, bad, start)
+        assert out[3][good].all() and out[0][good].isfinite().all()
+        if good:
+            for a, b in zip(out, solve_rows_alone(solve, args, good)):
+                assert torch.equal(a[good], b)
+        results.append(bad)
+    return results
+
+
+# d = 33: 4-row tiles with W in shared memory; 300: 4-row tiles reading W from global memory (float64).
+@pytest.mark.parametrize("d", [33, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_row_not_iterated(dtype, d):
+    """A NaN in a row of c: that sample alone is flagged, in the forward and in the backward."""
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, [("c", 4, 2, float("nan"))], "tanh")
+    assert fwd_bad == bwd_bad == [4]
+
+
+@pytest.mark.parametrize("d", [33, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inf_in_c_with_tanh_is_flagged(dtype, d):
+    """tanh(inf) = 1 would hide it from the residual: the kernel flags the row from its input."""
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, [("c", 1, d - 1, float("inf")), ("c", 6, 0, -float("inf"))], "tanh")
+    assert fwd_bad == bwd_bad == [1, 6]
+
+
+@pytest.mark.parametrize("d", [33, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_z0_flags_forward_only(dtype, d):
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, [("z0", 3, 5, float("nan")), ("z0", 8, 0, float("inf"))], "relu")
+    assert fwd_bad == [3, 8] and bwd_bad == []
+
+
+@pytest.mark.parametrize("d", [33, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_nan_in_grad_z_or_z(dtype, d):
+    """The backward also checks its own inputs z and grad_z; the forward (which reads neither) is unaffected."""
+    bad_inputs = [("grad_z", 2, 7, float("nan")), ("z", 5, d - 1, float("nan")), ("grad_z", 7, 0, float("inf"))]
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, bad_inputs, "tanh")
+    assert fwd_bad == [] and bwd_bad == [2, 5, 7]
+
+
+@pytest.mark.parametrize("d", [33, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tile_of_only_bad_rows(dtype, d):
+    """Rows 0-3 (the whole first 4-row tile) flagged: that block exits without iterating, the others solve."""
+    bad_inputs = [("c", 0, 0, float("nan")), ("c", 1, 1, float("inf")), ("z0", 2, 2, float("nan")),
+                  ("z0", 3, 3, -float("inf")), ("grad_z", 0, 0, float("nan")), ("z", 1, 2, float("nan")),
+                  ("grad_z", 2, 3, float("inf")), ("z", 3, 4, float("inf"))]
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, bad_inputs, "tanh")
+    assert fwd_bad == bwd_bad == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("d", [1, 33, 300, 2500])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonfinite_W_flags_every_row(dtype, d):
+    """One NaN in W, in its last row: every sample of both solves is flagged (W in shared memory, in global
+    memory, and in float64 with d = 2500 the one-row tiles)."""
+    fwd_bad, bwd_bad = check_bad_rows(dtype, d, [("W", d - 1, d // 2, float("nan"))], "tanh", B=5)
+    assert fwd_bad == bwd_bad == list(range(5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

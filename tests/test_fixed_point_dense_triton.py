@@ -147,33 +147,116 @@ def test_max_iter_reached(dtype):
 def test_zero_iterations_and_empty_batch():
     W, c, z0, _ = make_problem(3, 5, torch.float64)
     z, iters, residual, converged = fixed_point_dense_triton(W, c, z0, "relu", 1.0, 1e-6, 0)
-    assert torch.equal(z, z0) and (iters == 0).all() and torch.isinf(residual).all() and not converged.any()
+    assert torch.equal(z, z0) and (iters == 0).all() and torch.isnan(residual).all() and not converged.any()
     for out in (fixed_point_dense_triton(W, c[:0], z0[:0], "relu", 1.0, 1e-6, 10),
                 fixed_point_dense_backward_triton(W, c[:0], z0[:0], z0[:0], "relu", 1.0, 1e-6, 10)):
         assert [tuple(t.shape) for t in out] == [(0, 5), (0,), (0,), (0,)]
         assert [t.dtype for t in out] == [torch.float64, torch.int32, torch.float64, torch.bool]
 
 
+def assert_not_iterated(out, rows, start):
+    """The rows of a non-finite sample: never iterated, x is its start (NaN included), residual NaN."""
+    x, iters, residual, converged = out
+    assert (iters[rows] == 0).all() and torch.isnan(residual[rows]).all() and not converged[rows].any()
+    torch.testing.assert_close(x[rows], start[rows], rtol=0, atol=0, equal_nan=True)
+
+
+def assert_rows_alone(solve, args, out, good):
+    """The finite rows: converged, and bit-identical to a batch of only them (the bad rows left no trace)."""
+    assert out[3][good].all() and out[0][good].isfinite().all()
+    W, *batched = args
+    alone = solve(W, *(t[good] for t in batched))
+    for a, b in zip(out, alone):
+        assert torch.equal(a[good], b)
+
+
+# (input, value, activation): NaN anywhere, and an Inf that tanh would hide (tanh(inf) = 1).
+FORWARD_BAD_INPUTS = [("c", float("nan"), "relu"), ("c", float("inf"), "tanh"), ("c", -float("inf"), "sigmoid"),
+                      ("z0", float("nan"), "tanh"), ("z0", float("inf"), "relu")]
+BACKWARD_BAD_INPUTS = [("grad_z", float("nan"), "tanh"), ("grad_z", float("inf"), "relu"),
+                       ("z", float("nan"), "tanh"), ("c", float("inf"), "tanh"), ("c", float("nan"), "sigmoid")]
+
+
 @pytest.mark.parametrize("d", [5, 33], ids=["registers", "scratch"])
-def test_nan_row_stops_alone(d):
-    dtype = torch.float64
+@pytest.mark.parametrize("name,value,activation", FORWARD_BAD_INPUTS, ids=lambda v: str(v))
+def test_nonfinite_row_not_iterated(d, name, value, activation):
+    dtype, bad, good = torch.float64, 1, [0, 2, 3]
+    W, c, z0, _ = make_problem(4, d, dtype)
+    inputs = dict(c=c, z0=z0)
+    inputs[name][bad, 2] = value
+    args = (activation, 0.6, 1e-8, MAX_ITER)
+    out = fixed_point_dense_triton(W, c, z0, *args)
+    assert_matches(out, fixed_point_dense_ref(W, c, z0, *args), dtype)
+    assert_not_iterated(out, [bad], z0)
+    assert_rows_alone(lambda *a: fixed_point_dense_triton(*a, *args), (W, c, z0), out, good)
+
+
+@pytest.mark.parametrize("d", [5, 33], ids=["registers", "scratch"])
+@pytest.mark.parametrize("name,value,activation", BACKWARD_BAD_INPUTS, ids=lambda v: str(v))
+def test_backward_nonfinite_row_not_iterated(d, name, value, activation):
+    dtype, bad, good = torch.float64, 2, [0, 1, 3]
     W, c, z0, grad_z = make_problem(4, d, dtype)
-    c[1, 2] = float("nan")
-    args = ("relu", 0.6, 1e-8, MAX_ITER)
-    z, iters, residual, converged = out = fixed_point_dense_triton(W, c, z0, *args)
-    ref = fixed_point_dense_ref(W, c, z0, *args)
-    assert torch.isnan(residual[1]) and not converged[1] and iters[1] == 1
+    args = (activation, 0.6, 1e-8, MAX_ITER)
+    z = fixed_point_dense_ref(W, c, z0, *args)[0]
+    inputs = dict(c=c, z=z, grad_z=grad_z)
+    inputs[name][bad, 0] = value
+    out = fixed_point_dense_backward_triton(W, c, z, grad_z, *args)
+    assert_matches(out, fixed_point_dense_backward_ref(W, c, z, grad_z, *args), dtype)
+    assert_not_iterated(out, [bad], torch.zeros_like(z))
+    assert_rows_alone(lambda *a: fixed_point_dense_backward_triton(*a, *args), (W, c, z, grad_z), out, good)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("d", [5, 33, 70], ids=["D5", "D33", "D70"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_W_flags_every_row(value, d, dtype):
+    """One bad entry of W, far from the first block: no row is iterated, in either solve."""
+    W, c, z0, grad_z = make_problem(17, d, dtype)
+    W[d - 1, d // 2] = value
+    args = ("tanh", 0.6, TOL[dtype], MAX_ITER)
+    out = fixed_point_dense_triton(W, c, z0, *args)
+    assert_matches(out, fixed_point_dense_ref(W, c, z0, *args), dtype, exact_iterations=True)
+    assert_not_iterated(out, slice(None), z0)
+    back = fixed_point_dense_backward_triton(W, c, z0, grad_z, *args)
+    assert_matches(back, fixed_point_dense_backward_ref(W, c, z0, grad_z, *args), dtype, exact_iterations=True)
+    assert_not_iterated(back, slice(None), torch.zeros_like(z0))
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
+@pytest.mark.parametrize("in_registers", [True, False], ids=["registers", "scratch"])
+def test_tile_of_only_bad_rows(in_registers, adjoint):
+    """BLOCK_B = 2 with rows 0 and 1 bad: a program whose rows are all flagged, next to programs that iterate."""
+    dtype = torch.float64
+    W, c, z0, grad_z = make_problem(5, 5, dtype)
+    c[0, 1] = float("nan")
+    (grad_z if adjoint else z0)[1, 4] = float("inf")
+    config = dict(IN_REGISTERS=in_registers, BLOCK_B=2, BLOCK_N=16, BLOCK_K=16 if in_registers else 8)
+    args = ("tanh", 0.6, 1e-9, MAX_ITER)
+    if adjoint:
+        out = _launch(W, c, z0, grad_z, *args, adjoint=True, config=config)
+        ref = fixed_point_dense_backward_ref(W, c, z0, grad_z, *args)
+        start = torch.zeros_like(z0)
+    else:
+        out = _launch(W, c, z0, None, *args, adjoint=False, config=config)
+        ref = fixed_point_dense_ref(W, c, z0, *args)
+        start = z0
     assert_matches(out, ref, dtype)
-    keep = torch.tensor([0, 2, 3], device=DEVICE)
-    assert converged[keep].all()
-    # Adjoint: a NaN in grad_z stops that row only.
-    grad_z[3, 0] = float("nan")
-    z_ref = ref[0][keep]
-    args = ("tanh", 0.6, 1e-8, MAX_ITER)
-    back = fixed_point_dense_backward_triton(W, c[keep], z_ref, grad_z[keep], *args)
-    back_ref = fixed_point_dense_backward_ref(W, c[keep], z_ref, grad_z[keep], *args)
-    assert torch.isnan(back[2][2]) and not back[3][2] and back[3][:2].all()
-    assert_matches(back, back_ref, dtype)
+    assert_not_iterated(out, [0, 1], start)
+    assert out[3][2:].all()
+
+
+def test_nonfinite_rows_float32_scratch():
+    """float32 (tl.dot) through the scratch path: a NaN in z0 and an Inf in c (tanh) in two rows."""
+    batch, d, dtype = 17, 70, torch.float32
+    W, c, z0, grad_z = make_problem(batch, d, dtype)
+    z0[3, 69] = float("nan")
+    c[16, 0] = float("inf")
+    args = ("tanh", 0.6, TOL[dtype], MAX_ITER)
+    out = fixed_point_dense_triton(W, c, z0, *args)
+    assert_matches(out, fixed_point_dense_ref(W, c, z0, *args), dtype)
+    assert_not_iterated(out, [3, 16], z0)
+    good = [b for b in range(batch) if b not in (3, 16)]
+    assert out[3][good].all()
 
 
 def test_unknown_activation_and_bad_shapes():

@@ -12,6 +12,8 @@ of its tile is active, stopped rows are frozen by masks, and nothing returns to 
 - otherwise: the iterate lives in a launcher-allocated scratch (2 ping-pong buffers, plus one for s in the adjoint)
   and each iteration loops over BLOCK_N output columns x BLOCK_K input columns; a barrier separates the writes of
   one iteration from the reads of the next. Any d works (scratch is 2-3 x B x d elements).
+Non-finite inputs are flagged by the kernel itself: a row with a NaN/Inf in its c, z0 / z or grad_z, or every row
+when W has one, starts inactive, so it is never iterated (x stays its start, iterations 0, residual NaN).
 float32 multiplies with tl.dot(input_precision="ieee") (no TF32, so results match the reference to ~1e-5);
 float64 with a broadcast multiply-and-sum, because fp64 tl.dot is not supported by every Triton version.
 """
@@ -32,6 +34,7 @@ from .activations import activation_derivative, apply_activation
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EPS: tl.constexpr = tl.constexpr(RESIDUAL_EPS)
 _INF: tl.constexpr = tl.constexpr(float("inf"))
+_NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,6 +58,18 @@ def _load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
     """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
     p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out
     return tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _nonfinite_rows(b):
+    """(BLOCK_B,) int32: 1 where the row of the tile b holds a NaN or an Inf, else 0 (|NaN| < inf is False)."""
+    return tl.max(tl.where(tl.abs(b) < _INF, 0, 1), axis=1)
+
+
+@triton.jit
+def _any_nonfinite(b):
+    """int32 scalar: 1 if the 2-D tile b holds a NaN or an Inf, else 0."""
+    return tl.max(_nonfinite_rows(b), axis=0)
 
 
 @triton.jit
@@ -132,9 +147,8 @@ def _fixed_point_dense_kernel(
     b_one_minus_alpha = tl.full([BLOCK_B, BLOCK_N], one_minus_alpha, dtype)
     b_tol = tl.full([BLOCK_B], tol, dtype)
 
-    active = m_b
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
-    residual = tl.full([BLOCK_B], _INF, dtype)
+    residual = tl.full([BLOCK_B], _NAN, dtype)  # kept by rows that are never iterated
     k = tl.full([], 0, tl.int32)
 
     if IN_REGISTERS:
@@ -145,15 +159,19 @@ def _fixed_point_dense_kernel(
         b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
         b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
         b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
+        # Rows with a non-finite input (the padding loads as 0), and all rows if W (the whole of b_mt) has one.
+        bad = tl.maximum(_nonfinite_rows(b_bias), _nonfinite_rows(b_z))
         if ADJOINT:
             # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
             b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
             b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
+            bad = tl.maximum(bad, _nonfinite_rows(b_c))
             b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
             b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
         else:
             b_s = b_bias
             b_x = b_z
+        active = m_b & (bad == 0) & (_any_nonfinite(b_mt) == 0)
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
             b_t = _apply_map(_matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
@@ -167,18 +185,30 @@ def _fixed_point_dense_kernel(
     else:
         # Scratch: buffers 0 and 1 hold the iterate (ping-pong), buffer 2 holds s in the adjoint.
         p_s = scratch_ptr + 2 * stride_s_buf
+        # Non-finite inputs: per row (c, z0 / z, grad_z) and anywhere in W, checked once, block by block.
+        bad = tl.zeros([BLOCK_B], dtype=tl.int32)
+        w_bad = tl.full([], 0, tl.int32)
         for n0 in range(0, D, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < D
+            b_z = _load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
+            b_c = _load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
+            bad = tl.maximum(bad, tl.maximum(_nonfinite_rows(b_z), _nonfinite_rows(b_c)))
+            for k0 in range(0, D, BLOCK_K):
+                o_k = k0 + tl.arange(0, BLOCK_K)
+                b_mt = _load_operator(W_ptr, o_k, o_n, D, stride_w_out, stride_w_in)
+                w_bad = tl.maximum(w_bad, _any_nonfinite(b_mt))
             if ADJOINT:
+                b_gz = _load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
+                bad = tl.maximum(bad, _nonfinite_rows(b_gz))
                 b_u = _blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D,
                                       stride_w_in, stride_w_out, USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
-                b_c = _load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
                 _store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
                 b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
             else:
-                b_x = _load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
+                b_x = b_z
             _store_rows(scratch_ptr, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+        active = m_b & (bad == 0) & (w_bad == 0)
         tl.debug_barrier()
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1

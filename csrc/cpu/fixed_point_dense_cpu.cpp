@@ -2,24 +2,25 @@
 //
 // Batch rows are split once between threads (at::parallel_for); each thread then runs the complete
 // iteration for its rows with no synchronisation at all. Per iteration a thread multiplies its still
-// active rows by the packed matrix with a register-blocked micro-kernel (GCC vector extensions, compiled
-// for AVX-512, AVX2 and baseline x86-64 and chosen at load time by target_clones), then one fused pass
-// per row applies the epilogue (activation or adjoint scaling), the residual norms and the damped update.
-// Stopped rows leave the active list, so converged samples cost nothing. All buffers are allocated
-// before the first iteration.
+// active rows by the packed matrix with a register-blocked micro-kernel (GCC vector extensions), then one
+// fused pass per row applies the epilogue (activation or adjoint scaling), the residual norms and the damped
+// update. Stopped rows leave the active list, so converged samples cost nothing. The micro-kernel and the
+// epilogue are compiled for AVX-512, AVX2+FMA and the baseline ISA, each with its own tile shape, and
+// picked at run time. All buffers are allocated in one piece before the first iteration.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
-#include <vector>
+#include <type_traits>
 
 #include "activations.h"
 #include "solver_checks.h"
@@ -28,23 +29,10 @@ namespace deqkern {
 namespace {
 
 constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS in deqkern/reference.py
-
-// One 64-byte SIMD register's worth of T; aligned(sizeof(T)) makes loads and stores unaligned-safe.
-// (A member typedef: GCC ignores vector attributes on a dependent alias template.)
-template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-static_assert(sizeof(Vec<float>) == 64 && sizeof(Vec<double>) == 64, "vector extension not applied");
-template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
-
-constexpr int kTileRows = 4;     // rows of a micro-tile
-constexpr int kTileVecs = 2;     // vectors (of kLanes columns) of a micro-tile
-template <typename T>
-constexpr int64_t kTileCols = kTileVecs * kLanes<T>;
+constexpr int kMaxRowInputs = 3;        // forward: c, z0; adjoint: grad_z, z, c
+// Rows of the packed matrix and of the iterate are padded to a multiple of this many bytes, which every
+// micro-kernel's column block divides; the padding columns of the packed matrix are 0.
+constexpr int64_t kRowAlignBytes = 256;
 
 #if defined(__GNUC__)
 #define DEQKERN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -52,57 +40,86 @@ constexpr int64_t kTileCols = kTileVecs * kLanes<T>;
 #define DEQKERN_ALWAYS_INLINE inline
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DEQKERN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DEQKERN_ISA_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DEQKERN_X86_DISPATCH 1
+#define DEQKERN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define DEQKERN_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
-// Everything one thread needs to solve rows [row_begin, row_end). Matrices are row-major with
-// leading dimension `ld` (d rounded up to a multiple of kTileCols; the padding columns of `packed` are 0).
+// BYTES bytes of T in one SIMD value; aligned(sizeof(T)) makes loads and stores unaligned-safe.
+// (A member typedef: GCC ignores vector attributes on a dependent alias template.)
+template <typename T, int BYTES>
+struct VecOf {
+  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
+};
+
+// A micro-kernel shape: ROWS x VECS accumulators of BYTES-byte vectors, sized to the register file.
+template <int BYTES, int ROWS, int VECS>
+struct Tile {
+  static constexpr int kBytes = BYTES, kRows = ROWS, kVecs = VECS;
+};
+using TileAvx512 = Tile<64, 4, 4>;    // 16 of 32 zmm registers for accumulators
+using TileAvx2 = Tile<32, 4, 2>;      // 8 of 16 ymm
+using TileBaseline = Tile<16, 4, 2>;  // 8 of 16 xmm (SSE2 / NEON)
+
+// Everything one thread needs to solve rows [row_begin, row_end). Scratch matrices are row-major with
+// leading dimension `ld`.
 template <typename T>
 struct ChunkArgs {
-  const T* packed;      // (d, ld): y = x @ packed, i.e. packed = W^T (forward) or W (adjoint)
-  const T* bias;        // (B, d): c (forward) or grad_z (adjoint)
-  const T* scale;       // (B, d): act'(u) (adjoint only)
-  T* x;                 // (B, ld): the iterate, updated in place
-  T* y;                 // (B, ld): scratch for x @ packed
-  int32_t* iterations;  // (B,)
-  T* residual;          // (B,)
-  int64_t* active;      // (B,): scratch list of active rows
+  const T* packed;   // (d, ld): y = x @ packed, i.e. packed = W^T (forward) or W (adjoint)
+  const T* x0;       // (B, d): the start; null: zeros
+  const T* bias;     // (B, d): c (forward) or grad_z (adjoint)
+  const T* scale;    // (B, d): act'(u) (adjoint only)
+  T* x;              // (B, ld): scratch, the iterate
+  T* y;              // (B, ld): scratch for x @ packed
+  int64_t* active;   // (B,): scratch list of active rows
+  T* z_out;          // (B, d)
+  int32_t* iterations;
+  T* residual;
+  bool* converged;
+  const T* inputs[kMaxRowInputs];  // (B, d) each: a sample is solved only if its rows of these are finite
+  int n_inputs;
+  bool matrix_finite;
   int64_t d, ld, row_begin, row_end, max_iter;
   T alpha, tol;
   ActivationId activation;
   bool adjoint;
 };
 
-// y[rows] = x[rows] @ packed for up to kTileRows rows, all ld columns.
-template <typename T>
-DEQKERN_ALWAYS_INLINE void multiply_tile(const ChunkArgs<T>& a, const int64_t* rows, int n_rows) {
-  const T* x_rows[kTileRows];
-  T* y_rows[kTileRows];
-  for (int r = 0; r < kTileRows; ++r) {  // short tiles repeat their last row; the copy's result is discarded
-    int64_t row = rows[r < n_rows ? r : n_rows - 1];
-    x_rows[r] = a.x + row * a.ld;
-    y_rows[r] = a.y + row * a.ld;
-  }
-  for (int64_t n0 = 0; n0 < a.ld; n0 += kTileCols<T>) {
-    Vec<T> acc[kTileRows][kTileVecs];
-    for (int r = 0; r < kTileRows; ++r)
-      for (int v = 0; v < kTileVecs; ++v) acc[r][v] = Vec<T>{} ;
-    const T* p = a.packed + n0;
-    for (int64_t k = 0; k < a.d; ++k, p += a.ld) {
-      Vec<T> w[kTileVecs];
-      for (int v = 0; v < kTileVecs; ++v) w[v] = *reinterpret_cast<const Vec<T>*>(p + v * kLanes<T>);
-      for (int r = 0; r < kTileRows; ++r) {
-        T xk = x_rows[r][k];
-        for (int v = 0; v < kTileVecs; ++v) acc[r][v] += xk * w[v];
-      }
+// y[rows, n0 : n0 + cols] = x[rows] @ packed[:, n0 : n0 + cols] for up to kRows rows, with
+// kRows x kVecs accumulators held in registers across the whole k loop.
+template <typename T, typename TILE>
+DEQKERN_ALWAYS_INLINE void multiply_block(const ChunkArgs<T>& a, const int64_t* rows, int n_rows, int64_t n0) {
+  using V = typename VecOf<T, TILE::kBytes>::type;
+  constexpr int R = TILE::kRows, NV = TILE::kVecs, L = TILE::kBytes / sizeof(T);
+  const T* x_rows[R];
+  for (int r = 0; r < R; ++r)  // short tiles repeat their last row; the copy's result is discarded
+    x_rows[r] = a.x + rows[r < n_rows ? r : n_rows - 1] * a.ld;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  const T* p = a.packed + n0;
+  for (int64_t k = 0; k < a.d; ++k, p += a.ld) {
+    V w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = *reinterpret_cast<const V*>(p + v * L);
+    for (int r = 0; r < R; ++r) {
+      const T xk = x_rows[r][k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += xk * w[v];
     }
-    for (int r = 0; r < n_rows; ++r)
-      for (int v = 0; v < kTileVecs; ++v)
-        *reinterpret_cast<Vec<T>*>(y_rows[r] + n0 + v * kLanes<T>) = acc[r][v];
   }
+  for (int r = 0; r < n_rows; ++r)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(a.y + rows[r] * a.ld + n0 + v * L) = acc[r][v];
+}
+
+// y[active] = x[active] @ packed. Column blocks outside, row tiles inside: one (d x cols) panel of the
+// matrix stays in L1 while every active row passes over it.
+template <typename T, typename TILE>
+DEQKERN_ALWAYS_INLINE void multiply_active_rows(const ChunkArgs<T>& a, const int64_t* active, int64_t n_active) {
+  constexpr int64_t cols = TILE::kVecs * TILE::kBytes / sizeof(T);
+  static_assert(kRowAlignBytes % (TILE::kVecs * TILE::kBytes) == 0, "the padding must fit whole blocks");
+  for (int64_t n0 = 0; n0 < a.ld; n0 += cols)
+    for (int64_t i = 0; i < n_active; i += TILE::kRows)
+      multiply_block<T, TILE>(a, active + i, static_cast<int>(std::min<int64_t>(TILE::kRows, n_active - i)), n0);
 }
 
 // tanh to a few ulp with only multiply-add, divide and clamp, so that loops over it vectorise
@@ -168,7 +185,7 @@ DEQKERN_ALWAYS_INLINE void apply_activation(ActivationId id, T* y, const T* c, i
 
 // Epilogue of one row: t = T(x) into y, then the residual norms and x <- (1 - alpha) x + alpha t.
 // Returns ||t - x|| / (||t|| + eps).
-template <typename T>
+template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE T update_row(const ChunkArgs<T>& a, int64_t row) {
   T* x = a.x + row * a.ld;
   T* t = a.y + row * a.ld;
@@ -179,25 +196,25 @@ DEQKERN_ALWAYS_INLINE T update_row(const ChunkArgs<T>& a, int64_t row) {
   } else {
     apply_activation(a.activation, t, bias, a.d);
   }
-  // Several partial sums per norm let the reduction vectorise without reassociation flags.
-  constexpr int kPartials = 16;
-  T diff2[kPartials] = {}, t2[kPartials] = {};
+  // Vector partial sums let the reduction vectorise without reassociation flags.
+  using V = typename VecOf<T, TILE::kBytes>::type;
+  constexpr int64_t L = TILE::kBytes / sizeof(T);
+  V diff_v{}, t_v{};
   int64_t i = 0;
-  for (; i + kPartials <= a.d; i += kPartials)
-    for (int j = 0; j < kPartials; ++j) {
-      T dj = t[i + j] - x[i + j];
-      diff2[j] += dj * dj;
-      t2[j] += t[i + j] * t[i + j];
-    }
-  for (int j = 0; i < a.d; ++i, ++j) {
-    T dj = t[i] - x[i];
-    diff2[j] += dj * dj;
-    t2[j] += t[i] * t[i];
+  for (; i + L <= a.d; i += L) {
+    const V tv = *reinterpret_cast<const V*>(t + i);
+    const V dv = tv - *reinterpret_cast<const V*>(x + i);
+    diff_v += dv * dv;
+    t_v += tv * tv;
   }
   T diff_sq = 0, t_sq = 0;
-  for (int j = 0; j < kPartials; ++j) {
-    diff_sq += diff2[j];
-    t_sq += t2[j];
+  for (int l = 0; l < int(L); ++l) {
+    diff_sq += diff_v[l];
+    t_sq += t_v[l];
+  }
+  for (; i < a.d; ++i) {
+    diff_sq += (t[i] - x[i]) * (t[i] - x[i]);
+    t_sq += t[i] * t[i];
   }
   if (a.alpha == T(1)) {
     for (i = 0; i < a.d; ++i) x[i] = t[i];
@@ -208,80 +225,150 @@ DEQKERN_ALWAYS_INLINE T update_row(const ChunkArgs<T>& a, int64_t row) {
   return std::sqrt(diff_sq) / (std::sqrt(t_sq) + T(kResidualEps));
 }
 
+// True when p[0 .. n) is all finite: x - x is 0 for finite x and NaN for NaN and +-Inf.
+// (An integer AND-reduction, which compilers vectorise without reassociation flags.)
 template <typename T>
+DEQKERN_ALWAYS_INLINE bool all_finite(const T* p, int64_t n) {
+  int ok = 1;
+  for (int64_t i = 0; i < n; ++i) ok &= (p[i] - p[i] == T(0));
+  return ok != 0;
+}
+
+template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE void solve_chunk(const ChunkArgs<T>& a) {
-  int64_t n_active = 0;
-  for (int64_t row = a.row_begin; row < a.row_end; ++row) a.active[a.row_begin + n_active++] = row;
+  // The chunk's rows of the iterate: x0 with zero padding. Samples with a non-finite input are never
+  // iterated (reference.py): iterations 0, residual NaN.
   int64_t* active = a.active + a.row_begin;
+  int64_t n_active = 0;
+  for (int64_t row = a.row_begin; row < a.row_end; ++row) {
+    T* x = a.x + row * a.ld;
+    if (a.x0 != nullptr) {
+      std::memcpy(x, a.x0 + row * a.d, a.d * sizeof(T));
+      std::memset(x + a.d, 0, (a.ld - a.d) * sizeof(T));
+    } else {
+      std::memset(x, 0, a.ld * sizeof(T));
+    }
+    bool valid = a.matrix_finite;
+    for (int j = 0; j < a.n_inputs && valid; ++j) valid = all_finite(a.inputs[j] + row * a.d, a.d);
+    a.iterations[row] = 0;
+    a.residual[row] = std::numeric_limits<T>::quiet_NaN();
+    if (valid) active[n_active++] = row;
+  }
   for (int64_t k = 1; k <= a.max_iter && n_active > 0; ++k) {
-    for (int64_t i = 0; i < n_active; i += kTileRows)
-      multiply_tile(a, active + i, static_cast<int>(std::min<int64_t>(kTileRows, n_active - i)));
+    multiply_active_rows<T, TILE>(a, active, n_active);
     int64_t still_active = 0;
     for (int64_t i = 0; i < n_active; ++i) {
-      int64_t row = active[i];
-      T r = update_row(a, row);
+      const int64_t row = active[i];
+      const T r = update_row<T, TILE>(a, row);
       a.iterations[row] = static_cast<int32_t>(k);
       a.residual[row] = r;
       if (r > a.tol && std::isfinite(r)) active[still_active++] = row;  // NaN compares false: stops
     }
     n_active = still_active;
   }
+  for (int64_t row = a.row_begin; row < a.row_end; ++row) {
+    std::memcpy(a.z_out + row * a.d, a.x + row * a.ld, a.d * sizeof(T));
+    a.converged[row] = a.residual[row] <= a.tol;
+  }
 }
 
-DEQKERN_ISA_CLONES void solve_chunk_float(const ChunkArgs<float>& a) { solve_chunk(a); }
-DEQKERN_ISA_CLONES void solve_chunk_double(const ChunkArgs<double>& a) { solve_chunk(a); }
-void solve_chunk_dispatch(const ChunkArgs<float>& a) { solve_chunk_float(a); }
-void solve_chunk_dispatch(const ChunkArgs<double>& a) { solve_chunk_double(a); }
-
-int64_t padded_width(int64_t d, int64_t tile_cols) { return (d + tile_cols - 1) / tile_cols * tile_cols; }
-
-// Copies the (batch, d) tensor src into the first d columns of a zeroed (batch, ld) buffer.
+#ifdef DEQKERN_X86_DISPATCH
 template <typename T>
-at::Tensor pad_columns(const at::Tensor& src, int64_t ld) {
-  at::Tensor out = at::zeros({src.size(0), ld}, src.options());
-  if (src.numel() > 0) out.narrow(1, 0, src.size(1)).copy_(src);
-  return out;
+DEQKERN_TARGET_AVX512 void solve_chunk_avx512(const ChunkArgs<T>& a) { solve_chunk<T, TileAvx512>(a); }
+template <typename T>
+DEQKERN_TARGET_AVX2 void solve_chunk_avx2(const ChunkArgs<T>& a) { solve_chunk<T, TileAvx2>(a); }
+#endif
+
+// The widest instruction set this CPU has, asked once.
+template <typename T>
+void solve_chunk_dispatch(const ChunkArgs<T>& a) {
+#ifdef DEQKERN_X86_DISPATCH
+  static const int isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+  }();
+  if (isa == 2) return solve_chunk_avx512(a);
+  if (isa == 1) return solve_chunk_avx2(a);
+#endif
+  solve_chunk<T, TileBaseline>(a);
 }
 
-// Runs the solve x = T(x) from x0 on every row; `matrix` is packed so that y = x @ matrix.
+// Byte offset of the next buffer in the scratch block, kept 64-byte aligned.
+int64_t carve(int64_t& offset, int64_t bytes) {
+  const int64_t start = offset;
+  offset += (bytes + 63) / 64 * 64;
+  return start;
+}
+
+// Runs x = T(x) from x0 (undefined: zeros) on every row. `matrix` (d, d), possibly strided, is packed so that y = x @ matrix;
+// `row_inputs` are the (batch, d) tensors whose rows must be finite for a sample to be solved.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(const at::Tensor& matrix, const at::Tensor& x0,
                                                                  const at::Tensor& bias, const at::Tensor& scale,
+                                                                 std::initializer_list<at::Tensor> row_inputs,
                                                                  ActivationId activation, bool adjoint, double alpha,
                                                                  double tol, int64_t max_iter) {
-  const int64_t batch = x0.size(0), d = x0.size(1);
-  at::Tensor iterations = at::zeros({batch}, x0.options().dtype(at::kInt));
-  at::Tensor residual = at::empty({batch}, x0.options());
-  at::Tensor x_out;
-  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "deqkern_fixed_point_dense_cpu", [&] {
-    const int64_t ld = padded_width(d, kTileCols<scalar_t>);
-    at::Tensor packed = pad_columns<scalar_t>(matrix, ld);
-    at::Tensor x = pad_columns<scalar_t>(x0, ld);
-    at::Tensor y = at::empty({batch, ld}, x0.options());
-    at::Tensor active = at::empty({batch}, x0.options().dtype(at::kLong));
-    ChunkArgs<scalar_t> args{packed.data_ptr<scalar_t>(),
-                             bias.data_ptr<scalar_t>(),
-                             adjoint ? scale.data_ptr<scalar_t>() : nullptr,
-                             x.data_ptr<scalar_t>(),
-                             y.data_ptr<scalar_t>(),
-                             iterations.data_ptr<int32_t>(),
-                             residual.data_ptr<scalar_t>(),
-                             active.data_ptr<int64_t>(),
-                             d, ld, 0, 0, max_iter,
-                             static_cast<scalar_t>(alpha), static_cast<scalar_t>(tol),
-                             activation, adjoint};
+  const int64_t batch = bias.size(0), d = bias.size(1);
+  const auto options = bias.options();
+  at::Tensor z = at::empty({batch, d}, options);
+  at::Tensor iterations = at::empty({batch}, options.dtype(at::kInt));
+  at::Tensor residual = at::empty({batch}, options);
+  at::Tensor converged = at::empty({batch}, options.dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES(bias.scalar_type(), "deqkern_fixed_point_dense_cpu", [&] {
+    using T = scalar_t;
+    const int64_t ld = (d * int64_t(sizeof(T)) + kRowAlignBytes - 1) / kRowAlignBytes * kRowAlignBytes / sizeof(T);
+    int64_t bytes = 0;
+    const int64_t packed_at = carve(bytes, d * ld * sizeof(T));
+    const int64_t x_at = carve(bytes, batch * ld * sizeof(T));
+    const int64_t y_at = carve(bytes, batch * ld * sizeof(T));
+    const int64_t active_at = carve(bytes, batch * sizeof(int64_t));
+    at::Tensor scratch = at::empty({bytes}, options.dtype(at::kByte));
+    char* base = static_cast<char*>(scratch.data_ptr());
+    T* packed = reinterpret_cast<T*>(base + packed_at);
+    const T* m = matrix.data_ptr<T>();
+    const int64_t m_row = matrix.stride(0), m_col = matrix.stride(1);
+    bool matrix_finite = true;
+    for (int64_t k = 0; k < d; ++k) {
+      T* dst = packed + k * ld;
+      for (int64_t n = 0; n < d; ++n) dst[n] = m[k * m_row + n * m_col];
+      std::memset(dst + d, 0, (ld - d) * sizeof(T));
+      matrix_finite = matrix_finite && all_finite(dst, d);
+    }
+    ChunkArgs<T> args{};
+    args.packed = packed;
+    args.x0 = x0.defined() ? x0.data_ptr<T>() : nullptr;
+    args.bias = bias.data_ptr<T>();
+    args.scale = adjoint ? scale.data_ptr<T>() : nullptr;
+    args.x = reinterpret_cast<T*>(base + x_at);
+    args.y = reinterpret_cast<T*>(base + y_at);
+    args.active = reinterpret_cast<int64_t*>(base + active_at);
+    args.z_out = z.data_ptr<T>();
+    args.iterations = iterations.data_ptr<int32_t>();
+    args.residual = residual.data_ptr<T>();
+    args.converged = converged.data_ptr<bool>();
+    TORCH_INTERNAL_ASSERT(row_inputs.size() <= kMaxRowInputs);
+    for (const at::Tensor& t : row_inputs) args.inputs[args.n_inputs++] = t.data_ptr<T>();
+    args.matrix_finite = matrix_finite;
+    args.d = d;
+    args.ld = ld;
+    args.max_iter = max_iter;
+    args.alpha = static_cast<T>(alpha);
+    args.tol = static_cast<T>(tol);
+    args.activation = activation;
+    args.adjoint = adjoint;
     // Enough rows per thread to fill micro-tiles; each chunk is then an independent solve.
-    const int64_t grain = std::max<int64_t>(kTileRows, (batch + at::get_num_threads() - 1) /
-                                                           std::max(1, at::get_num_threads()));
+    const int64_t threads = std::max(1, at::get_num_threads());
+    const int64_t grain = std::max<int64_t>(4, (batch + threads - 1) / threads);
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-      ChunkArgs<scalar_t> chunk = args;
+      ChunkArgs<T> chunk = args;
       chunk.row_begin = begin;
       chunk.row_end = end;
       solve_chunk_dispatch(chunk);
     });
-    x_out = x.narrow(1, 0, d).contiguous();
   });
-  at::Tensor converged = residual.le(tol);
-  return {x_out, iterations, residual, converged};
+  return {z, iterations, residual, converged};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_cpu(
@@ -289,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_cpu
     double tol, int64_t max_iter) {
   check_dense_solve_args(W, {c, z0}, alpha, tol, max_iter);
   ActivationId id = parse_activation(std::string(activation));
-  return solve(W.t(), z0, c, at::Tensor(), id, /*adjoint=*/false, alpha, tol, max_iter);
+  return solve(W.t(), z0, c, at::Tensor(), {c, z0}, id, /*adjoint=*/false, alpha, tol, max_iter);
 }
 
 // Elementwise act'(u), in place.
@@ -309,7 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_bac
   AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "deqkern_activation_derivative_cpu", [&] {
     activation_derivative_inplace(id, scale.data_ptr<scalar_t>(), scale.numel());
   });
-  return solve(W, at::zeros(z.sizes(), z.options()), grad_z, scale, id, /*adjoint=*/true, alpha, tol, max_iter);
+  return solve(W, /*x0=*/at::Tensor(), grad_z, scale, {grad_z, z, c}, id, /*adjoint=*/true, alpha,
+               tol, max_iter);
 }
 
 }  // namespace

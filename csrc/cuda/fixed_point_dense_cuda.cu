@@ -1,7 +1,8 @@
 // CUDA kernels of fixed_point_dense and fixed_point_dense_backward (schemas in csrc/ops.cpp, semantics in
 // deqkern/reference.py). One persistent launch per solve: each block owns a tile of batch rows for the whole
 // solve, keeps its iterate in shared memory and stops when all of its rows have stopped; no host
-// synchronisation and no allocation between iterations.
+// synchronisation and no allocation between iterations. A row whose inputs are not all finite (any entry of
+// W, or of the row's c, z0 / z, grad_z) is flagged by its block in the prologue and never iterated.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -111,17 +113,35 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   int* active = reinterpret_cast<int*>(M_smem + (W_SMEM ? int64_t(d) * d : 0));
   int* any_active = active + ROWS;
   const T* M = p.M;
+  // Non-finite inputs. Bit r of `bad`: this thread saw one in row r of the tile; every bit: it saw one in its
+  // strided share of M (M is W or W^T, so the block covers all of W).
+  unsigned bad = 0u;
+  bool w_bad = false;
   if constexpr (W_SMEM) {
-    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) M_smem[e] = __ldg(p.M + e);
-    M = M_smem;  // visible to all threads after the first __syncthreads below
+    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) {
+      const T w = __ldg(p.M + e);
+      w_bad |= !isfinite(w);
+      M_smem[e] = w;
+    }
+    M = M_smem;  // visible to all threads after the barriers below
+  } else {
+    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) w_bad |= !isfinite(__ldg(p.M + e));
   }
+  if (w_bad) bad = (1u << ROWS) - 1u;
 
   // Prologue. Rows past the batch are zero and never active. Forward: x = z0. Adjoint: x = 0, and z goes
-  // to x_next for one matvec s = act'(z W^T + c).
+  // to x_next for one matvec s = act'(z W^T + c). The row's c (and grad_z) are read here for the check only.
   for (int e = tid; e < ROWS * d; e += nthreads) {
     const int r = e / d;
     const int i = e - r * d;
-    const T v = r < rows ? p.z[(row0 + r) * d + i] : T(0);
+    T v = T(0);
+    if (r < rows) {
+      const int64_t g = (row0 + r) * d + i;
+      v = p.z[g];
+      bool finite = isfinite(v) && isfinite(__ldg(p.c + g));
+      if constexpr (MODE == Mode::Adjoint) finite = finite && isfinite(__ldg(p.grad_z + g));
+      if (!finite) bad |= 1u << r;
+    }
     if constexpr (MODE == Mode::Forward) {
       x[i * ROWS + r] = v;
     } else {
@@ -129,24 +149,35 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
       x_next[i * ROWS + r] = v;
     }
   }
-  if (tid < ROWS) active[tid] = tid < rows;
-  __syncthreads();
-  if constexpr (MODE == Mode::Adjoint) {
-    for (int i = tid; i < d; i += nthreads) {
-      T acc[ROWS];
-      column_matvec<false>(p.Wt + i, x_next, d, acc);
+  // Block-wide row flags, the same in every thread. These barriers also publish x, x_next and M_smem.
+  unsigned valid = 0u;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        s[i * ROWS + r] = r < rows ? activation_derivative(p.act, acc[r] + p.c[(row0 + r) * d + i]) : T(0);
+  for (int r = 0; r < ROWS; ++r) {
+    if (!__syncthreads_or(int((bad >> r) & 1u)) && r < rows) valid |= 1u << r;
+  }
+  if (tid < ROWS) active[tid] = int((valid >> tid) & 1u);
+  __syncthreads();
+  // A tile without a valid row neither computes s nor iterates (uniform: `valid` is the same in every thread).
+  const int64_t max_iter = valid != 0u ? p.max_iter : 0;
+  if constexpr (MODE == Mode::Adjoint) {
+    if (valid != 0u) {
+      for (int i = tid; i < d; i += nthreads) {
+        T acc[ROWS];
+        column_matvec<false>(p.Wt + i, x_next, d, acc);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          s[i * ROWS + r] = r < rows ? activation_derivative(p.act, acc[r] + p.c[(row0 + r) * d + i]) : T(0);
+        }
       }
+      __syncthreads();  // the first iteration overwrites x_next, which still holds z
     }
-    __syncthreads();  // the first iteration overwrites x_next, which still holds z
   }
 
-  // The decider of row r is thread r (warp 0); it keeps the row's residual and iteration count.
-  T res = T(0);  // set at k = 1: every valid row is active then
+  // The decider of row r is thread r (warp 0); it keeps the row's residual and iteration count: NaN and 0
+  // until the row's first iteration, so for good in a row that is never iterated.
+  T res = std::numeric_limits<T>::quiet_NaN();
   int32_t iters = 0;
-  for (int64_t k = 1; k <= p.max_iter; ++k) {
+  for (int64_t k = 1; k <= max_iter; ++k) {
     // Phase 1: t = T(x) for my outputs, x_next = damped update (frozen rows copy x), partial sums.
     bool row_active[ROWS];
     T sq_diff[ROWS];

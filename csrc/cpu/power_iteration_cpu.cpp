@@ -1,0 +1,290 @@
+// CPU kernel of power_iteration (schema in csrc/ops.cpp, semantics in deqkern/reference.py): the whole
+// iteration of every sample in one call.
+//
+// Samples are split between threads once (at::parallel_for); a thread then runs the complete iteration of
+// each of its samples with no synchronisation. One iteration is ONE pass over the rows of W, four rows at a
+// time while they are in L1: the four dot products d_i = W_i . v, then z += sum_i c_i W_i with
+//   gram:      y_i = s_i d_i (J v), c_i = s_i y_i            -> z = J^T J v,  value^2 = sum_i y_i^2
+//   symmetric: y_i = s_i d_i (J v), c_i = s_i v_i            -> z = J^T v,    value = sum_i v_i y_i
+// (symmetric then forms z <- (J v + z) / 2 + shift v). Loops use GCC vector extensions compiled for AVX-512,
+// AVX2 and baseline x86-64 (target_clones, chosen at load time). All buffers exist before the first iteration.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+
+namespace deqkern {
+namespace {
+
+// One 64-byte SIMD register's worth of T, unaligned-safe (see fixed_point_dense_cpu.cpp).
+template <typename T>
+struct PiVecOf {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+};
+template <typename T>
+using PiVec = typename PiVecOf<T>::type;
+static_assert(sizeof(PiVec<float>) == 64 && sizeof(PiVec<double>) == 64, "vector extension not applied");
+template <typename T>
+constexpr int64_t kPiLanes = 64 / sizeof(T);
+
+constexpr int kRowBlock = 4;  // rows of W per pass step: four independent dot products, one fused axpy
+
+#if defined(__GNUC__)
+#define DEQKERN_PI_INLINE inline __attribute__((always_inline))
+#else
+#define DEQKERN_PI_INLINE inline
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DEQKERN_PI_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DEQKERN_PI_CLONES
+#endif
+
+enum class PowerMode { Gram, Symmetric };
+
+PowerMode parse_power_mode(const std::string& mode) {
+  if (mode == "gram") return PowerMode::Gram;
+  if (mode == "symmetric") return PowerMode::Symmetric;
+  TORCH_CHECK(false, "deqkern: unknown power iteration mode '", mode, "' (expected 'gram' or 'symmetric')");
+}
+
+// Rows are padded to `ld` (a multiple of kPiLanes) with zeros in W, v and z, so every loop runs whole vectors.
+template <typename T>
+struct PowerArgs {
+  const T* W;      // (m, ld)
+  const T* scale;  // (B, m) row scales, or nullptr for ones
+  T* v;            // (B, ld) the iterate: u0 on entry, the last unit vector on exit
+  T* z;            // (B, ld) scratch: the product
+  T* jv;           // (B, m) scratch: J v (symmetric only)
+  T* value;        // (B,)
+  int32_t* iterations;
+  bool* converged;
+  int64_t m, n, ld, max_iter;
+  T shift, tol;
+  PowerMode mode;
+};
+
+template <typename T>
+DEQKERN_PI_INLINE PiVec<T> load(const T* p) {
+  return *reinterpret_cast<const PiVec<T>*>(p);
+}
+
+template <typename T>
+DEQKERN_PI_INLINE void store(T* p, PiVec<T> x) {
+  *reinterpret_cast<PiVec<T>*>(p) = x;
+}
+
+template <typename T>
+DEQKERN_PI_INLINE T horizontal_sum(PiVec<T> x) {
+  T s = 0;
+  for (int l = 0; l < kPiLanes<T>; ++l) s += x[l];
+  return s;
+}
+
+// out[r] = W_r . v for the R rows starting at w.
+template <typename T, int R>
+DEQKERN_PI_INLINE void row_dots(const T* w, int64_t ld, const T* v, T (&out)[R]) {
+  PiVec<T> acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = PiVec<T>{};
+  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
+    const PiVec<T> x = load(v + j);
+    for (int r = 0; r < R; ++r) acc[r] += load(w + r * ld + j) * x;
+  }
+  for (int r = 0; r < R; ++r) out[r] = horizontal_sum<T>(acc[r]);
+}
+
+// z += sum_r c[r] W_r for the same R rows (still in L1 from row_dots).
+template <typename T, int R>
+DEQKERN_PI_INLINE void rows_axpy(const T* w, int64_t ld, const T (&c)[R], T* z) {
+  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
+    PiVec<T> a = load(z + j);
+    for (int r = 0; r < R; ++r) a += c[r] * load(w + r * ld + j);
+    store(z + j, a);
+  }
+}
+
+// Rows [i, i + R) of the one pass; returns their share of the value sum.
+template <typename T, int R>
+DEQKERN_PI_INLINE T pass_rows(const PowerArgs<T>& a, int64_t i, const T* s, const T* v, T* z, T* jv) {
+  const T* w = a.W + i * a.ld;
+  T d[R], c[R];
+  row_dots<T, R>(w, a.ld, v, d);
+  T sum = 0;
+  for (int r = 0; r < R; ++r) {
+    const T si = s ? s[i + r] : T(1);
+    const T y = si * d[r];
+    if (a.mode == PowerMode::Gram) {
+      sum += y * y;
+      c[r] = si * y;
+    } else {
+      jv[i + r] = y;
+      sum += v[i + r] * y;
+      c[r] = si * v[i + r];
+    }
+  }
+  rows_axpy<T, R>(w, a.ld, c, z);
+  return sum;
+}
+
+template <typename T>
+DEQKERN_PI_INLINE T squared_norm(const T* x, int64_t ld) {
+  PiVec<T> acc = PiVec<T>{};
+  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
+    const PiVec<T> xj = load(x + j);
+    acc += xj * xj;
+  }
+  return horizontal_sum<T>(acc);
+}
+
+// out <- x / ||x|| when ||x|| > 0; a zero or NaN norm leaves out as it is (no 0 / 0).
+template <typename T>
+DEQKERN_PI_INLINE void normalise_into(const T* x, T* out, int64_t ld) {
+  const T norm = std::sqrt(squared_norm(x, ld));
+  if (!(norm > T(0))) return;  // out keeps its previous value
+  const T inv = T(1) / norm;
+  for (int64_t j = 0; j < ld; j += kPiLanes<T>) store(out + j, load(x + j) * inv);
+}
+
+template <typename T>
+DEQKERN_PI_INLINE void solve_sample(const PowerArgs<T>& a, int64_t b) {
+  T* v = a.v + b * a.ld;
+  T* z = a.z + b * a.ld;
+  T* jv = a.jv ? a.jv + b * a.m : nullptr;
+  const T* s = a.scale ? a.scale + b * a.m : nullptr;
+  normalise_into(v, v, a.ld);
+  T previous = std::numeric_limits<T>::quiet_NaN();
+  T value = 0;
+  int32_t k_done = 0;
+  bool converged = false;
+  for (int64_t k = 1; k <= a.max_iter; ++k) {
+    for (int64_t j = 0; j < a.ld; j += kPiLanes<T>) store(z + j, PiVec<T>{});
+    T sum = 0;
+    int64_t i = 0;
+    for (; i + kRowBlock <= a.m; i += kRowBlock) sum += pass_rows<T, kRowBlock>(a, i, s, v, z, jv);
+    for (; i < a.m; ++i) sum += pass_rows<T, 1>(a, i, s, v, z, jv);
+    if (a.mode == PowerMode::Gram) {
+      value = std::sqrt(sum);
+    } else {
+      value = sum;
+      for (int64_t j = 0; j < a.n; ++j) z[j] = T(0.5) * (jv[j] + z[j]) + a.shift * v[j];
+    }
+    normalise_into(z, v, a.ld);
+    k_done = static_cast<int32_t>(k);
+    converged = std::abs(value - previous) <= a.tol * std::abs(value);  // false at k = 1: previous is NaN
+    if (converged || !std::isfinite(value)) break;
+    previous = value;
+  }
+  a.value[b] = value;
+  a.iterations[b] = k_done;
+  a.converged[b] = converged;
+}
+
+template <typename T>
+DEQKERN_PI_INLINE void solve_samples(const PowerArgs<T>& a, int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) solve_sample(a, b);
+}
+
+DEQKERN_PI_CLONES void solve_samples_float(const PowerArgs<float>& a, int64_t begin, int64_t end) {
+  solve_samples(a, begin, end);
+}
+DEQKERN_PI_CLONES void solve_samples_double(const PowerArgs<double>& a, int64_t begin, int64_t end) {
+  solve_samples(a, begin, end);
+}
+void solve_samples_dispatch(const PowerArgs<float>& a, int64_t begin, int64_t end) {
+  solve_samples_float(a, begin, end);
+}
+void solve_samples_dispatch(const PowerArgs<double>& a, int64_t begin, int64_t end) {
+  solve_samples_double(a, begin, end);
+}
+
+// Copies the (rows, cols) tensor src into the first cols columns of a zeroed (rows, ld) buffer.
+at::Tensor padded_copy(const at::Tensor& src, int64_t ld) {
+  at::Tensor out = at::zeros({src.size(0), ld}, src.options());
+  if (src.numel() > 0) out.narrow(1, 0, src.size(1)).copy_(src);
+  return out;
+}
+
+// Guards direct calls of torch.ops.deqkern.power_iteration (deqkern/lipschitz.py checks user input first).
+// csrc/cuda/power_iteration_cuda.cu has the same checks.
+void check_power_iteration_args(const at::Tensor& W, const c10::optional<at::Tensor>& row_scale,
+                                const at::Tensor& u0, bool symmetric, double shift, int64_t max_iter,
+                                double tol) {
+  TORCH_CHECK(W.dim() == 2 && W.size(0) >= 1 && W.size(1) >= 1, "deqkern: W must be a non-empty (m, n) matrix, got ",
+              W.sizes());
+  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
+              "deqkern: W must be float32 or float64, got ", W.scalar_type());
+  TORCH_CHECK(W.is_contiguous(), "deqkern: W must be contiguous");
+  TORCH_CHECK(!symmetric || W.size(0) == W.size(1), "deqkern: mode 'symmetric' needs a square W, got ", W.sizes());
+  TORCH_CHECK(u0.dim() == 2 && u0.size(1) == W.size(1), "deqkern: u0 must be (batch, ", W.size(1), "), got ",
+              u0.sizes());
+  TORCH_CHECK(u0.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: u0 ", u0.scalar_type(), " vs W ",
+              W.scalar_type());
+  TORCH_CHECK(u0.device() == W.device(), "deqkern: devices differ: u0 ", u0.device(), " vs W ", W.device());
+  TORCH_CHECK(u0.is_contiguous(), "deqkern: u0 must be contiguous");
+  if (row_scale.has_value() && row_scale->defined()) {
+    const at::Tensor& s = *row_scale;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == u0.size(0) && s.size(1) == W.size(0),
+                "deqkern: row_scale must be (batch, ", W.size(0), ") = (", u0.size(0), ", ", W.size(0), "), got ",
+                s.sizes());
+    TORCH_CHECK(s.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: row_scale ", s.scalar_type(),
+                " vs W ", W.scalar_type());
+    TORCH_CHECK(s.device() == W.device(), "deqkern: devices differ: row_scale ", s.device(), " vs W ", W.device());
+    TORCH_CHECK(s.is_contiguous(), "deqkern: row_scale must be contiguous");
+  }
+  TORCH_CHECK(std::isfinite(shift), "deqkern: shift must be finite, got ", shift);
+  TORCH_CHECK(tol > 0.0, "deqkern: tol must be > 0, got ", tol);
+  TORCH_CHECK(max_iter >= 1 && max_iter <= INT32_MAX, "deqkern: max_iter must be in [1, 2^31 - 1], got ",
+              max_iter);
+}
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
+    const at::Tensor& W, const c10::optional<at::Tensor>& row_scale, const at::Tensor& u0, c10::string_view mode,
+    double shift, int64_t max_iter, double tol) {
+  const PowerMode power_mode = parse_power_mode(std::string(mode));
+  check_power_iteration_args(W, row_scale, u0, power_mode == PowerMode::Symmetric, shift, max_iter, tol);
+  const int64_t batch = u0.size(0), m = W.size(0), n = W.size(1);
+  at::Tensor value = at::zeros({batch}, W.options());
+  at::Tensor iterations = at::zeros({batch}, W.options().dtype(at::kInt));
+  at::Tensor converged = at::zeros({batch}, W.options().dtype(at::kBool));
+  at::Tensor u;
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "deqkern_power_iteration_cpu", [&] {
+    const int64_t ld = (n + kPiLanes<scalar_t> - 1) / kPiLanes<scalar_t> * kPiLanes<scalar_t>;
+    at::Tensor Wp = padded_copy(W, ld);
+    at::Tensor v = padded_copy(u0, ld);
+    at::Tensor z = at::zeros({batch, ld}, W.options());
+    at::Tensor jv;
+    if (power_mode == PowerMode::Symmetric) jv = at::zeros({batch, m}, W.options());
+    const bool has_scale = row_scale.has_value() && row_scale->defined();
+    PowerArgs<scalar_t> args{Wp.const_data_ptr<scalar_t>(),
+                             has_scale ? row_scale->const_data_ptr<scalar_t>() : nullptr,
+                             v.mutable_data_ptr<scalar_t>(),
+                             z.mutable_data_ptr<scalar_t>(),
+                             jv.defined() ? jv.mutable_data_ptr<scalar_t>() : nullptr,
+                             value.mutable_data_ptr<scalar_t>(),
+                             iterations.mutable_data_ptr<int32_t>(),
+                             converged.mutable_data_ptr<bool>(),
+                             m, n, ld, max_iter,
+                             static_cast<scalar_t>(shift), static_cast<scalar_t>(tol),
+                             power_mode};
+    // One sample per task: samples are independent, so no thread ever waits for another.
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) { solve_samples_dispatch(args, begin, end); });
+    u = v.narrow(1, 0, n).contiguous();
+  });
+  return {value, u, iterations, converged};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deqkern, CPU, m) { m.impl("power_iteration", &power_iteration_cpu); }
+
+}  // namespace deqkern

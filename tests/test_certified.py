@@ -1,0 +1,397 @@
+"""deqkern.certified: the certified implicit layers, tested against the theory they certify."""
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import deqkern
+from deqkern import lipschitz
+from deqkern.certified import (
+    LinfContractiveDEQ,
+    LipschitzDEQ,
+    PositiveConcaveDEQ,
+    picard_iteration_bound,
+    positive_concave_fixed_point,
+)
+
+F64 = torch.float64
+ACT = {name: a.fn for name, a in deqkern.ACTIVATIONS.items()}
+
+
+def _iterates(step, z0, k):
+    """[z_0, z_1, ..., z_k] of z <- step(z)."""
+    zs = [z0]
+    for _ in range(k):
+        zs.append(step(zs[-1]))
+    return zs
+
+
+def _gradcheck_layer(layer, x):
+    names = [name for name, _ in layer.named_parameters()]
+
+    def f(x, *params):
+        return functional_call(layer, dict(zip(names, params)), (x,))
+
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters())
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ================================================================ positive concave DEQ
+def _large_pc_problem(activation, d=16, batch=5, scale=50.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = scale * torch.rand(d, d, generator=g, dtype=F64) / d
+    c = torch.nn.functional.softplus(torch.randn(batch, d, generator=g, dtype=F64)) + 1e-3
+    return W, c
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softsign", "relu6", "sigmoid"])
+def test_pc_unique_fixed_point_from_any_nonnegative_start_without_a_norm_bound(activation):
+    W, c = _large_pc_problem(activation)
+    assert torch.linalg.matrix_norm(W, ord=2) > 10  # far from a contraction in any usual norm
+    z_ref, info = positive_concave_fixed_point(W, c, activation, tol=1e-13, max_iter=5000, on_nonconvergence="raise")
+    torch.testing.assert_close(z_ref, ACT[activation](z_ref @ W.T + c), rtol=1e-11, atol=1e-11)
+    assert (z_ref > 0).all()
+    g = torch.Generator().manual_seed(1)
+    for scale in (1e-3, 0.1, 1.0, 10.0, 1e3):
+        for _ in range(4):
+            z0 = scale * torch.rand(c.shape, generator=g, dtype=F64)
+            z, _ = positive_concave_fixed_point(W, c, activation, tol=1e-13, max_iter=5000, z0=z0,
+                                                on_nonconvergence="raise")
+            torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_pc_uniqueness_is_in_the_orthant_for_odd_activations():
+    """tanh with a large W has another (negative) fixed point: the nonnegative start is what the theory needs."""
+    W, c = _large_pc_problem("tanh")
+    z_pos, _ = positive_concave_fixed_point(W, c, "tanh", tol=1e-12, max_iter=1000)
+    z_neg, _ = deqkern.fixed_point_dense(W, c, "tanh", tol=1e-12, max_iter=1000, z0=-torch.ones_like(c))
+    assert (z_neg < 0).any() and not torch.allclose(z_neg, z_pos)
+    with pytest.raises(ValueError, match="z0 must be >= 0"):
+        positive_concave_fixed_point(W, c, "tanh", z0=-torch.ones_like(c))
+    # sigmoid and relu6 are >= 0 everywhere: any start, even a negative one, reaches the same fixed point
+    for activation in ("sigmoid", "relu6"):
+        z0, _ = positive_concave_fixed_point(W, c, activation, tol=1e-13, max_iter=5000)
+        z1, _ = positive_concave_fixed_point(W, c, activation, tol=1e-13, max_iter=5000, z0=-5 * torch.ones_like(c))
+        torch.testing.assert_close(z1, z0, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0, 50.0])
+@pytest.mark.parametrize("activation", ["tanh", "softsign", "relu6", "sigmoid"])
+def test_pc_monotone_geometric_convergence_from_zero_within_the_certified_rate(activation, scale):
+    torch.manual_seed(2)
+    layer = PositiveConcaveDEQ(6, 12, activation=activation, tol=1e-10, max_iter=2000, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.add_(math.log(scale))  # W about `scale` times larger than at init
+    if scale > 1:
+        assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2) > 2
+    x = torch.randn(8, 6, dtype=F64)
+    with torch.no_grad():
+        layer(x)
+        W, c = layer.weight, layer.injection_values(x)
+        cert = layer.certificate(x)
+    act = ACT[activation]
+    z_star = _iterates(lambda z: act(z @ W.T + c), torch.zeros_like(c), 3000)[-1]  # to rounding level
+    assert cert.weight_nonnegative and cert.min_weight >= 0 and 0 < cert.rate_bound < 1
+    assert (cert.sample_rate_bound < 1).all() and (cert.sample_rate <= cert.sample_rate_bound + 1e-12).all()
+    assert (layer.last_info.iterations <= cert.forward_iterations_bound).all()
+    zs = _iterates(lambda z: act(z @ W.T + c), torch.zeros_like(c), 200)
+    q_rigorous, q_sharp = cert.sample_rate_bound[:, None], cert.sample_rate[:, None]
+    for k in range(1, len(zs)):
+        assert (zs[k] >= zs[k - 1] - 1e-15).all(), "iterates from 0 must increase monotonically"
+        assert (zs[k] <= z_star + 1e-12).all()
+        # the certified componentwise error bound 0 <= z* - z_k <= q^k z*
+        assert (z_star - zs[k] <= q_rigorous ** k * z_star + 1e-12).all()
+        assert (z_star - zs[k] <= q_sharp ** k * z_star + 1e-9).all()
+    # the observed rate is geometric: the step ratios over the tail (steps between 1e-3 and 1e-11 of the largest;
+    # early ratios may exceed 1 when W is large) stay below the certified rate < 1. With a large W the activation
+    # saturates and the convergence is faster than geometric: then there is little or no tail.
+    steps = torch.stack([(zs[k + 1] - zs[k]).norm(dim=1) for k in range(len(zs) - 1)])  # (K, batch)
+    for b in range(c.shape[0]):
+        top = steps[:, b].max()
+        tail = [k for k in range(1, steps.shape[0]) if 1e-11 * top < steps[k - 1, b] < 1e-3 * top]
+        assert len(tail) >= (3 if scale == 1.0 else 0)
+        for k in tail:
+            assert steps[k, b] / steps[k - 1, b] <= min(cert.sample_rate_bound[b], cert.sample_rate[b] + 1e-3)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu6", "sigmoid"])
+def test_pc_backward_converges_for_a_large_weight(activation):
+    torch.manual_seed(3)
+    layer = PositiveConcaveDEQ(5, 10, activation=activation, tol=1e-10, max_iter=2000, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.add_(math.log(50.0))
+    x = torch.randn(7, 5, dtype=F64)
+    (layer(x) * torch.randn(7, 10, dtype=F64)).sum().backward()
+    assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_pc_functional_rejects_bad_weights_injections_and_activations():
+    W, c = _large_pc_problem("tanh", d=4, batch=2, scale=1.0)
+    W_neg = W.clone()
+    W_neg[1, 2] = -1e-3
+    with pytest.raises(ValueError, match="W must be elementwise nonnegative"):
+        positive_concave_fixed_point(W_neg, c)
+    W_nan = W.clone()
+    W_nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W must be elementwise nonnegative"):
+        positive_concave_fixed_point(W_nan, c)
+    for activation in ("tanh", "softsign", "relu6"):
+        with pytest.raises(ValueError, match="injection c must be > 0"):
+            positive_concave_fixed_point(W, torch.zeros_like(c), activation)
+    with pytest.raises(ValueError, match="injection c must be >= 0"):
+        positive_concave_fixed_point(W, c - 10, "sigmoid")
+    z, info = positive_concave_fixed_point(W, torch.zeros_like(c), "sigmoid", tol=1e-10)  # c = 0 is fine for sigmoid
+    assert info.converged.all() and (z > 0).all()
+    for activation in ("relu", "identity"):
+        with pytest.raises(ValueError, match="not positive and concave"):
+            positive_concave_fixed_point(W, c, activation)
+        with pytest.raises(ValueError, match="not positive and concave"):
+            PositiveConcaveDEQ(3, 4, activation=activation)
+    with pytest.raises(ValueError, match="injection_eps"):
+        PositiveConcaveDEQ(3, 4, injection_eps=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_pc_parameterisation_never_produces_nan(dtype):
+    torch.manual_seed(4)
+    layer = PositiveConcaveDEQ(4, 6, tol=1e-6, max_iter=500, dtype=dtype)
+    with torch.no_grad():
+        layer.weight_raw[0].fill_(-1e4)  # whole rows "clipped" to 0: no row sum anywhere to divide by
+        layer.weight_raw[1].fill_(-1e30)
+        layer.weight_raw[2].fill_(-float("inf"))
+        layer.weight_raw[3].fill_(1e4)   # and a huge row
+        layer.injection.weight[4].fill_(-1e4)  # injection at its floor eps
+        layer.injection.bias[4] = -1e4
+    W = layer.weight
+    assert torch.isfinite(W).all() and (W >= 0).all() and (W[:3] == 0).all()
+    x = torch.randn(3, 4, dtype=dtype)
+    z = layer(x)
+    z.sum().backward()
+    assert torch.isfinite(z).all() and (z > 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
+    assert layer.certificate(x).weight_nonnegative
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_pc_gradcheck(activation):
+    torch.manual_seed(5)
+    layer = PositiveConcaveDEQ(3, 4, activation=activation, tol=1e-13, max_iter=2000, dtype=F64)
+    _gradcheck_layer(layer, torch.randn(2, 3, dtype=F64))
+
+
+def test_pc_layer_trains_and_stays_nonnegative():
+    torch.manual_seed(6)
+    layer = PositiveConcaveDEQ(10, 16, tol=1e-6, max_iter=500)
+    head = torch.nn.Linear(16, 3)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=0.05)
+    losses = []
+    for _ in range(25):
+        loss = torch.nn.functional.cross_entropy(head(layer(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        assert layer.certificate().weight_nonnegative
+    assert losses[-1] < 0.8 * losses[0]
+    assert "activation='tanh'" in repr(layer)
+
+
+# ================================================================ l-infinity contractive DEQ
+def _mu_inf_exact(A):
+    d = A.diagonal()
+    return (d + A.abs().sum(dim=1) - d.abs()).max().item()
+
+
+@pytest.mark.parametrize("mu", [-0.5, 0.0, 0.5, 0.99])
+def test_linf_parameterisation_bounds_mu_inf(mu):
+    g = torch.Generator().manual_seed(7)
+    for scale in (1e-3, 1.0, 30.0):
+        for _ in range(5):
+            T = scale * torch.randn(9, 9, generator=g, dtype=F64)
+            T.diagonal().mul_(3).sub_(scale)  # strongly negative and mixed diagonals too
+            A = LinfContractiveDEQ.weight_from(T, mu)
+            assert _mu_inf_exact(A) <= mu + 1e-13 * (1 + 9 * scale)
+            assert lipschitz.one_sided_linf(A) <= mu + 1e-13 * (1 + 9 * scale)
+    # every A with mu_inf(A) <= mu is reached
+    A = torch.randn(5, 5, generator=g, dtype=F64)
+    A.diagonal().sub_(A.abs().sum(dim=1) + 0.3 - mu)
+    assert _mu_inf_exact(A) <= mu
+    T = A.clone()
+    T.diagonal().copy_((A.diagonal() + A.abs().sum(dim=1) - A.diagonal().abs() - mu) / 2)
+    torch.testing.assert_close(LinfContractiveDEQ.weight_from(T, mu), A)
+
+
+def test_linf_bound_survives_optimizer_steps():
+    torch.manual_seed(8)
+    layer = LinfContractiveDEQ(6, 12, mu=0.7, activation="tanh", tol=1e-6, max_iter=1000)
+    x, target = torch.randn(32, 6), 3 * torch.randn(32, 12)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.3)
+    for _ in range(15):
+        loss = (layer(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cert = layer.certificate()
+        assert cert.mu_inf <= 0.7 + 1e-9 and 0 < cert.alpha <= 1 and cert.contraction_factor < 1
+        assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
+    assert layer.weight_raw.abs().max() > 0.1  # the steps really moved T
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity"])
+def test_linf_measured_contraction_is_within_the_certified_factor(activation):
+    torch.manual_seed(9)
+    layer = LinfContractiveDEQ(4, 10, mu=0.6, activation=activation, tol=1e-12, max_iter=5000, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.mul_(20)
+        layer.weight_raw.diagonal().sub_(0.5)  # negative diagonal entries: alpha* < 1
+    cert = layer.certificate()
+    assert cert.alpha < 1 and cert.mu_inf <= 0.6 + 1e-12
+    assert cert.contraction_factor == pytest.approx(1 - cert.alpha * (1 - max(cert.mu_inf, 0)))
+    A, alpha, act = layer.weight.detach(), cert.alpha, ACT[activation]
+    u = torch.randn(6, 4, dtype=F64)
+    with torch.no_grad():
+        c = layer.injection(u)
+        x_star = layer(u)
+    step = lambda x: (1 - alpha) * x + alpha * act(x @ A.T + c)  # noqa: E731
+    n_steps = math.ceil(math.log(1e-9) / math.log(cert.contraction_factor)) + 20
+    worst = 0.0
+    for start in (torch.zeros_like(c), 10 * torch.randn_like(c), -10 * torch.rand_like(c)):
+        xs = _iterates(step, start, n_steps)
+        for k in range(1, len(xs) - 1):
+            prev = (xs[k] - xs[k - 1]).abs().amax(dim=1)
+            ratio = (xs[k + 1] - xs[k]).abs().amax(dim=1) / prev
+            ratio = ratio[prev > 1e-9]  # ratios of rounding noise mean nothing
+            if ratio.numel():
+                worst = max(worst, ratio.max().item())
+        torch.testing.assert_close(xs[-1], x_star, rtol=0, atol=1e-6 * (1 + x_star.abs().max().item()))
+    assert worst <= cert.contraction_factor + 1e-9
+    assert worst > 0.3 * cert.contraction_factor  # the check is not vacuous
+
+
+def test_linf_input_output_lipschitz_bound():
+    torch.manual_seed(10)
+    layer = LinfContractiveDEQ(5, 8, mu=0.8, activation="tanh", tol=1e-12, max_iter=5000, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.mul_(5)
+    bound = layer.certificate().input_lipschitz_bound
+    assert math.isfinite(bound)
+    with torch.no_grad():
+        u, du = torch.randn(256, 5, dtype=F64), torch.randn(256, 5, dtype=F64)
+        for size in (1e-4, 1e-1, 1.0, 10.0):
+            dx = layer(u + size * du) - layer(u)
+            ratio = dx.abs().amax(dim=1) / (size * du.abs().amax(dim=1))
+            assert ratio.max() <= bound * (1 + 1e-8)
+    # adversarial pairs: gradient ascent on ||x*(u) - x*(u')||_inf / ||u - u'||_inf
+    worst = 0.0
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(4, 5, generator=g, dtype=F64).requires_grad_(True)
+        v = (u.detach() + 0.5 * torch.randn(4, 5, generator=g, dtype=F64)).requires_grad_(True)
+        opt = torch.optim.Adam([u, v], lr=0.05)
+        for _ in range(40):
+            ratio = (layer(u) - layer(v)).abs().amax(dim=1) / (u - v).abs().amax(dim=1)
+            opt.zero_grad()
+            (-ratio.sum()).backward()
+            opt.step()
+            worst = max(worst, ratio.max().item())
+    assert worst <= bound * (1 + 1e-8)
+    assert worst > 0.05 * bound  # the ascent found something
+
+
+def test_linf_gradcheck_and_bad_parameters():
+    torch.manual_seed(11)
+    layer = LinfContractiveDEQ(3, 4, mu=0.5, activation="tanh", tol=1e-13, max_iter=5000, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.mul_(3)
+    _gradcheck_layer(layer, torch.randn(2, 3, dtype=F64))
+    for mu in (1.0, 1.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="mu must be a finite number < 1"):
+            LinfContractiveDEQ(3, 4, mu=mu)
+    with pytest.raises(ValueError, match="unknown activation"):
+        LinfContractiveDEQ(3, 4, activation="bogus")
+
+
+# ================================================================ Lipschitz DEQ
+def test_picard_iteration_bound_formula():
+    for q in (0.0, 0.3, 0.9, 0.999):
+        for tol in (1e-2, 1e-6, 1e-12):
+            k = picard_iteration_bound(q, tol)
+            assert q ** (k - 1) * (1 + q) / (1 - q ** k) <= tol
+            assert k == 1 or q ** (k - 2) * (1 + q) / (1 - q ** (k - 1)) > tol  # the smallest such k
+    assert picard_iteration_bound(1.0, 1e-3) is None
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "identity"])
+def test_lipschitz_iteration_counts_within_the_certified_bound(activation):
+    torch.manual_seed(12)
+    layer = LipschitzDEQ(6, 24, gamma=0.95, activation=activation, tol=1e-10, max_iter=1000, dtype=F64)
+    with torch.no_grad():  # a near-worst case: every singular value of V equal, far above the bound
+        layer.weight_raw.copy_(10 * torch.linalg.qr(torch.randn(24, 24, dtype=F64))[0])
+    layer.reset_power_iteration()
+    layer.eval()
+    cert = layer.certificate()
+    assert cert.contraction_factor == pytest.approx(0.95, rel=1e-9) and cert.within_max_iter
+    x = torch.randn(32, 6, dtype=F64, requires_grad=True)
+    z = layer(x)
+    (z * torch.randn_like(z)).sum().backward()
+    fwd, bwd = layer.last_info.iterations, layer.last_info.backward.iterations
+    assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
+    assert fwd.max() <= cert.forward_iterations_bound and bwd.max() <= cert.backward_iterations_bound
+    if activation == "identity":  # the linear case comes close to the bound
+        assert fwd.max() >= 0.5 * cert.forward_iterations_bound
+
+
+def test_lipschitz_input_output_bound():
+    torch.manual_seed(13)
+    layer = LipschitzDEQ(5, 12, gamma=0.9, tol=1e-12, max_iter=1000, dtype=F64).eval()
+    bound = layer.certificate().input_lipschitz_bound
+    with torch.no_grad():
+        u, du = torch.randn(512, 5, dtype=F64), torch.randn(512, 5, dtype=F64)
+        ratio = (layer(u + 1e-3 * du) - layer(u)).norm(dim=1) / (1e-3 * du.norm(dim=1))
+    assert ratio.max() <= bound * (1 + 1e-8)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_lipschitz_spectral_norm_stays_bounded_during_training(activation):
+    torch.manual_seed(14)
+    layer = LipschitzDEQ(8, 20, gamma=0.9, activation=activation, tol=1e-6, max_iter=500, dtype=F64)
+    head = torch.nn.Linear(20, 1, dtype=F64)
+    x = torch.randn(64, 8, dtype=F64)
+    y = 5 * torch.randn(64, 1, dtype=F64)  # hard targets: the loss pushes the weight up against the bound
+    opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=0.05)
+    bound = 0.9 / deqkern.ACTIVATIONS[activation].lipschitz
+    worst_train = 0.0
+    for _ in range(30):
+        loss = (head(layer(x)) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        worst_train = max(worst_train, torch.linalg.matrix_norm(layer.last_weight, ord=2).item())
+        assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
+    # training mode: 3 warm-started power steps per forward lag by little even at this large learning rate (one
+    # step: up to 7% over, still a contraction as gamma < 1); eval mode and the certificate: converged
+    assert worst_train <= bound * (1 + 1e-2)
+    assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() <= bound * (1 + 1e-7)
+    assert torch.linalg.matrix_norm(layer.weight_raw.detach(), ord=2).item() > bound  # the rescaling is active
+    cert = layer.certificate()
+    assert cert.contraction_factor <= 0.9 * (1 + 1e-7) and cert.within_max_iter
+
+
+def test_lipschitz_gradcheck_and_bad_parameters():
+    torch.manual_seed(15)
+    layer = LipschitzDEQ(3, 4, gamma=0.8, tol=1e-13, max_iter=2000, init_scale=3.0, dtype=F64).eval()
+    assert torch.linalg.matrix_norm(layer.weight_raw.detach(), ord=2) > 0.8  # the gradient flows through sigma
+    _gradcheck_layer(layer, torch.randn(2, 3, dtype=F64))
+    for gamma in (1.0, 1.2, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="gamma must be a number in"):
+            LipschitzDEQ(3, 4, gamma=gamma)
+
+
+def test_layers_are_exported_from_nn():
+    assert deqkern.nn.PositiveConcaveDEQ is PositiveConcaveDEQ
+    assert deqkern.nn.LinfContractiveDEQ is LinfContractiveDEQ
+    assert deqkern.nn.LipschitzDEQ is LipschitzDEQ
