@@ -8,6 +8,7 @@ Environment flags (see the README's table):
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -26,12 +27,16 @@ def build_extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 from torch 2.14 on).
     cxx_flags = ["-O3", "-fno-math-errno"]
+    # at::parallel_for is a header template: without -fopenmp it silently runs on one thread. The OpenMP runtime
+    # resolves to the libgomp.so.1 that torch has already loaded, so there is one thread pool.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     extensions = [
         CppExtension(
             "deqkern._C",
             sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags + openmp},
+            extra_link_args=openmp,
         )
     ]
     torch_has_cuda = torch.version.cuda is not None
