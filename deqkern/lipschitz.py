@@ -6,6 +6,7 @@ A DEQ layer z = act(z W^T + c) is a contraction when its Lipschitz constant is b
 iteration, CPU C++, CUDA and Triton kernels); `one_sided_linf` and `linf_norm` are single reductions, for which
 plain torch ops are the right tool.
 """
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ def _check_options(max_iter, tol, name="max_iter"):
         raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
 
 
+@functools.lru_cache(maxsize=64)
 def _default_start(n, dtype, device):
     """ones / sqrt(n) plus a fixed non-constant perturbation, so that it is not orthogonal to the top vector of
     common structured matrices (zero row sums, alternating signs); deterministic."""
@@ -102,7 +104,7 @@ def _default_start(n, dtype, device):
 
 # ---------------------------------------------------------------- the batched op
 def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000, tol=1e-6, backend="auto",
-                    on_nonconvergence="warn"):
+                    on_nonconvergence="warn", _trusted_start=False):
     """Batched power iteration on J_b = diag(row_scale_b) W, one fused kernel for the whole iteration.
 
     W: (m, n); u0: (B, n) nonzero start vectors; row_scale: (B, m) or None (ones); float32/float64, one device.
@@ -132,37 +134,37 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     W, u0 = W.contiguous(), u0.contiguous()
     row_scale = None if row_scale is None else row_scale.contiguous()
     checks = on_nonconvergence != "ignore" and not torch.compiler.is_compiling()
-    if checks:
-        _check_finite(W=W, u0=u0, row_scale=row_scale)
-        if u0.shape[0] and not bool((u0 != 0).any(dim=1).all()):
-            raise ValueError("u0 has an all-zero row: every start vector must be nonzero")
+    if checks and not _trusted_start and u0.shape[0] and not bool((u0 != 0).any(dim=1).all()):
+        raise ValueError("u0 has an all-zero row: every start vector must be nonzero")
     value, u, iterations, converged = _power_op(backend)(W, row_scale, u0, mode, float(shift), int(max_iter),
                                                          float(tol))
     result = PowerIterationResult(value, u, iterations, converged, float(shift))
     if checks:
-        _enforce_convergence(result, mode, max_iter, tol, on_nonconvergence)
+        _enforce_convergence(result, mode, max_iter, tol, on_nonconvergence, dict(W=W, u0=u0, row_scale=row_scale))
     return result
 
 
-def _enforce_convergence(result, mode, max_iter, tol, policy):
-    if result.value.numel() == 0:
+def _enforce_convergence(result, mode, max_iter, tol, policy, inputs):
+    """A NaN/Inf input makes the value non-finite and the sample not converged (reference.py), so the happy path
+    is one reduction and one host synchronisation; the inputs are scanned only to name the culprit."""
+    if result.value.numel() == 0 or bool(result.converged.all()):
         return
-    finite, all_converged = torch.stack([torch.isfinite(result.value).all(), result.converged.all()]).tolist()
-    if not finite:
+    _check_finite(**inputs)
+    if not bool(torch.isfinite(result.value).all()):
         raise FloatingPointError(f"deqkern.lipschitz: the power iteration ({mode}) overflowed to NaN/Inf")
-    if not all_converged:
-        n_bad = int((~result.converged).sum())
-        message = (
-            f"deqkern.lipschitz: power iteration ({mode}) did not converge for {n_bad} of "
-            f"{result.converged.numel()} samples within max_iter={max_iter} (tol={tol:g}); its value is a lower "
-            "bound. Raise n_iter / max_iter, or warm-start from the returned u"
-        )
-        if policy == "raise":
-            raise NonConvergenceError(message)
-        warnings.warn(message, PowerIterationWarning, stacklevel=4)
+    n_bad = int((~result.converged).sum())
+    message = (
+        f"deqkern.lipschitz: power iteration ({mode}) did not converge for {n_bad} of "
+        f"{result.converged.numel()} samples within max_iter={max_iter} (tol={tol:g}); its value is a lower "
+        "bound. Raise n_iter / max_iter, or warm-start from the returned u"
+    )
+    if policy == "raise":
+        raise NonConvergenceError(message)
+    warnings.warn(message, PowerIterationWarning, stacklevel=4)
 
 
 def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):
+    trusted = u0 is None
     if u0 is None:
         u0 = _default_start(W.shape[1], W.dtype, W.device)
     else:
@@ -170,7 +172,7 @@ def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):
         if u0.shape != (W.shape[1],):
             raise ValueError(f"u0 must be ({W.shape[1]},) to match W, got shape {tuple(u0.shape)}")
     r = power_iteration(W, u0[None], mode=mode, shift=shift, max_iter=n_iter, tol=tol, backend=backend,
-                        on_nonconvergence=on_nonconvergence)
+                        on_nonconvergence=on_nonconvergence, _trusted_start=trusted)
     return PowerIterationResult(r.value[0], r.u[0], r.iterations[0], r.converged[0], r.shift)
 
 

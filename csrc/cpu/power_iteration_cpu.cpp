@@ -8,6 +8,8 @@
 //   symmetric: y_i = s_i d_i (J v), c_i = s_i v_i            -> z = J^T v,    value = sum_i v_i y_i
 // (symmetric then forms z <- (J v + z) / 2 + shift v). Loops use GCC vector extensions compiled for AVX-512,
 // AVX2 and baseline x86-64 (target_clones, chosen at load time). All buffers exist before the first iteration.
+// With fewer samples than threads (a single ||W||_2), the rows of W are split between the threads instead, so
+// that each streams only its share of W from its own cache; they meet at one barrier per iteration.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,11 +17,20 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace deqkern {
 namespace {
@@ -35,7 +46,8 @@ static_assert(sizeof(PiVec<float>) == 64 && sizeof(PiVec<double>) == 64, "vector
 template <typename T>
 constexpr int64_t kPiLanes = 64 / sizeof(T);
 
-constexpr int kRowBlock = 4;  // rows of W per pass step: four independent dot products, one fused axpy
+constexpr int kRowBlock = 4;
+constexpr int64_t kSplitRowsMinElements = 16384;  // 64 KB of float32: beyond one core's L1  // rows of W per pass step: four independent dot products, one fused axpy
 
 #if defined(__GNUC__)
 #define DEQKERN_PI_INLINE inline __attribute__((always_inline))
@@ -206,6 +218,116 @@ void solve_samples_dispatch(const PowerArgs<double>& a, int64_t begin, int64_t e
   solve_samples_double(a, begin, end);
 }
 
+// z = the pass over rows [r0, r1) only (zeroed first); returns their share of the value sum.
+template <typename T>
+DEQKERN_PI_INLINE T pass_range(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z,
+                               T* jv) {
+  for (int64_t j = 0; j < a.ld; j += kPiLanes<T>) store(z + j, PiVec<T>{});
+  T sum = 0;
+  int64_t i = r0;
+  for (; i + kRowBlock <= r1; i += kRowBlock) sum += pass_rows<T, kRowBlock>(a, i, s, v, z, jv);
+  for (; i < r1; ++i) sum += pass_rows<T, 1>(a, i, s, v, z, jv);
+  return sum;
+}
+
+DEQKERN_PI_CLONES float pass_range_dispatch(const PowerArgs<float>& a, int64_t r0, int64_t r1, const float* s,
+                                            const float* v, float* z, float* jv) {
+  return pass_range(a, r0, r1, s, v, z, jv);
+}
+DEQKERN_PI_CLONES double pass_range_dispatch(const PowerArgs<double>& a, int64_t r0, int64_t r1, const double* s,
+                                             const double* v, double* z, double* jv) {
+  return pass_range(a, r0, r1, s, v, z, jv);
+}
+
+#ifdef _OPENMP
+// A sense-reversing spin barrier for the threads of one parallel region: an iteration here lasts microseconds,
+// and OpenMP's barrier may sleep in the kernel (tens of microseconds to wake). After a bounded spin it yields,
+// so an oversubscribed machine still makes progress.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int threads) : threads_(threads) {}
+  void wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spin = 0; generation_.load(std::memory_order_acquire) == generation; ++spin) {
+      if (spin > 4096) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int threads_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+};
+
+// Sample b with the rows of W split between `threads` threads. Thread t writes its partial product and value
+// sum into slot [k % 2][t] (and its rows of J v into jv[k % 2]); after the barrier every thread adds up the
+// slots in the same order and so takes the same normalised vector and the same stop decision. Two slots by
+// parity make one barrier per iteration enough: a thread can only write slot k % 2 again at iteration k + 2,
+// after the barrier of k + 1, which every thread passes only once it has read iteration k's slots.
+template <typename T>
+void solve_sample_split_rows(const PowerArgs<T>& a, int64_t b, int threads) {
+  const int64_t ld = a.ld;
+  std::vector<T> partial(size_t(2) * threads * ld), sums(size_t(2) * threads);
+  std::vector<T> jv(a.mode == PowerMode::Symmetric ? size_t(2) * a.m : 0);
+  const T* s = a.scale ? a.scale + b * a.m : nullptr;
+  T* v_out = a.v + b * a.ld;
+  normalise_into(v_out, v_out, ld);
+  int team_size = threads;
+  std::unique_ptr<SpinBarrier> barrier;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp single
+    {
+      team_size = omp_get_num_threads();  // may be fewer than asked for
+      barrier = std::make_unique<SpinBarrier>(team_size);
+    }  // the implicit barrier of `single` publishes team_size and the barrier object
+    const int t = omp_get_thread_num(), team = team_size;
+    const int64_t rows_per = (a.m + team - 1) / team;
+    const int64_t r0 = std::min(a.m, t * rows_per), r1 = std::min(a.m, r0 + rows_per);
+    std::vector<T> v(v_out, v_out + ld), z(ld);
+    T previous = std::numeric_limits<T>::quiet_NaN(), value = 0;
+    int32_t k_done = 0;
+    bool converged = false;
+    for (int64_t k = 1; k <= a.max_iter; ++k) {
+      const size_t slot = size_t(k & 1);
+      T* jv_k = jv.empty() ? nullptr : jv.data() + slot * a.m;
+      sums[slot * team + t] =
+          pass_range_dispatch(a, r0, r1, s, v.data(), partial.data() + (slot * team + t) * ld, jv_k);
+      barrier->wait();
+      T sum = 0;
+      for (int64_t j = 0; j < ld; ++j) z[j] = 0;
+      for (int u = 0; u < team; ++u) {
+        sum += sums[slot * team + u];
+        const T* p = partial.data() + (slot * team + u) * ld;
+        for (int64_t j = 0; j < ld; ++j) z[j] += p[j];
+      }
+      if (a.mode == PowerMode::Gram) {
+        value = std::sqrt(sum);
+      } else {
+        value = sum;
+        for (int64_t j = 0; j < a.n; ++j) z[j] = T(0.5) * (jv_k[j] + z[j]) + a.shift * v[j];
+      }
+      normalise_into(z.data(), v.data(), ld);
+      k_done = static_cast<int32_t>(k);
+      converged = std::abs(value - previous) <= a.tol * std::abs(value);
+      if (converged || !std::isfinite(value)) break;
+      previous = value;
+    }
+    if (t == 0) {
+      std::copy(v.begin(), v.end(), v_out);
+      a.value[b] = value;
+      a.iterations[b] = k_done;
+      a.converged[b] = converged;
+    }
+  }
+}
+#endif
+
 // Copies the (rows, cols) tensor src into the first cols columns of a zeroed (rows, ld) buffer.
 at::Tensor padded_copy(const at::Tensor& src, int64_t ld) {
   at::Tensor out = at::zeros({src.size(0), ld}, src.options());
@@ -276,6 +398,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
                              m, n, ld, max_iter,
                              static_cast<scalar_t>(shift), static_cast<scalar_t>(tol),
                              power_mode};
+#ifdef _OPENMP
+    // Fewer samples than threads and a W too large for one core's L1: split W's rows instead of the samples.
+    const int threads = at::get_num_threads();
+    if (batch < threads && m * ld >= kSplitRowsMinElements && !at::in_parallel_region()) {
+      for (int64_t b = 0; b < batch; ++b) solve_sample_split_rows(args, b, threads);
+      u = v.narrow(1, 0, n).contiguous();
+      return;
+    }
+#endif
     // One sample per task: samples are independent, so no thread ever waits for another.
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) { solve_samples_dispatch(args, begin, end); });
     u = v.narrow(1, 0, n).contiguous();
