@@ -31,13 +31,15 @@ class SolverInfo:
 
     iterations: (B,) int32, evaluations of the layer; residual: (B,) last relative residual
     ||f(z) - z|| / (||f(z)|| + 1e-12); converged: (B,) bool, residual <= tol. `backward` is filled with the
-    statistics of the implicit backward solve once autograd has run it (eager mode only).
+    statistics of the implicit backward solve once autograd has run it (eager mode only); `trace` the per-iteration
+    residuals when the solver was asked for them.
     """
 
     iterations: Optional[torch.Tensor] = None
     residual: Optional[torch.Tensor] = None
     converged: Optional[torch.Tensor] = None
     backward: Optional["SolverInfo"] = None
+    trace: Optional[torch.Tensor] = None  # (iterations, B) residual history, when a solver was asked to keep it
 
 
 # ---------------------------------------------------------------- fake kernels (shapes only, for torch.compile)
