@@ -30,4 +30,21 @@ TORCH_LIBRARY(deqkern, m) {
   m.def(
       "power_iteration(Tensor W, Tensor? row_scale, Tensor u0, str mode, float shift, int max_iter, float tol)"
       " -> (Tensor value, Tensor u, Tensor iterations, Tensor converged)");
+  // One op per solve by type-II Anderson acceleration (history m in [1, 16], mixing beta in (0, 1], regulariser lam
+  // relative to the Gram diagonal), same stopping and outputs as fixed_point_dense. See deqkern/reference.py.
+  m.def(
+      "fixed_point_dense_anderson(Tensor W, Tensor c, Tensor z0, str activation, int m, float beta, float lam,"
+      " float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The implicit backward of fixed_point_dense_anderson: the adjoint of fixed_point_dense_backward, solved from 0
+  // by the same Anderson iteration.
+  m.def(
+      "fixed_point_dense_anderson_backward(Tensor W, Tensor c, Tensor z, Tensor grad_z, str activation, int m,"
+      " float beta, float lam, float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One type-II Anderson iteration of deqkern.solve, in place: stores x and g = fx - x in history slot k % m, adds
+  // that slot's row/column to the Gram matrix H, solves the small bordered system, writes x_next, the residual,
+  // the lowest-residual f(x) so far, active and iterations. Semantics: anderson_step_ref in deqkern/reference.py.
+  m.def(
+      "anderson_step(Tensor(a!) X_hist, Tensor(b!) G_hist, Tensor(c!) H, Tensor x, Tensor fx, Tensor(d!) x_next,"
+      " Tensor(e!) z_best, Tensor(f!) residual_best, Tensor(g!) residual, Tensor(h!) active,"
+      " Tensor(i!) iterations, int k, float beta, float lam, float tol) -> ()");
 }

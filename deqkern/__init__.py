@@ -12,6 +12,8 @@ from .ops import (
     fixed_point_dense,
 )
 from . import lipschitz  # noqa: E402  (registers the fake kernel of deqkern::power_iteration)
+from .solvers import solve  # noqa: E402  (registers the fake kernel of deqkern::anderson_step)
+from .torchdeq_compat import register_torchdeq_solvers  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,4 +27,6 @@ __all__ = [
     "jacobian_reg",
     "nn",
     "reference",
+    "register_torchdeq_solvers",
+    "solve",
 ]

@@ -33,6 +33,9 @@ class DEQLinear(nn.Module):
         init_scale: float = 0.5,
         device=None,
         dtype=None,
+        method: str = "picard",
+        m: int = 5,
+        beta: float = 1.0,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -40,6 +43,7 @@ class DEQLinear(nn.Module):
         self.solver_options = dict(
             activation=activation, alpha=alpha, tol=tol, max_iter=max_iter, backend=backend,
             on_nonconvergence=on_nonconvergence, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            method=method, m=m, beta=beta,
         )
         self.injection = nn.Linear(in_features, hidden_features, **factory)
         self.weight = nn.Parameter(torch.empty(hidden_features, hidden_features, **factory))
@@ -63,3 +67,4 @@ class DEQLinear(nn.Module):
 
 
 from .certified import PositiveConcaveDEQ, LinfContractiveDEQ, LipschitzDEQ  # noqa: E402,F401
+from .deq import DEQ  # noqa: E402,F401

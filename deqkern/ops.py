@@ -14,6 +14,9 @@ from . import _extension, reference
 from .activations import get_activation
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+METHODS = ("picard", "anderson")
+ANDERSON_MAX_M = reference.ANDERSON_MAX_M
+ANDERSON_DEFAULT_LAM = 1e-4  # relative to the Gram diagonal: see reference._anderson_weights
 NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
 
 
@@ -66,6 +69,21 @@ def _fixed_point_dense_backward_fake(W, c, z, grad_z, activation, alpha, tol, ma
     return _fake_solve(grad_z, c)
 
 
+@torch.library.register_fake("deqkern::fixed_point_dense_anderson")
+def _fixed_point_dense_anderson_fake(W, c, z0, activation, m, beta, lam, tol, max_iter):
+    torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: "W must be square")
+    torch._check(c.shape == z0.shape, lambda: "c and z0 must have the same shape")
+    torch._check(1 <= m <= ANDERSON_MAX_M, lambda: f"m must be in [1, {ANDERSON_MAX_M}]")
+    return _fake_solve(z0, c)
+
+
+@torch.library.register_fake("deqkern::fixed_point_dense_anderson_backward")
+def _fixed_point_dense_anderson_backward_fake(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
+    torch._check(z.shape == grad_z.shape, lambda: "z and grad_z must have the same shape")
+    torch._check(1 <= m <= ANDERSON_MAX_M, lambda: f"m must be in [1, {ANDERSON_MAX_M}]")
+    return _fake_solve(grad_z, c)
+
+
 # ---------------------------------------------------------------- backends
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
@@ -109,6 +127,28 @@ def _solve_ops(backend: str):
     return reference.fixed_point_dense_ref, reference.fixed_point_dense_backward_ref
 
 
+def _anderson_ops(backend: str):
+    """(forward, backward) callables with the signature of the registered Anderson ops, for one backend."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.deqkern.fixed_point_dense_anderson, torch.ops.deqkern.fixed_point_dense_anderson_backward
+    if backend == "triton":
+        from .triton_kernels import fixed_point_dense_anderson as triton_ops
+
+        return triton_ops.fixed_point_dense_anderson_triton, triton_ops.fixed_point_dense_anderson_backward_triton
+    return reference.fixed_point_dense_anderson_ref, reference.fixed_point_dense_anderson_backward_ref
+
+
+def _solve_fns(backend: str, method: str, alpha: float, m: int, beta: float, lam: float):
+    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter))."""
+    if method == "anderson":
+        fwd, bwd = _anderson_ops(backend)
+        return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
+                lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, m, beta, lam, tol, it))
+    fwd, bwd = _solve_ops(backend)
+    return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, alpha, tol, it),
+            lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, alpha, tol, it))
+
+
 # ---------------------------------------------------------------- checks
 def _check_tensor(name, t, dtype=None, device=None):
     if not isinstance(t, torch.Tensor):
@@ -128,6 +168,22 @@ def _check_solver_options(alpha, tol, max_iter, prefix=""):
         raise ValueError(f"{prefix}tol must be a finite number > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not (1 <= max_iter < 2**31):
         raise ValueError(f"{prefix}max_iter must be an integer >= 1, got {max_iter!r}")
+
+
+def _check_method_options(method, alpha, m, beta, lam):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method != "anderson":
+        return
+    if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= ANDERSON_MAX_M):
+        raise ValueError(f"m (the Anderson history length) must be an integer in [1, {ANDERSON_MAX_M}], got {m!r}")
+    if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
+        raise ValueError(f"beta (the Anderson mixing) must be a number in (0, 1], got {beta!r}")
+    if not isinstance(lam, (int, float)) or not (lam >= 0) or not math.isfinite(lam):
+        raise ValueError(f"lam (the Anderson regulariser, relative to the Gram diagonal) must be a finite number "
+                         f">= 0, got {lam!r}")
+    if alpha != 1.0:
+        raise ValueError(f"alpha is Picard's damping; method='anderson' mixes with beta instead, got alpha={alpha!r}")
 
 
 def _check_dense_inputs(W, c, z0):
@@ -180,29 +236,29 @@ def _enforce_policy(what, info, policy, tol, max_iter, inputs):
 # ---------------------------------------------------------------- autograd
 class _FixedPointDense(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, W, c, z0, activation, alpha, tol, max_iter, backend, bwd_tol, bwd_max_iter, policy, info):
-        forward_op, _ = _solve_ops(backend)
-        z, iterations, residual, converged = forward_op(W, c, z0, activation, alpha, tol, max_iter)
+    def forward(ctx, W, c, z0, activation, alpha, tol, max_iter, backend, bwd_tol, bwd_max_iter, policy, info,
+                solver=("picard", 5, 1.0, ANDERSON_DEFAULT_LAM)):
+        method, m, beta, lam = solver
+        forward_op, _ = _solve_fns(backend, method, alpha, m, beta, lam)
+        z, iterations, residual, converged = forward_op(W, c, z0, activation, tol, max_iter)
         ctx.save_for_backward(W, c, z)
-        ctx.options = (activation, alpha, backend, bwd_tol, bwd_max_iter, policy, info)
+        ctx.options = (activation, alpha, backend, bwd_tol, bwd_max_iter, policy, info, solver)
         ctx.mark_non_differentiable(iterations, residual, converged)
         return z, iterations, residual, converged
 
     @staticmethod
     def backward(ctx, grad_z, *unused_grads):
         W, c, z = ctx.saved_tensors
-        activation, alpha, backend, tol, max_iter, policy, info = ctx.options
-        _, backward_op = _solve_ops(backend)
-        grad_u, iterations, residual, converged = backward_op(
-            W, c, z, grad_z.contiguous(), activation, alpha, tol, max_iter
-        )
+        activation, alpha, backend, tol, max_iter, policy, info, (method, m, beta, lam) = ctx.options
+        _, backward_op = _solve_fns(backend, method, alpha, m, beta, lam)
+        grad_u, iterations, residual, converged = backward_op(W, c, z, grad_z.contiguous(), activation, tol, max_iter)
         backward_info = SolverInfo(iterations, residual, converged)
         if info is not None and not torch.compiler.is_compiling():
             info.backward = backward_info
         _enforce_policy("fixed_point_dense backward", backward_info, policy, tol, max_iter, {"grad_z": grad_z})
         grad_W = grad_u.T @ z if ctx.needs_input_grad[0] else None
         grad_c = grad_u if ctx.needs_input_grad[1] else None
-        return grad_W, grad_c, None, None, None, None, None, None, None, None, None, None
+        return grad_W, grad_c, None, None, None, None, None, None, None, None, None, None, None
 
 
 def fixed_point_dense(
@@ -217,6 +273,10 @@ def fixed_point_dense(
     on_nonconvergence: str = "warn",
     backward_tol: Optional[float] = None,
     backward_max_iter: Optional[int] = None,
+    method: str = "picard",
+    m: int = 5,
+    beta: float = 1.0,
+    lam: float = ANDERSON_DEFAULT_LAM,
 ):
     """Fixed point z* = act(z* W^T + c) of a dense implicit layer, solved by one fused kernel per solve.
 
@@ -224,6 +284,12 @@ def fixed_point_dense(
     Iterates z <- (1 - alpha) z + alpha act(z W^T + c), stopping each sample once its relative residual
     ||f(z) - z|| / (||f(z)|| + 1e-12) <= tol. Differentiable in W and c by the implicit function theorem
     (the adjoint solved with the same kernel, `backward_tol` / `backward_max_iter` default to tol / max_iter).
+
+    method: "picard" (the damped iteration above) or "anderson": type-II Anderson acceleration with history m
+    (1..16), mixing beta in (0, 1] and Tikhonov regulariser lam relative to the Gram diagonal (the weights solve
+    min ||sum a_i g_i||^2 + lam sum a_i^2 ||g_i||^2 s.t. sum a_i = 1; scale-invariant); same stopping rule, same
+    per-sample statistics; the implicit backward is then solved by Anderson too (deqkern/reference.py,
+    fixed_point_dense_anderson_ref). alpha must stay 1 with "anderson".
 
     on_nonconvergence: "warn" (NonConvergenceWarning), "raise" (NonConvergenceError) or "ignore" (no host
     synchronisation and no checks at all: read `info`). Unless "ignore", NaN/Inf in the inputs raise ValueError
@@ -236,6 +302,8 @@ def fixed_point_dense(
     bwd_tol = tol if backward_tol is None else backward_tol
     bwd_max_iter = max_iter if backward_max_iter is None else backward_max_iter
     _check_solver_options(alpha, bwd_tol, bwd_max_iter, prefix="backward_")
+    _check_method_options(method, alpha, m, beta, lam)
+    solver = (method, int(m), float(beta), float(lam))
     if on_nonconvergence not in NONCONVERGENCE_POLICIES:
         raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {on_nonconvergence!r}")
     backend = _resolve_backend(backend, W.device)
@@ -246,11 +314,11 @@ def fixed_point_dense(
     if torch.is_grad_enabled() and (W.requires_grad or c.requires_grad):
         z, iterations, residual, converged = _FixedPointDense.apply(
             W, c, z0, activation, float(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
-            int(bwd_max_iter), on_nonconvergence, info,
+            int(bwd_max_iter), on_nonconvergence, info, solver,
         )
     else:  # no autograd node to build: call the op directly
-        forward_op, _ = _solve_ops(backend)
-        z, iterations, residual, converged = forward_op(W, c, z0, activation, float(alpha), float(tol), int(max_iter))
+        forward_op, _ = _solve_fns(backend, method, float(alpha), *solver[1:])
+        z, iterations, residual, converged = forward_op(W, c, z0, activation, float(tol), int(max_iter))
     if info is None:
         info = SolverInfo(iterations, residual, converged)
     else:

@@ -115,3 +115,142 @@ def power_iteration_ref(W, row_scale, u0, mode, shift, max_iter, tol):
         if not active.any():
             break
     return value, v, iterations, converged
+
+
+# ---------------------------------------------------------------- Anderson acceleration (dense fixed point)
+ANDERSON_MAX_M = 16
+
+
+def _anderson_weights(gram, n, slot, lam):
+    """Type-II Anderson weights a (B, n), sum(a) = 1, minimising ||sum_i a_i g_i||^2 + lam sum_i a_i^2 G_ii.
+
+    gram: (B, m, m) float64 Gram matrix G_ij = <g_i, g_j> of the stored residuals (first n slots valid).
+    Solves the bordered system [[0, 1^T], [1, G + lam diag(G)]] [nu; a] = [1; 0] in float64. Where that system
+    is singular or its solution not finite (e.g. a zero residual), a = e_slot: the plain (mixed) Picard step.
+    """
+    batch = gram.shape[0]
+    g = gram[:, :n, :n]
+    bordered = torch.zeros(batch, n + 1, n + 1, dtype=torch.float64, device=gram.device)
+    bordered[:, 0, 1:] = 1
+    bordered[:, 1:, 0] = 1
+    bordered[:, 1:, 1:] = g + lam * torch.diag_embed(torch.diagonal(g, dim1=1, dim2=2))
+    rhs = torch.zeros(batch, n + 1, dtype=torch.float64, device=gram.device)
+    rhs[:, 0] = 1
+    sol, info = torch.linalg.solve_ex(bordered, rhs)
+    a = sol[:, 1:]
+    ok = (info == 0) & torch.isfinite(a).all(dim=1)
+    fallback = torch.zeros_like(a)
+    fallback[:, slot] = 1
+    return torch.where(ok[:, None], a, fallback)
+
+
+def _anderson_ref(step, x0, m, beta, lam, tol, max_iter, valid):
+    """Solve x = step(x) by type-II Anderson acceleration for the rows where `valid`.
+
+    Per sample, iteration k (1-based) evaluates t = step(x) (one evaluation of the layer), r as Picard, stores
+    x and g = t - x in history slot (k - 1) % m (a ring buffer of the last n = min(k, m) pairs) and moves to
+        x <- sum_i a_i (x_i + beta g_i)      (beta = 1: sum_i a_i step(x_i); n = 1: the damped Picard step)
+    with the weights of _anderson_weights. Stopping, freezing, non-finite inputs and the returned x (the last
+    update, i.e. the mixture computed after the final evaluation) follow the Picard conventions of this module.
+    Returns (x, iterations int32, residual, converged bool).
+    """
+    x = x0.clone()
+    batch, d = x.shape
+    iterations = torch.zeros(batch, dtype=torch.int32, device=x.device)
+    residual = torch.full((batch,), float("nan"), dtype=x.dtype, device=x.device)
+    hist_x = x.new_zeros(batch, m, d)
+    hist_g = x.new_zeros(batch, m, d)
+    gram = torch.zeros(batch, m, m, dtype=torch.float64, device=x.device)
+    active = valid.clone()
+    for k in range(1, max_iter + 1):
+        tx = step(x)
+        r = (tx - x).norm(dim=1) / (tx.norm(dim=1) + RESIDUAL_EPS)
+        slot, n = (k - 1) % m, min(k, m)
+        hist_x[:, slot] = x
+        hist_g[:, slot] = tx - x
+        # One new row (and column) of the Gram matrix per step: <g_slot, g_j>, dot products in x's dtype.
+        row = torch.einsum("bd,bjd->bj", hist_g[:, slot], hist_g[:, :n]).double()
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        a = _anderson_weights(gram, n, slot, lam).to(x.dtype)
+        mixed = torch.einsum("bj,bjd->bd", a, hist_x[:, :n] + beta * hist_g[:, :n])
+        x = torch.where(active[:, None], mixed, x)
+        residual = torch.where(active, r, residual)
+        iterations = torch.where(active, torch.full_like(iterations, k), iterations)
+        active = active & (r > tol) & torch.isfinite(r)
+        if not active.any():
+            break
+    return x, iterations, residual, residual <= tol
+
+
+def fixed_point_dense_anderson_ref(W, c, z0, activation, m, beta, lam, tol, max_iter):
+    """Fixed point of z = act(z W^T + c) by Anderson acceleration.  W: (d, d), c: (batch, d), z0: (batch, d).
+
+    m: history length (1..16), beta: mixing in (0, 1], lam >= 0: regulariser relative to the Gram diagonal
+    (scale-invariant: the weights do not change when the residuals are scaled). See _anderson_ref.
+    """
+    act = get_activation(activation).fn
+    return _anderson_ref(lambda z: act(z @ W.T + c), z0, m, beta, lam, tol, max_iter, _finite_rows(W, c, z0))
+
+
+def fixed_point_dense_anderson_backward_ref(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
+    """Implicit backward of fixed_point_dense_anderson: the adjoint of fixed_point_dense_backward_ref,
+    grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), solved from 0 by the same Anderson iteration."""
+    s = get_activation(activation).derivative(z @ W.T + c)
+    valid = _finite_rows(W, c, z, grad_z)
+    return _anderson_ref(lambda h: s * (h @ W + grad_z), torch.zeros_like(z), m, beta, lam, tol, max_iter, valid)
+
+
+# ---------------------------------------------------------------- Anderson acceleration: one fused step
+def anderson_step_ref(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations,
+                      k, beta, lam, tol):
+    """One type-II Anderson step for every active sample, in place (the spec of deqkern::anderson_step).
+
+    X_hist, G_hist: (B, m, n) ring buffers of iterates x_i and residuals g_i = f(x_i) - x_i; H: (B, m, m) their
+    Gram matrix G G^T in the accumulation dtype (float32 for half states); x, fx: (B, n) the iterate and f(x);
+    x_next, z_best: (B, n); residual_best, residual: (B,) accumulation dtype; active: (B,) bool;
+    iterations: (B,) int32; k: steps already taken by the active samples (all active samples share it).
+
+    For an active sample: g = fx - x goes to slot k % m, residual r = ||g|| / (||fx|| + 1e-12), iterations = k + 1,
+    and fx becomes z_best if r is the lowest residual so far. The sample stops (active False, x_next = x) once
+    r <= tol or r is not finite; otherwise, with nh = min(k + 1, m) stored pairs, the bordered system
+        [0  1^T            ] [nu]   [1]
+        [1  H + lam_eff I  ] [a ] = [0],   lam_eff = lam * trace(H) / nh   (relative, scale invariant)
+    gives the mixing weights (sum a = 1, minimising ||sum a_i g_i||) and x_next = sum_i a_i (x_i + beta g_i).
+    A singular system falls back to a plain damped step, x_next = x + beta g. Inactive samples are untouched
+    except x_next = x.
+    """
+    m = X_hist.shape[1]
+    acc = H.dtype
+    slot, nh = k % m, min(k + 1, m)
+    act = active.clone()
+    xa, fa = x.to(acc), fx.to(acc)
+    g = fa - xa
+    r = g.norm(dim=1) / (fa.norm(dim=1) + RESIDUAL_EPS)
+    X_hist[:, slot] = torch.where(act[:, None], x, X_hist[:, slot])
+    G_hist[:, slot] = torch.where(act[:, None], g.to(G_hist.dtype), G_hist[:, slot])
+    residual.copy_(torch.where(act, r, residual))
+    iterations.copy_(torch.where(act, torch.full_like(iterations, k + 1), iterations))
+    better = act & (torch.isnan(residual_best) | (r < residual_best))
+    residual_best.copy_(torch.where(better, r, residual_best))
+    z_best.copy_(torch.where(better[:, None], fx, z_best))
+    go_on = act & (r > tol) & torch.isfinite(r)
+    active.copy_(go_on)
+
+    Xn, Gn = X_hist[:, :nh].to(acc), G_hist[:, :nh].to(acc)
+    gram = Gn @ Gn.transpose(1, 2)
+    H[:, :nh, :nh] = torch.where(go_on[:, None, None], gram, H[:, :nh, :nh])
+    batch = x.shape[0]
+    lam_eff = lam * gram.diagonal(dim1=1, dim2=2).sum(dim=1) / nh
+    A = torch.zeros(batch, nh + 1, nh + 1, dtype=acc, device=x.device)
+    A[:, 0, 1:] = 1
+    A[:, 1:, 0] = 1
+    A[:, 1:, 1:] = gram + lam_eff[:, None, None] * torch.eye(nh, dtype=acc, device=x.device)
+    rhs = torch.zeros(batch, nh + 1, dtype=acc, device=x.device)
+    rhs[:, 0] = 1
+    solution, info = torch.linalg.solve_ex(A, rhs)
+    a = solution[:, 1:]
+    ok = (info == 0) & torch.isfinite(a).all(dim=1)
+    a = torch.where(ok[:, None], a, torch.nn.functional.one_hot(torch.tensor(slot, device=x.device), nh).to(acc))
+    mixed = torch.einsum("bj,bjn->bn", a, Xn + beta * Gn)
+    x_next.copy_(torch.where(go_on[:, None], mixed.to(x_next.dtype), x))

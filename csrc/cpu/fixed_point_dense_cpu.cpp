@@ -23,44 +23,15 @@
 #include <type_traits>
 
 #include "activations.h"
+#include "dense_kernels.h"
 #include "solver_checks.h"
 
 namespace deqkern {
 namespace {
 
-constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS in deqkern/reference.py
-constexpr int kMaxRowInputs = 3;        // forward: c, z0; adjoint: grad_z, z, c
-// Rows of the packed matrix and of the iterate are padded to a multiple of this many bytes, which every
-// micro-kernel's column block divides; the padding columns of the packed matrix are 0.
-constexpr int64_t kRowAlignBytes = 256;
+using namespace cpu;
 
-#if defined(__GNUC__)
-#define DEQKERN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DEQKERN_ALWAYS_INLINE inline
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DEQKERN_X86_DISPATCH 1
-#define DEQKERN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define DEQKERN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
-// BYTES bytes of T in one SIMD value; aligned(sizeof(T)) makes loads and stores unaligned-safe.
-// (A member typedef: GCC ignores vector attributes on a dependent alias template.)
-template <typename T, int BYTES>
-struct VecOf {
-  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
-};
-
-// A micro-kernel shape: ROWS x VECS accumulators of BYTES-byte vectors, sized to the register file.
-template <int BYTES, int ROWS, int VECS>
-struct Tile {
-  static constexpr int kBytes = BYTES, kRows = ROWS, kVecs = VECS;
-};
-using TileAvx512 = Tile<64, 4, 4>;    // 16 of 32 zmm registers for accumulators
-using TileAvx2 = Tile<32, 4, 2>;      // 8 of 16 ymm
-using TileBaseline = Tile<16, 4, 2>;  // 8 of 16 xmm (SSE2 / NEON)
+constexpr int kMaxRowInputs = 3;  // forward: c, z0; adjoint: grad_z, z, c
 
 // Everything one thread needs to solve rows [row_begin, row_end). Scratch matrices are row-major with
 // leading dimension `ld`.
@@ -85,103 +56,6 @@ struct ChunkArgs {
   ActivationId activation;
   bool adjoint;
 };
-
-// y[rows, n0 : n0 + cols] = x[rows] @ packed[:, n0 : n0 + cols] for up to kRows rows, with
-// kRows x kVecs accumulators held in registers across the whole k loop.
-template <typename T, typename TILE>
-DEQKERN_ALWAYS_INLINE void multiply_block(const ChunkArgs<T>& a, const int64_t* rows, int n_rows, int64_t n0) {
-  using V = typename VecOf<T, TILE::kBytes>::type;
-  constexpr int R = TILE::kRows, NV = TILE::kVecs, L = TILE::kBytes / sizeof(T);
-  const T* x_rows[R];
-  for (int r = 0; r < R; ++r)  // short tiles repeat their last row; the copy's result is discarded
-    x_rows[r] = a.x + rows[r < n_rows ? r : n_rows - 1] * a.ld;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  const T* p = a.packed + n0;
-  for (int64_t k = 0; k < a.d; ++k, p += a.ld) {
-    V w[NV];
-    for (int v = 0; v < NV; ++v) w[v] = *reinterpret_cast<const V*>(p + v * L);
-    for (int r = 0; r < R; ++r) {
-      const T xk = x_rows[r][k];
-      for (int v = 0; v < NV; ++v) acc[r][v] += xk * w[v];
-    }
-  }
-  for (int r = 0; r < n_rows; ++r)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(a.y + rows[r] * a.ld + n0 + v * L) = acc[r][v];
-}
-
-// y[active] = x[active] @ packed. Column blocks outside, row tiles inside: one (d x cols) panel of the
-// matrix stays in L1 while every active row passes over it.
-template <typename T, typename TILE>
-DEQKERN_ALWAYS_INLINE void multiply_active_rows(const ChunkArgs<T>& a, const int64_t* active, int64_t n_active) {
-  constexpr int64_t cols = TILE::kVecs * TILE::kBytes / sizeof(T);
-  static_assert(kRowAlignBytes % (TILE::kVecs * TILE::kBytes) == 0, "the padding must fit whole blocks");
-  for (int64_t n0 = 0; n0 < a.ld; n0 += cols)
-    for (int64_t i = 0; i < n_active; i += TILE::kRows)
-      multiply_block<T, TILE>(a, active + i, static_cast<int>(std::min<int64_t>(TILE::kRows, n_active - i)), n0);
-}
-
-// tanh to a few ulp with only multiply-add, divide and clamp, so that loops over it vectorise
-// (the rational approximation of Eigen's generic_fast_tanh_float). float only; double uses std::tanh.
-DEQKERN_ALWAYS_INLINE float fast_tanh(float x) {
-  const float clamp = 7.90531110763549805f;  // |tanh| rounds to 1 beyond this
-  float xc = x > clamp ? clamp : (x < -clamp ? -clamp : x);
-  float x2 = xc * xc;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  float t = xc * p / q;
-  return (x < 0.0004f && x > -0.0004f) ? x : t;
-}
-
-// t[i] = act(y[i] + c[i]) in place, one activation per loop so that each loop vectorises.
-template <typename T>
-DEQKERN_ALWAYS_INLINE void apply_activation(ActivationId id, T* y, const T* c, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (id == ActivationId::Tanh) {
-      for (int64_t i = 0; i < n; ++i) y[i] = fast_tanh(y[i] + c[i]);
-      return;
-    }
-    if (id == ActivationId::Sigmoid) {  // sigmoid(u) = (1 + tanh(u / 2)) / 2
-      for (int64_t i = 0; i < n; ++i) y[i] = 0.5f + 0.5f * fast_tanh(0.5f * (y[i] + c[i]));
-      return;
-    }
-  }
-  switch (id) {
-    case ActivationId::Identity:
-      for (int64_t i = 0; i < n; ++i) y[i] = y[i] + c[i];
-      break;
-    case ActivationId::Relu:
-      for (int64_t i = 0; i < n; ++i) {
-        T u = y[i] + c[i];
-        y[i] = u > T(0) ? u : T(0);
-      }
-      break;
-    case ActivationId::Softsign:
-      for (int64_t i = 0; i < n; ++i) {
-        T u = y[i] + c[i];
-        y[i] = u / (T(1) + (u < T(0) ? -u : u));
-      }
-      break;
-    case ActivationId::Relu6:
-      for (int64_t i = 0; i < n; ++i) {
-        T u = y[i] + c[i];
-        y[i] = u < T(0) ? T(0) : (u > T(6) ? T(6) : u);
-      }
-      break;
-    default:
-      for (int64_t i = 0; i < n; ++i) y[i] = activation_forward(id, y[i] + c[i]);
-  }
-}
 
 // Epilogue of one row: t = T(x) into y, then the residual norms and x <- (1 - alpha) x + alpha t.
 // Returns ||t - x|| / (||t|| + eps).
@@ -223,15 +97,6 @@ DEQKERN_ALWAYS_INLINE T update_row(const ChunkArgs<T>& a, int64_t row) {
     for (i = 0; i < a.d; ++i) x[i] = keep * x[i] + a.alpha * t[i];
   }
   return std::sqrt(diff_sq) / (std::sqrt(t_sq) + T(kResidualEps));
-}
-
-// True when p[0 .. n) is all finite: x - x is 0 for finite x and NaN for NaN and +-Inf.
-// (An integer AND-reduction, which compilers vectorise without reassociation flags.)
-template <typename T>
-DEQKERN_ALWAYS_INLINE bool all_finite(const T* p, int64_t n) {
-  int ok = 1;
-  for (int64_t i = 0; i < n; ++i) ok &= (p[i] - p[i] == T(0));
-  return ok != 0;
 }
 
 template <typename T, typename TILE>
@@ -283,24 +148,11 @@ DEQKERN_TARGET_AVX2 void solve_chunk_avx2(const ChunkArgs<T>& a) { solve_chunk<T
 template <typename T>
 void solve_chunk_dispatch(const ChunkArgs<T>& a) {
 #ifdef DEQKERN_X86_DISPATCH
-  static const int isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-  }();
+  const int isa = cpu_isa();
   if (isa == 2) return solve_chunk_avx512(a);
   if (isa == 1) return solve_chunk_avx2(a);
 #endif
   solve_chunk<T, TileBaseline>(a);
-}
-
-// Byte offset of the next buffer in the scratch block, kept 64-byte aligned.
-int64_t carve(int64_t& offset, int64_t bytes) {
-  const int64_t start = offset;
-  offset += (bytes + 63) / 64 * 64;
-  return start;
 }
 
 // Runs x = T(x) from x0 (undefined: zeros) on every row. `matrix` (d, d), possibly strided, is packed so that y = x @ matrix;

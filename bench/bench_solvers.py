@@ -1,0 +1,139 @@
+"""Benchmark of deqkern.solve (Anderson, one fused op per iteration) against torchdeq 0.1.0's default Anderson.
+
+f(z) = tanh(z W^T + c) is a plain PyTorch callable for both solvers. Timing problem: W = 0.9 A / ||A||_2,
+c ~ N(0, 1), z0 = 0, float32, tol 1e-4 relative, max_iter 100, CPU. Columns: evaluations of f, time per solve,
+time per iteration, time of f alone, solver overhead per iteration = time/iter - time of f, and the ratios
+torchdeq / deqkern. Then: evaluations of f on the slowly contracting layer (W symmetric, eigenvalues spread over
+[0, 0.9], c = 0.1 N(0, 1)).
+
+    python bench/bench_solvers.py [--quick] [--threads 2] [--out /tmp/bench_solvers.md]
+"""
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import deqkern
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_fixed_point_dense import make_problem, measure  # noqa: E402  (same problem and timing as there)
+
+try:
+    from torchdeq.solver import get_solver
+except ImportError:
+    get_solver = None
+
+TOL, MAX_ITER = 1e-4, 100
+SIZES = [(32, 64), (256, 256)]
+SLOW_SIZES = [(32, 64), (32, 256), (256, 64), (256, 256)]
+
+
+def slow_layer(B, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    W = ((Q * torch.linspace(0, 0.9, d, dtype=torch.float64)) @ Q.T).float()
+    c = (0.1 * torch.randn(B, d, dtype=torch.float64, generator=g)).float()
+    return W, c
+
+
+def counted(f):
+    calls = [0]
+
+    def g(z):
+        calls[0] += 1
+        return f(z)
+
+    return g, calls
+
+
+def ours(f, z0):
+    return deqkern.solve(f, z0, "anderson", tol=TOL, max_iter=MAX_ITER, on_nonconvergence="ignore")
+
+
+def theirs(f, z0):
+    return get_solver("anderson")(f, z0, max_iter=MAX_ITER, tol=TOL, stop_mode="rel")
+
+
+def header(args):
+    name = platform.processor() or "unknown CPU"
+    try:
+        name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return [
+        f"device: {name} ({os.cpu_count()} logical CPUs), torch.set_num_threads({args.threads})",
+        f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S')}",
+        f"git commit: {commit}",
+        f"versions: torch {torch.__version__}, deqkern {deqkern.__version__}, python {platform.python_version()}",
+        f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"command: {shlex.join([sys.executable, *sys.argv])}",
+        "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=4), per-sample stop; "
+        "torchdeq: get_solver('anderson') defaults (m=6, lam=1e-4, tau=1), stop_mode='rel', whole-batch stop",
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B=32 d=64 only, short timings")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--out", default=None, help="write the Markdown report here (never into bench/results/)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    min_time = args.min_time or (0.3 if args.quick else 1.0)
+    device = torch.device("cpu")
+    lines = ["# deqkern.solve (Anderson) vs torchdeq Anderson", ""] + [f"- {h}" for h in header(args)] + [""]
+    lines += ["| B | d | solver | f evals | ms/solve | us/iter | us f alone | us overhead/iter | "
+              "overhead ratio | end-to-end ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    with torch.no_grad():
+        for B, d in (SIZES[:1] if args.quick else SIZES):
+            W, c, z0 = make_problem(B, d, device)
+            f = lambda z: torch.tanh(z @ W.T + c)
+            t_f = measure(lambda: f(z0), device, min_time)[0]
+            rows = {}
+            for name, run in (("deqkern", ours), ("torchdeq", theirs)):
+                if name == "torchdeq" and get_solver is None:
+                    continue
+                g, calls = counted(f)
+                run(g, z0)
+                evals = calls[0]
+                t = measure(lambda: run(f, z0), device, min_time)[0]
+                rows[name] = (evals, t, t / evals, t / evals - t_f)
+            for name, (evals, t, per, over) in rows.items():
+                ratio_o = ratio_e = ""
+                if name == "deqkern" and "torchdeq" in rows:
+                    ratio_o = f"{rows['torchdeq'][3] / max(over, 1e-9):.1f}x less"
+                    ratio_e = f"{rows['torchdeq'][1] / t:.1f}x faster"
+                lines.append(f"| {B} | {d} | {name} | {evals} | {t:.3f} | {1e3 * per:.1f} | {1e3 * t_f:.1f} | "
+                             f"{1e3 * over:.1f} | {ratio_o} | {ratio_e} |")
+        lines += ["", "## f evaluations on the slowly contracting layer (target <= 16), tol 1e-4 relative", "",
+                  "| B | d | deqkern max iterations | deqkern converged | torchdeq f evals |", "|---|---|---|---|---|"]
+        for B, d in (SLOW_SIZES[:1] if args.quick else SLOW_SIZES):
+            W, c = slow_layer(B, d)
+            f = lambda z: torch.tanh(z @ W.T + c)
+            z, info = ours(f, torch.zeros(B, d))
+            td = ""
+            if get_solver is not None:
+                g, calls = counted(f)
+                theirs(g, torch.zeros(B, d))
+                td = str(calls[0])
+            lines.append(f"| {B} | {d} | {int(info.iterations.max())} | {bool(info.converged.all())} | {td} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

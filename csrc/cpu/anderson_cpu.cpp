@@ -1,0 +1,327 @@
+// CPU kernel of anderson_step: one type-II Anderson iteration for every active sample, in place
+// (schema in csrc/ops.cpp, semantics in deqkern/reference.py: anderson_step_ref).
+//
+// Samples are split between threads (at::parallel_for); each sample is independent. Per active sample: one fused
+// pass stores x and g = f(x) - x in history slot k % m and accumulates ||g||^2 and ||f(x)||^2; then the ONE new
+// row/column of the persistent Gram matrix H is computed (nh - 1 dot products: O(m n), not the O(m^2 n) of a
+// rebuild); the small system is solved on the stack in the accumulation type; one more pass mixes
+// x_next = sum_i a_i (x_i + beta g_i). float / double passes use GCC vector extensions compiled for AVX-512,
+// AVX2+FMA and the baseline ISA and picked at run time; half / bfloat16 run scalar loops with float accumulation.
+// The kernel allocates nothing (a non-contiguous x or f(x) is made contiguous before it runs).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace deqkern {
+namespace {
+
+constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS in deqkern/reference.py
+constexpr int kMaxHistory = 32;         // MAX_HISTORY in deqkern/solvers.py: the stack arrays below
+
+#if defined(__GNUC__)
+#define DEQKERN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DEQKERN_ALWAYS_INLINE inline
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DEQKERN_X86_DISPATCH 1
+#define DEQKERN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define DEQKERN_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+// BYTES bytes of T in one SIMD value; aligned(sizeof(T)) makes loads and stores unaligned-safe.
+template <typename T, int BYTES>
+struct VecOf {
+  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
+};
+
+template <typename T, typename A>
+struct StepArgs {
+  T* X;           // (B, m, n) history of iterates
+  T* G;           // (B, m, n) history of residuals g = f(x) - x
+  A* H;           // (B, m, m) Gram matrix of G
+  const T* x;     // (B, n)
+  const T* fx;    // (B, n)
+  T* x_next;      // (B, n)
+  T* z_best;      // (B, n)
+  A* residual_best;
+  A* residual;
+  bool* active;
+  int32_t* iterations;
+  int64_t n, m, k;
+  A beta, lam, tol;
+};
+
+// Mixing weights a = (H + reg I)^{-1} 1 / (1^T (H + reg I)^{-1} 1), reg = lam * trace(H) / nh: the solution of the
+// bordered system [0 1^T; 1 H + reg I] [nu; a] = [1; 0] by its Schur complement. Gauss-Jordan without pivoting,
+// which is stable because H + reg I is symmetric positive definite. False when the system is numerically singular.
+template <typename A>
+bool mixing_weights(const A* H, int64_t m, int nh, A lam, A* a) {
+  A M[kMaxHistory][kMaxHistory];
+  A w[kMaxHistory];
+  A trace = 0;
+  for (int i = 0; i < nh; ++i) trace += H[i * m + i];
+  const A reg = lam * trace / A(nh);
+  for (int i = 0; i < nh; ++i) {
+    for (int j = 0; j < nh; ++j) M[i][j] = H[i * m + j] + (i == j ? reg : A(0));
+    w[i] = 1;
+  }
+  for (int p = 0; p < nh; ++p) {
+    const A pivot = M[p][p];
+    if (!(pivot > A(0))) return false;
+    for (int r = 0; r < nh; ++r) {
+      if (r == p) continue;
+      const A factor = M[r][p] / pivot;
+      for (int j = p; j < nh; ++j) M[r][j] -= factor * M[p][j];
+      w[r] -= factor * w[p];
+    }
+  }
+  A sum = 0;
+  for (int i = 0; i < nh; ++i) {
+    w[i] /= M[i][i];
+    sum += w[i];
+  }
+  if (!std::isfinite(sum) || sum == A(0)) return false;
+  for (int i = 0; i < nh; ++i) {
+    a[i] = w[i] / sum;
+    if (!std::isfinite(a[i])) return false;
+  }
+  return true;
+}
+
+// Pass 1: X[slot] = x, G[slot] = g = fx - x (rounded to T), returns ||g||^2 and ||fx||^2 (unrounded g).
+template <typename T, typename A, int BYTES>
+DEQKERN_ALWAYS_INLINE void store_and_norms(const T* x, const T* fx, T* Xs, T* Gs, int64_t n, A& sq_g, A& sq_f) {
+  int64_t i = 0;
+  sq_g = 0;
+  sq_f = 0;
+  if constexpr (BYTES > 0) {
+    using V = typename VecOf<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T);
+    V vg{}, vf{};
+    for (; i + L <= n; i += L) {
+      const V xv = *reinterpret_cast<const V*>(x + i);
+      const V fv = *reinterpret_cast<const V*>(fx + i);
+      const V gv = fv - xv;
+      *reinterpret_cast<V*>(Xs + i) = xv;
+      *reinterpret_cast<V*>(Gs + i) = gv;
+      vg += gv * gv;
+      vf += fv * fv;
+    }
+    for (int l = 0; l < int(L); ++l) {
+      sq_g += vg[l];
+      sq_f += vf[l];
+    }
+  }
+  for (; i < n; ++i) {
+    const A xv = A(x[i]), fv = A(fx[i]), gv = fv - xv;
+    Xs[i] = x[i];
+    Gs[i] = T(gv);
+    sq_g += gv * gv;
+    sq_f += fv * fv;
+  }
+}
+
+template <typename T, typename A, int BYTES>
+DEQKERN_ALWAYS_INLINE A dot(const T* u, const T* v, int64_t n) {
+  int64_t i = 0;
+  A s = 0;
+  if constexpr (BYTES > 0) {
+    using V = typename VecOf<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T);
+    V acc{};
+    for (; i + L <= n; i += L) acc += *reinterpret_cast<const V*>(u + i) * *reinterpret_cast<const V*>(v + i);
+    for (int l = 0; l < int(L); ++l) s += acc[l];
+  }
+  for (; i < n; ++i) s += A(u[i]) * A(v[i]);
+  return s;
+}
+
+// out = sum_j ca[j] X[j] + cb[j] G[j], j < nh.
+template <typename T, typename A, int BYTES>
+DEQKERN_ALWAYS_INLINE void mix(const T* X, const T* G, const A* ca, const A* cb, int nh, int64_t n, T* out) {
+  int64_t i = 0;
+  if constexpr (BYTES > 0) {
+    using V = typename VecOf<T, BYTES>::type;
+    constexpr int64_t L = BYTES / sizeof(T);
+    for (; i + L <= n; i += L) {
+      V s{};
+      for (int j = 0; j < nh; ++j)
+        s += ca[j] * *reinterpret_cast<const V*>(X + j * n + i) + cb[j] * *reinterpret_cast<const V*>(G + j * n + i);
+      *reinterpret_cast<V*>(out + i) = s;
+    }
+  }
+  for (; i < n; ++i) {
+    A s = 0;
+    for (int j = 0; j < nh; ++j) s += ca[j] * A(X[j * n + i]) + cb[j] * A(G[j * n + i]);
+    out[i] = T(s);
+  }
+}
+
+template <typename T, typename A, int BYTES>
+DEQKERN_ALWAYS_INLINE void step_rows(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
+  const int64_t n = p.n, m = p.m;
+  const int slot = static_cast<int>(p.k % m);
+  const int nh = static_cast<int>(std::min<int64_t>(p.k + 1, m));
+  for (int64_t b = begin; b < end; ++b) {
+    const T* x = p.x + b * n;
+    T* x_next = p.x_next + b * n;
+    if (!p.active[b]) {
+      std::memcpy(x_next, x, n * sizeof(T));
+      continue;
+    }
+    const T* fx = p.fx + b * n;
+    T* X = p.X + b * m * n;
+    T* G = p.G + b * m * n;
+    A sq_g, sq_f;
+    store_and_norms<T, A, BYTES>(x, fx, X + slot * n, G + slot * n, n, sq_g, sq_f);
+    const A r = std::sqrt(sq_g) / (std::sqrt(sq_f) + A(kResidualEps));
+    p.residual[b] = r;
+    p.iterations[b] = static_cast<int32_t>(p.k + 1);
+    if (std::isnan(p.residual_best[b]) || r < p.residual_best[b]) {
+      p.residual_best[b] = r;
+      std::memcpy(p.z_best + b * n, fx, n * sizeof(T));
+    }
+    if (!(r > p.tol) || !std::isfinite(r)) {  // converged, or NaN / Inf: the sample stops here
+      p.active[b] = false;
+      std::memcpy(x_next, x, n * sizeof(T));
+      continue;
+    }
+    // The new row and column of H, from the stored (rounded) g as the reference does.
+    A* H = p.H + b * m * m;
+    const T* g = G + slot * n;
+    for (int j = 0; j < nh; ++j) {
+      const A h = j == slot ? dot<T, A, BYTES>(g, g, n) : dot<T, A, BYTES>(g, G + j * n, n);
+      H[slot * m + j] = h;
+      H[j * m + slot] = h;
+    }
+    A a[kMaxHistory], ab[kMaxHistory];
+    if (!mixing_weights<A>(H, m, nh, p.lam, a)) {  // singular: a plain damped step from x
+      for (int j = 0; j < nh; ++j) a[j] = j == slot ? A(1) : A(0);
+    }
+    for (int j = 0; j < nh; ++j) ab[j] = a[j] * p.beta;
+    mix<T, A, BYTES>(X, G, a, ab, nh, n, x_next);
+  }
+}
+
+template <typename T, typename A>
+void step_rows_dispatch(const StepArgs<T, A>& p, int64_t begin, int64_t end);
+
+#ifdef DEQKERN_X86_DISPATCH
+template <typename T, typename A>
+DEQKERN_TARGET_AVX512 void step_rows_avx512(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
+  step_rows<T, A, 64>(p, begin, end);
+}
+template <typename T, typename A>
+DEQKERN_TARGET_AVX2 void step_rows_avx2(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
+  step_rows<T, A, 32>(p, begin, end);
+}
+#endif
+
+// float / double: the widest instruction set this CPU has, asked once; half types: scalar loops.
+template <typename T, typename A>
+void step_rows_dispatch(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+#ifdef DEQKERN_X86_DISPATCH
+    static const int isa = [] {
+      __builtin_cpu_init();
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+    }();
+    if (isa == 2) return step_rows_avx512<T, A>(p, begin, end);
+    if (isa == 1) return step_rows_avx2<T, A>(p, begin, end);
+#endif
+    step_rows<T, A, 16>(p, begin, end);
+  } else {
+    step_rows<T, A, 0>(p, begin, end);
+  }
+}
+
+void check_step_args(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H, const at::Tensor& x,
+                     const at::Tensor& fx, const at::Tensor& x_next, const at::Tensor& z_best,
+                     const at::Tensor& residual_best, const at::Tensor& residual, const at::Tensor& active,
+                     const at::Tensor& iterations, int64_t k, double lam) {
+  TORCH_CHECK(X_hist.dim() == 3, "anderson_step: X_hist must be (B, m, n), got ", X_hist.sizes());
+  const int64_t B = X_hist.size(0), m = X_hist.size(1), n = X_hist.size(2);
+  TORCH_CHECK(m >= 1 && m <= kMaxHistory, "anderson_step: history m must be in [1, ", kMaxHistory, "], got ", m);
+  TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", k);
+  TORCH_CHECK(lam >= 0 && std::isfinite(lam), "anderson_step: lam must be finite and >= 0, got ", lam);
+  const auto dtype = X_hist.scalar_type();
+  const auto acc = at::toOpMathType(dtype);
+  struct Spec {
+    const char* name;
+    const at::Tensor* t;
+    std::vector<int64_t> shape;
+    at::ScalarType dtype;
+    bool contiguous;
+  };
+  const Spec specs[] = {
+      {"X_hist", &X_hist, {B, m, n}, dtype, true}, {"G_hist", &G_hist, {B, m, n}, dtype, true},
+      {"H", &H, {B, m, m}, acc, true},            {"x", &x, {B, n}, dtype, false},
+      {"fx", &fx, {B, n}, dtype, false},           {"x_next", &x_next, {B, n}, dtype, true},
+      {"z_best", &z_best, {B, n}, dtype, true},    {"residual_best", &residual_best, {B}, acc, true},
+      {"residual", &residual, {B}, acc, true},     {"active", &active, {B}, at::kBool, true},
+      {"iterations", &iterations, {B}, at::kInt, true}};
+  for (const Spec& s : specs) {
+    TORCH_CHECK(s.t->sizes() == at::IntArrayRef(s.shape), "anderson_step: ", s.name, " must have shape ",
+                at::IntArrayRef(s.shape), ", got ", s.t->sizes());
+    TORCH_CHECK(s.t->scalar_type() == s.dtype, "anderson_step: ", s.name, " must be ", s.dtype, ", got ",
+                s.t->scalar_type());
+    TORCH_CHECK(s.t->device() == X_hist.device(), "anderson_step: ", s.name, " is on ", s.t->device(),
+                " but X_hist is on ", X_hist.device());
+    TORCH_CHECK(!s.contiguous || s.t->is_contiguous(), "anderson_step: ", s.name, " must be contiguous");
+  }
+}
+
+void anderson_step_cpu(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H,
+                       const at::Tensor& x_in, const at::Tensor& fx_in, const at::Tensor& x_next,
+                       const at::Tensor& z_best, const at::Tensor& residual_best, const at::Tensor& residual,
+                       const at::Tensor& active, const at::Tensor& iterations, int64_t k, double beta, double lam,
+                       double tol) {
+  check_step_args(X_hist, G_hist, H, x_in, fx_in, x_next, z_best, residual_best, residual, active, iterations, k,
+                  lam);
+  const at::Tensor x = x_in.contiguous(), fx = fx_in.contiguous();
+  const int64_t B = X_hist.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_hist.scalar_type(), "deqkern_anderson_step_cpu", [&] {
+    using T = scalar_t;
+    using A = at::opmath_type<T>;
+    StepArgs<T, A> p{};
+    p.X = X_hist.data_ptr<T>();
+    p.G = G_hist.data_ptr<T>();
+    p.H = H.data_ptr<A>();
+    p.x = x.data_ptr<T>();
+    p.fx = fx.data_ptr<T>();
+    p.x_next = x_next.data_ptr<T>();
+    p.z_best = z_best.data_ptr<T>();
+    p.residual_best = residual_best.data_ptr<A>();
+    p.residual = residual.data_ptr<A>();
+    p.active = active.data_ptr<bool>();
+    p.iterations = iterations.data_ptr<int32_t>();
+    p.n = X_hist.size(2);
+    p.m = X_hist.size(1);
+    p.k = k;
+    p.beta = A(beta);
+    p.lam = A(lam);
+    p.tol = A(tol);
+    // Small problems stay on one thread: a parallel region costs more than a step of a few kB.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.m * p.n));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { step_rows_dispatch<T, A>(p, begin, end); });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deqkern, CPU, m) { m.impl("anderson_step", &anderson_step_cpu); }
+
+}  // namespace deqkern

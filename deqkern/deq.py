@@ -1,0 +1,230 @@
+"""Generic deep equilibrium module: z* = f(z*, x) for any f, solved by `deqkern.solve`, differentiated by IFT,
+phantom gradients or one-step (Jacobian-free) gradients.
+
+Construction of the graph (all three backward modes):
+
+1. Forward solve, without building a graph (`torch.no_grad`): z* = deqkern.solve(lambda z: f(z, x), z0, ...).
+2. When autograd needs the output (grad mode on and x or a parameter of f requires grad; train *and* eval mode):
+
+   - ``"ift"``: z = f(z*, x) once with grad (z* a constant), then an identity autograd.Function on z whose backward
+     replaces the incoming gradient ``v`` by the solution g of the adjoint equation g = J^T g + v, J = df/dz at z*
+     (vector-Jacobian products by torch.autograd.grad on a fresh evaluation f(z*, x)), solved with deqkern.solve
+     and `backward_options`. Autograd then carries g through z = f(z*, x) to the parameters of f and to x:
+     dL/dtheta = g^T df/dtheta, dL/dx = g^T df/dx, which is the implicit-function-theorem gradient.
+   - ``"phantom"``: k damped unrolled steps with grad from z*: z <- (1 - tau) z + tau f(z, x).
+   - ``"one_step"``: z = f(z*.detach(), x) (Jacobian-free backpropagation).
+
+   When autograd does not need the output, z* is returned as is (no extra evaluation of f).
+
+Double backward (create_graph=True through the IFT backward) is not supported.
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .ops import NONCONVERGENCE_POLICIES, SolverInfo
+
+SOLVER_METHODS = ("anderson", "picard", "broyden")
+BACKWARD_MODES = ("ift", "phantom", "one_step")
+# keywords of deqkern.solve that DEQ forwards (the solve's own defaults apply to whatever is not given)
+SOLVE_OPTIONS = frozenset(
+    ("m", "beta", "alpha", "lam", "tol", "max_iter", "check_every", "return_trace", "on_nonconvergence", "backend")
+)
+DEFAULT_BACKWARD_OPTIONS = dict(solver="anderson", tol=1e-6, max_iter=100)
+
+
+def _solve_fn():
+    """deqkern.solve, looked up at call time (so that deqkern.solve can be patched, and nn imports without it)."""
+    import deqkern
+
+    fn = getattr(deqkern, "solve", None)
+    if fn is None:
+        from .solvers import solve as fn
+    return fn
+
+
+def _check_options(options, what):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"{what} must be a dict, got {type(options).__name__}")
+    options = dict(options)
+    unknown = sorted(set(options) - SOLVE_OPTIONS - ({"solver"} if what == "backward_options" else set()))
+    if unknown:
+        raise TypeError(
+            f"DEQ: unknown {what} key(s) {unknown}; valid keys: {sorted(SOLVE_OPTIONS)}"
+            + (" and 'solver'" if what == "backward_options" else "")
+        )
+    policy = options.get("on_nonconvergence", "warn")
+    if policy not in NONCONVERGENCE_POLICIES:
+        raise ValueError(f"DEQ: {what}['on_nonconvergence'] must be one of {NONCONVERGENCE_POLICIES}, got {policy!r}")
+    tol = options.get("tol", 1e-4)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0) or not math.isfinite(tol):
+        raise ValueError(f"DEQ: {what}['tol'] must be a finite number > 0, got {tol!r}")
+    max_iter = options.get("max_iter", 1)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"DEQ: {what}['max_iter'] must be an integer >= 1, got {max_iter!r}")
+    return options
+
+
+def _check_method(method, what):
+    if method not in SOLVER_METHODS:
+        raise ValueError(f"DEQ: unknown {what} {method!r}; choose one of {SOLVER_METHODS}")
+
+
+class _IFTGrad(torch.autograd.Function):
+    """Identity in the forward; in the backward, the incoming gradient v becomes g = (I - J^T)^{-1} v."""
+
+    @staticmethod
+    def forward(ctx, z, z_star, deq, x, info):
+        ctx.deq, ctx.x, ctx.info = deq, x, info
+        ctx.save_for_backward(z_star)
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z_star,) = ctx.saved_tensors
+        deq, x, info = ctx.deq, ctx.x, ctx.info
+        with torch.enable_grad():
+            h = z_star.detach().requires_grad_()
+            fh = deq.f(h, x)
+
+        def adjoint(g):
+            vjp = torch.autograd.grad(fh, h, g, retain_graph=True)[0]
+            return vjp + grad
+
+        options = dict(deq.backward_options)
+        method = options.pop("solver")
+        g, binfo = _solve_fn()(adjoint, torch.zeros_like(grad), method=method, **options)
+        if info is not None and not torch.compiler.is_compiling():
+            info.backward = binfo
+        deq.last_backward_info = binfo
+        return g.detach(), None, None, None, None
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer z* = f(z*, x) around any `f(z, x) -> z` (an nn.Module or a callable).
+
+    Args:
+        f: the layer; f(z, x) must return a tensor of z's shape (B, ...). Its parameters (when it is an nn.Module)
+            are registered as a submodule and receive gradients.
+        solver: forward solve method of deqkern.solve: "anderson", "picard" or "broyden".
+        backward: "ift" (implicit function theorem, default), "phantom" or "one_step".
+        solver_options: keywords of deqkern.solve for the forward solve (m, beta, alpha, lam, tol, max_iter,
+            check_every, return_trace, on_nonconvergence, backend). Unknown keys raise TypeError.
+        backward_options: the IFT adjoint solve: "solver" (method, default "anderson") plus the same keys
+            (defaults tol=1e-6, max_iter=100). Unknown keys raise TypeError.
+        phantom_steps, phantom_damping: k and tau of backward="phantom".
+        z_shape: per-sample shape of z (e.g. (hidden,)), used for the default z0 = zeros(B, *z_shape) with x's dtype
+            and device; or a callable x -> z0. When neither z_shape nor z0 (in forward) is given, z0 = zeros_like(x)
+            (the state has the input's shape) and a ValueError is raised if f returns another shape.
+
+    forward(x, z0=None) returns (z, info): info is the forward deqkern.SolverInfo; its `backward` field is filled with
+    the adjoint solve's SolverInfo once autograd has run it (eager mode, backward="ift"). Non-convergence follows
+    the `on_nonconvergence` option of each solve (default "warn": deqkern.NonConvergenceWarning).
+    Gradients are built whenever autograd needs them, in train and in eval mode alike (e.g. forces -dE/dx).
+    """
+
+    def __init__(
+        self,
+        f: Callable,
+        solver: str = "anderson",
+        backward: str = "ift",
+        solver_options: Optional[dict] = None,
+        backward_options: Optional[dict] = None,
+        phantom_steps: int = 5,
+        phantom_damping: float = 0.8,
+        z_shape=None,
+    ):
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"DEQ: f must be callable (an nn.Module or a function f(z, x)), got {type(f).__name__}")
+        _check_method(solver, "solver")
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"DEQ: unknown backward {backward!r}; choose one of {BACKWARD_MODES}")
+        self.f = f  # an nn.Module is registered as a submodule by nn.Module.__setattr__
+        self.solver = solver
+        self.backward_mode = backward
+        self.solver_options = _check_options(solver_options, "solver_options")
+        bwd = dict(DEFAULT_BACKWARD_OPTIONS)
+        bwd.update(_check_options(backward_options, "backward_options"))
+        _check_method(bwd["solver"], "backward_options['solver']")
+        self.backward_options = bwd
+        if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
+            raise ValueError(f"DEQ: phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        if not isinstance(phantom_damping, (int, float)) or not (0 < phantom_damping <= 1):
+            raise ValueError(f"DEQ: phantom_damping must be a number in (0, 1], got {phantom_damping!r}")
+        self.phantom_steps = phantom_steps
+        self.phantom_damping = float(phantom_damping)
+        self.z_shape = z_shape
+        self.last_info: Optional[SolverInfo] = None
+        self.last_backward_info: Optional[SolverInfo] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _initial(self, x, z0):
+        if z0 is not None:
+            return z0.detach()
+        if self.z_shape is None:
+            return torch.zeros_like(x)
+        if callable(self.z_shape):
+            return self.z_shape(x).detach()
+        return x.new_zeros((x.shape[0], *tuple(self.z_shape)))
+
+    def _needs_grad(self, x):
+        if not torch.is_grad_enabled():
+            return False
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+        if isinstance(self.f, nn.Module):
+            return any(p.requires_grad for p in self.f.parameters())
+        return True  # a plain callable may close over tensors that require grad: build the graph
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, z0: Optional[torch.Tensor] = None):
+        z_init = self._initial(x, z0)
+        x_const = x.detach() if isinstance(x, torch.Tensor) else x
+
+        guessed = z0 is None and self.z_shape is None
+
+        def fixed_point_map(z):
+            if guessed:
+                try:
+                    out = self.f(z, x_const)
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"DEQ: f(z, x) failed on the default state zeros_like(x) of shape {tuple(z.shape)}; pass "
+                        "z0=... to forward or z_shape=... to DEQ to set the state's shape"
+                    ) from exc
+            else:
+                out = self.f(z, x_const)
+            if not isinstance(out, torch.Tensor) or out.shape != z.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"DEQ: f(z, x) returned {shape} for z of shape {tuple(z.shape)}; f must map z to z's shape "
+                    "(pass z0=... to forward or z_shape=... to DEQ to set the state's shape)"
+                )
+            return out
+
+        with torch.no_grad():
+            z_star, info = _solve_fn()(fixed_point_map, z_init, method=self.solver, **self.solver_options)
+        z_star = z_star.detach()
+        self.last_info = info
+
+        if not self._needs_grad(x):
+            return z_star, info
+        if self.backward_mode == "ift":
+            z = self.f(z_star, x)
+            if z.requires_grad:
+                z = _IFTGrad.apply(z, z_star, self, x_const, info)
+        elif self.backward_mode == "one_step":
+            z = self.f(z_star, x)
+        else:  # phantom
+            z, tau = z_star, self.phantom_damping
+            for _ in range(self.phantom_steps):
+                z = self.f(z, x) if tau == 1.0 else (1 - tau) * z + tau * self.f(z, x)
+        return z, info
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, backward={self.backward_mode!r}"

@@ -1,0 +1,236 @@
+"""Generic fixed-point solvers for any DEQ layer: `deqkern.solve(f, z0, method="anderson" | "picard" | "broyden")`.
+
+f is a black box (B, ...) -> (B, ...), evaluated by PyTorch once per iteration on the whole batch. Everything else of
+an Anderson (or Picard) iteration is ONE registered op, `deqkern::anderson_step` (CPU C++ and CUDA in csrc/,
+`deqkern::anderson_step_triton` in triton_kernels/anderson.py, the specification `anderson_step_ref` in
+reference.py); the fake kernel of the C++ op is registered here. Broyden is plain PyTorch (no kernel).
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+from .ops import NONCONVERGENCE_POLICIES, SolverInfo, _check_solver_options, _enforce_policy, _resolve_backend
+
+METHODS = ("anderson", "picard", "broyden")
+MAX_HISTORY = 32  # kMaxHistory of the kernels: the small system lives on the stack / in registers
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.register_fake("deqkern::anderson_step")
+def _anderson_step_fake(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations,
+                        k, beta, lam, tol):
+    torch._check(X_hist.dim() == 3 and G_hist.shape == X_hist.shape, lambda: "X_hist, G_hist must be (B, m, n)")
+    torch._check(H.shape == (X_hist.shape[0], X_hist.shape[1], X_hist.shape[1]), lambda: "H must be (B, m, m)")
+    torch._check(x.shape == fx.shape == x_next.shape == z_best.shape, lambda: "x, fx, x_next, z_best: (B, n)")
+    return None
+
+
+def _step_op(backend: str):
+    """The anderson_step callable of one backend (signature of the registered op)."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.deqkern.anderson_step
+    if backend == "triton":
+        from .triton_kernels import anderson  # noqa: F401  (registers deqkern::anderson_step_triton)
+
+        return torch.ops.deqkern.anderson_step_triton
+    return reference.anderson_step_ref
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_output(fz, z0):
+    if not isinstance(fz, torch.Tensor):
+        raise TypeError(f"deqkern.solve: f must return a torch.Tensor, got {type(fz).__name__}")
+    if fz.shape != z0.shape:
+        raise ValueError(
+            f"deqkern.solve: f(z) has shape {tuple(fz.shape)} but z0 has {tuple(z0.shape)}: a fixed-point map "
+            "must return a tensor of its input's shape"
+        )
+    if fz.dtype != z0.dtype or fz.device != z0.device:
+        raise TypeError(f"deqkern.solve: f(z) is {fz.dtype} on {fz.device} but z0 is {z0.dtype} on {z0.device}")
+
+
+def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, policy):
+    if not callable(f):
+        raise TypeError(f"deqkern.solve: f must be callable, got {type(f).__name__}")
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"deqkern.solve: z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dtype not in STATE_DTYPES:
+        raise TypeError(f"deqkern.solve: z0 must be float16, bfloat16, float32 or float64, got {z0.dtype}")
+    if z0.dim() < 1:
+        raise ValueError("deqkern.solve: z0 must have a batch dimension: (B, ...)")
+    if method not in METHODS:
+        raise ValueError(f"deqkern.solve: unknown method {method!r}; choose one of {METHODS}")
+    if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= MAX_HISTORY):
+        raise ValueError(f"deqkern.solve: m must be an integer in [1, {MAX_HISTORY}], got {m!r}")
+    if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
+        raise ValueError(f"deqkern.solve: beta must be a number in (0, 1], got {beta!r}")
+    if not isinstance(lam, (int, float)) or not (lam >= 0) or not math.isfinite(lam):
+        raise ValueError(f"deqkern.solve: lam must be a finite number >= 0, got {lam!r}")
+    _check_solver_options(alpha, tol, max_iter)
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"deqkern.solve: check_every must be an integer >= 1, got {check_every!r}")
+    if policy not in NONCONVERGENCE_POLICIES:
+        raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {policy!r}")
+
+
+def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trace):
+    """The driver loop shared by Anderson and Picard (Anderson with m = 1): f, then one fused op, per iteration."""
+    batch, shape = z0.shape[0], z0.shape
+    n = z0[0].numel() if batch else 0
+    acc = _accumulation_dtype(z0.dtype)
+    X_hist = z0.new_empty(batch, m, n)
+    G_hist = z0.new_empty(batch, m, n)
+    H = torch.zeros(batch, m, m, dtype=acc, device=z0.device)
+    x = z0.reshape(batch, n).clone(memory_format=torch.contiguous_format)
+    x_next = torch.empty_like(x)
+    z_best = torch.empty_like(x)
+    residual_best = torch.full((batch,), math.nan, dtype=acc, device=z0.device)
+    residual = torch.full_like(residual_best, math.nan)
+    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+    iterations = torch.zeros(batch, dtype=torch.int32, device=z0.device)
+    trace = torch.full((max_iter, batch), math.nan, dtype=acc, device=z0.device) if return_trace else None
+    steps = 0
+    for k in range(max_iter):
+        fx = f(x.view(shape))
+        if k == 0:
+            _check_output(fx, z0)
+        step(X_hist, G_hist, H, x, fx.reshape(batch, n), x_next, z_best, residual_best, residual, active,
+             iterations, k, float(beta), float(lam), float(tol))
+        x, x_next = x_next, x
+        steps = k + 1
+        if trace is not None:  # the samples that were active in this step are those with iterations == k + 1
+            trace[k] = torch.where(iterations == steps, residual, math.nan)
+        if steps % check_every == 0 and not bool(active.any()):
+            break
+    return z_best.view(shape), iterations, residual_best, residual, None if trace is None else trace[:steps]
+
+
+def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
+    """Limited-memory "good" Broyden as in torchdeq / the DEQ reference code, in plain PyTorch (no kernel).
+
+    The inverse Jacobian of g(x) = f(x) - x is approximated by -I + sum_i u_i v_i^T (Sherman-Morrison rank-one
+    updates from the (dx, dg) pairs); the step is x <- x - J^-1 g, no line search. Limited memory: after m updates
+    the approximation restarts from -I (torchdeq keeps max_iter updates; a ring that overwrites the oldest pair
+    makes the approximation inconsistent and diverges). The state is kept in
+    float32 (float64 for float64 z0); per-sample stopping and freezing as for Anderson.
+    """
+    batch, shape, dtype = z0.shape[0], z0.shape, z0.dtype
+    n = z0[0].numel() if batch else 0
+    acc = _accumulation_dtype(dtype)
+    x = z0.reshape(batch, n).to(acc)
+    U = x.new_zeros(batch, m, n)
+    V = x.new_zeros(batch, m, n)
+    z_best = z0.reshape(batch, n).clone()
+    residual_best = torch.full((batch,), math.nan, dtype=acc, device=z0.device)
+    residual = torch.full_like(residual_best, math.nan)
+    active = torch.ones(batch, dtype=torch.bool, device=z0.device)
+    iterations = torch.zeros(batch, dtype=torch.int32, device=z0.device)
+    trace = torch.full((max_iter, batch), math.nan, dtype=acc, device=z0.device) if return_trace else None
+
+    def matvec(v):  # (-I + U^T V) v, per sample
+        return -v + torch.einsum("bjn,bj->bn", U, torch.einsum("bjn,bn->bj", V, v))
+
+    def rmatvec(v):  # v^T (-I + U^T V)
+        return -v + torch.einsum("bj,bjn->bn", torch.einsum("bn,bjn->bj", v, U), V)
+
+    x_prev = g_prev = None
+    steps = 0
+    for k in range(max_iter):
+        fx = f(x.to(dtype).view(shape))
+        if k == 0:
+            _check_output(fx, z0)
+        fx = fx.reshape(batch, n)
+        fa = fx.to(acc)
+        g = fa - x
+        r = g.norm(dim=1) / (fa.norm(dim=1) + reference.RESIDUAL_EPS)
+        residual = torch.where(active, r, residual)
+        iterations = torch.where(active, torch.full_like(iterations, k + 1), iterations)
+        better = active & (torch.isnan(residual_best) | (r < residual_best))
+        residual_best = torch.where(better, r, residual_best)
+        z_best = torch.where(better[:, None], fx, z_best)
+        if trace is not None:
+            trace[k] = torch.where(active, r, math.nan)
+        active = active & (r > tol) & torch.isfinite(r)
+        steps = k + 1
+        if steps % check_every == 0 and not bool(active.any()):
+            break
+        if k > 0:
+            dx, dg = x - x_prev, g - g_prev
+            vT = rmatvec(dx)
+            u = (dx - matvec(dg)) / torch.einsum("bn,bn->b", vT, dg)[:, None]
+            keep = active[:, None] & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(vT).all(
+                dim=1, keepdim=True)
+            slot = (k - 1) % m
+            if slot == 0 and k > 1:  # memory full: restart from -I (overwriting the oldest pair diverges)
+                U.zero_()
+                V.zero_()
+            U[:, slot] = torch.where(keep, u, 0.0)
+            V[:, slot] = torch.where(keep, vT, 0.0)
+        x_prev, g_prev = x, g
+        x = torch.where(active[:, None], x - matvec(g), x)
+    return z_best.view(shape), iterations, residual_best, residual, None if trace is None else trace[:steps]
+
+
+@torch.no_grad()
+def solve(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    method: str = "anderson",
+    *,
+    m: int = 5,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+    lam: float = 1e-6,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    check_every: int = 4,
+    return_trace: bool = False,
+    on_nonconvergence: str = "warn",
+    backend: str = "auto",
+):
+    """Fixed point z* = f(z*) of any map f: (B, ...) -> (B, ...) of the shape of z0. Returns (z, SolverInfo).
+
+    method:
+      "anderson"  type-II Anderson acceleration with history m and mixing beta. With g_i = f(x_i) - x_i for the
+                  last nh = min(k + 1, m) iterates, the weights a (sum a = 1) minimise ||sum_i a_i g_i|| through the
+                  bordered system [0 1^T; 1 H + lam_eff I] [nu; a] = [1; 0], H = G G^T (torchdeq's formulation),
+                  and x_{k+1} = sum_i a_i (x_i + beta g_i). The regulariser is RELATIVE: lam_eff = lam * trace(H)/nh
+                  (the mean squared residual norm in the window), so it does not depend on the scale of z
+                  (torchdeq adds an absolute 1e-4). The kernels solve it by its Schur complement,
+                  a = (H + lam_eff I)^-1 1 / 1^T (H + lam_eff I)^-1 1, in float32 for half states (float64 for
+                  float64); H is persistent and gains one row/column per step (O(m n)). The first step is Picard.
+                  The whole step besides f is one op, deqkern::anderson_step.
+      "picard"    x <- (1 - alpha) x + alpha f(x): the same op with m = 1 and beta = alpha.
+      "broyden"   limited-memory good Broyden (memory m), plain PyTorch, no fused kernel.
+    Per sample: stops once ||f(x) - x|| / (||f(x)|| + 1e-12) <= tol (flattened sample) or the residual is not
+    finite; stopped samples are frozen (f is still evaluated on the whole batch: it is a black box). The returned
+    z is, per sample, f(x) of the lowest-residual iterate x seen (torchdeq's choice), and info.residual is that
+    iterate's residual; info.iterations counts evaluations of f until the sample stopped; info.converged is
+    residual <= tol; info.trace is the (iterations, B) residual history (NaN once a sample stopped) when
+    return_trace.
+    check_every: every check_every iterations the host reads "are all samples stopped?" (one synchronisation);
+    between checks the loop runs on without syncing, so the batch may run up to check_every - 1 extra
+    evaluations of f after its last sample stopped (they change nothing: stopped samples are frozen).
+    on_nonconvergence: "warn" / "raise" / "ignore", as fixed_point_dense: NaN/Inf in z0 raise ValueError, a
+    residual that turns NaN/Inf raises FloatingPointError, an unconverged sample warns or raises.
+    Not differentiable (runs under no_grad); backend: "auto", "cpu", "cuda", "triton", "reference".
+    """
+    _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
+    resolved = _resolve_backend(backend, z0.device)
+    if method == "broyden":
+        out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace)
+    else:
+        if method == "picard":
+            m, beta = 1, alpha
+        out = _anderson(f, z0, _step_op(resolved), m, beta, lam, tol, max_iter, check_every, return_trace)
+    z, iterations, residual_best, residual_last, trace = out
+    converged = residual_best <= tol
+    # The policy sees the last residual, so that an overflow is reported as such (converged is the same).
+    _enforce_policy("solve", SolverInfo(iterations, residual_last, converged), on_nonconvergence, tol, max_iter,
+                    {"z0": z0})
+    return z, SolverInfo(iterations=iterations, residual=residual_best, converged=converged, trace=trace)
