@@ -2,8 +2,11 @@
 // messages first; these guard direct calls of torch.ops.deqkern.* so that bad input never reaches a kernel.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -29,6 +32,84 @@ inline void check_dense_solve_args(const at::Tensor& W, std::initializer_list<at
   TORCH_CHECK(tol > 0.0, "deqkern: tol must be > 0, got ", tol);
   TORCH_CHECK(max_iter >= 1 && max_iter <= INT32_MAX, "deqkern: max_iter must be in [1, 2^31 - 1], got ",
               max_iter);
+}
+
+// power_iteration: W (m, n), u0 (batch, n), row_scale (batch, m) or none; deqkern/lipschitz.py checks user
+// input first.
+inline void check_power_iteration_args(const at::Tensor& W, const c10::optional<at::Tensor>& row_scale,
+                                const at::Tensor& u0, bool symmetric, double shift, int64_t max_iter,
+                                double tol) {
+  TORCH_CHECK(W.dim() == 2 && W.size(0) >= 1 && W.size(1) >= 1, "deqkern: W must be a non-empty (m, n) matrix, got ",
+              W.sizes());
+  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
+              "deqkern: W must be float32 or float64, got ", W.scalar_type());
+  TORCH_CHECK(W.is_contiguous(), "deqkern: W must be contiguous");
+  TORCH_CHECK(!symmetric || W.size(0) == W.size(1), "deqkern: mode 'symmetric' needs a square W, got ", W.sizes());
+  TORCH_CHECK(u0.dim() == 2 && u0.size(1) == W.size(1), "deqkern: u0 must be (batch, ", W.size(1), "), got ",
+              u0.sizes());
+  TORCH_CHECK(u0.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: u0 ", u0.scalar_type(), " vs W ",
+              W.scalar_type());
+  TORCH_CHECK(u0.device() == W.device(), "deqkern: devices differ: u0 ", u0.device(), " vs W ", W.device());
+  TORCH_CHECK(u0.is_contiguous(), "deqkern: u0 must be contiguous");
+  if (row_scale.has_value() && row_scale->defined()) {
+    const at::Tensor& s = *row_scale;
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == u0.size(0) && s.size(1) == W.size(0),
+                "deqkern: row_scale must be (batch, ", W.size(0), ") = (", u0.size(0), ", ", W.size(0), "), got ",
+                s.sizes());
+    TORCH_CHECK(s.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: row_scale ", s.scalar_type(),
+                " vs W ", W.scalar_type());
+    TORCH_CHECK(s.device() == W.device(), "deqkern: devices differ: row_scale ", s.device(), " vs W ", W.device());
+    TORCH_CHECK(s.is_contiguous(), "deqkern: row_scale must be contiguous");
+  }
+  TORCH_CHECK(std::isfinite(shift), "deqkern: shift must be finite, got ", shift);
+  TORCH_CHECK(tol > 0.0, "deqkern: tol must be > 0, got ", tol);
+  TORCH_CHECK(max_iter >= 1 && max_iter <= INT32_MAX, "deqkern: max_iter must be in [1, 2^31 - 1], got ",
+              max_iter);
+}
+
+// The dense Anderson solve: history m in [1, max_history], mixing beta, regulariser lam.
+inline void check_anderson_options(int64_t m, double beta, double lam, int64_t max_history) {
+  TORCH_CHECK(m >= 1 && m <= max_history, "deqkern: m (Anderson history) must be in [1, ", max_history, "], got ", m);
+  TORCH_CHECK(beta > 0.0 && beta <= 1.0, "deqkern: beta must be in (0, 1], got ", beta);
+  TORCH_CHECK(lam >= 0.0 && std::isfinite(lam), "deqkern: lam must be finite and >= 0, got ", lam);
+}
+
+// anderson_step: the ring buffers, Gram matrix and per-sample state it updates in place (deqkern/solvers.py).
+inline void check_anderson_step_args(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H, const at::Tensor& x,
+                     const at::Tensor& fx, const at::Tensor& x_next, const at::Tensor& z_best,
+                     const at::Tensor& residual_best, const at::Tensor& residual, const at::Tensor& active,
+                     const at::Tensor& iterations, int64_t k, double lam,
+                                     int64_t max_history) {
+  TORCH_CHECK(X_hist.dim() == 3, "anderson_step: X_hist must be (B, m, n), got ", X_hist.sizes());
+  const int64_t B = X_hist.size(0), m = X_hist.size(1), n = X_hist.size(2);
+  TORCH_CHECK(m >= 1 && m <= max_history, "anderson_step: history m must be in [1, ", max_history, "], got ", m);
+  TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", k);
+  TORCH_CHECK(lam >= 0 && std::isfinite(lam), "anderson_step: lam must be finite and >= 0, got ", lam);
+  const auto dtype = X_hist.scalar_type();
+  const auto acc = at::toOpMathType(dtype);
+  struct Spec {
+    const char* name;
+    const at::Tensor* t;
+    std::vector<int64_t> shape;
+    at::ScalarType dtype;
+    bool contiguous;
+  };
+  const Spec specs[] = {
+      {"X_hist", &X_hist, {B, m, n}, dtype, true}, {"G_hist", &G_hist, {B, m, n}, dtype, true},
+      {"H", &H, {B, m, m}, acc, true},            {"x", &x, {B, n}, dtype, false},
+      {"fx", &fx, {B, n}, dtype, false},           {"x_next", &x_next, {B, n}, dtype, true},
+      {"z_best", &z_best, {B, n}, dtype, true},    {"residual_best", &residual_best, {B}, acc, true},
+      {"residual", &residual, {B}, acc, true},     {"active", &active, {B}, at::kBool, true},
+      {"iterations", &iterations, {B}, at::kInt, true}};
+  for (const Spec& s : specs) {
+    TORCH_CHECK(s.t->sizes() == at::IntArrayRef(s.shape), "anderson_step: ", s.name, " must have shape ",
+                at::IntArrayRef(s.shape), ", got ", s.t->sizes());
+    TORCH_CHECK(s.t->scalar_type() == s.dtype, "anderson_step: ", s.name, " must be ", s.dtype, ", got ",
+                s.t->scalar_type());
+    TORCH_CHECK(s.t->device() == X_hist.device(), "anderson_step: ", s.name, " is on ", s.t->device(),
+                " but X_hist is on ", X_hist.device());
+    TORCH_CHECK(!s.contiguous || s.t->is_contiguous(), "anderson_step: ", s.name, " must be contiguous");
+  }
 }
 
 }  // namespace deqkern

@@ -20,29 +20,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+#include "solver_checks.h"
+
 namespace deqkern {
 namespace {
 
-constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS in deqkern/reference.py
-constexpr int kMaxHistory = 32;         // MAX_HISTORY in deqkern/solvers.py: the stack arrays below
-
-#if defined(__GNUC__)
-#define DEQKERN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DEQKERN_ALWAYS_INLINE inline
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DEQKERN_X86_DISPATCH 1
-#define DEQKERN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define DEQKERN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
-// BYTES bytes of T in one SIMD value; aligned(sizeof(T)) makes loads and stores unaligned-safe.
-template <typename T, int BYTES>
-struct VecOf {
-  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
-};
+using cpu::kResidualEps;
+using cpu::VecOf;
+constexpr int kMaxHistory = 32;  // MAX_HISTORY in deqkern/solvers.py: the stack arrays below
 
 template <typename T, typename A>
 struct StepArgs {
@@ -232,13 +218,7 @@ template <typename T, typename A>
 void step_rows_dispatch(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
 #ifdef DEQKERN_X86_DISPATCH
-    static const int isa = [] {
-      __builtin_cpu_init();
-      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-        return 2;
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-    }();
+    const int isa = cpu::cpu_isa();
     if (isa == 2) return step_rows_avx512<T, A>(p, begin, end);
     if (isa == 1) return step_rows_avx2<T, A>(p, begin, end);
 #endif
@@ -248,49 +228,13 @@ void step_rows_dispatch(const StepArgs<T, A>& p, int64_t begin, int64_t end) {
   }
 }
 
-void check_step_args(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H, const at::Tensor& x,
-                     const at::Tensor& fx, const at::Tensor& x_next, const at::Tensor& z_best,
-                     const at::Tensor& residual_best, const at::Tensor& residual, const at::Tensor& active,
-                     const at::Tensor& iterations, int64_t k, double lam) {
-  TORCH_CHECK(X_hist.dim() == 3, "anderson_step: X_hist must be (B, m, n), got ", X_hist.sizes());
-  const int64_t B = X_hist.size(0), m = X_hist.size(1), n = X_hist.size(2);
-  TORCH_CHECK(m >= 1 && m <= kMaxHistory, "anderson_step: history m must be in [1, ", kMaxHistory, "], got ", m);
-  TORCH_CHECK(k >= 0, "anderson_step: k must be >= 0, got ", k);
-  TORCH_CHECK(lam >= 0 && std::isfinite(lam), "anderson_step: lam must be finite and >= 0, got ", lam);
-  const auto dtype = X_hist.scalar_type();
-  const auto acc = at::toOpMathType(dtype);
-  struct Spec {
-    const char* name;
-    const at::Tensor* t;
-    std::vector<int64_t> shape;
-    at::ScalarType dtype;
-    bool contiguous;
-  };
-  const Spec specs[] = {
-      {"X_hist", &X_hist, {B, m, n}, dtype, true}, {"G_hist", &G_hist, {B, m, n}, dtype, true},
-      {"H", &H, {B, m, m}, acc, true},            {"x", &x, {B, n}, dtype, false},
-      {"fx", &fx, {B, n}, dtype, false},           {"x_next", &x_next, {B, n}, dtype, true},
-      {"z_best", &z_best, {B, n}, dtype, true},    {"residual_best", &residual_best, {B}, acc, true},
-      {"residual", &residual, {B}, acc, true},     {"active", &active, {B}, at::kBool, true},
-      {"iterations", &iterations, {B}, at::kInt, true}};
-  for (const Spec& s : specs) {
-    TORCH_CHECK(s.t->sizes() == at::IntArrayRef(s.shape), "anderson_step: ", s.name, " must have shape ",
-                at::IntArrayRef(s.shape), ", got ", s.t->sizes());
-    TORCH_CHECK(s.t->scalar_type() == s.dtype, "anderson_step: ", s.name, " must be ", s.dtype, ", got ",
-                s.t->scalar_type());
-    TORCH_CHECK(s.t->device() == X_hist.device(), "anderson_step: ", s.name, " is on ", s.t->device(),
-                " but X_hist is on ", X_hist.device());
-    TORCH_CHECK(!s.contiguous || s.t->is_contiguous(), "anderson_step: ", s.name, " must be contiguous");
-  }
-}
-
 void anderson_step_cpu(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H,
                        const at::Tensor& x_in, const at::Tensor& fx_in, const at::Tensor& x_next,
                        const at::Tensor& z_best, const at::Tensor& residual_best, const at::Tensor& residual,
                        const at::Tensor& active, const at::Tensor& iterations, int64_t k, double beta, double lam,
                        double tol) {
-  check_step_args(X_hist, G_hist, H, x_in, fx_in, x_next, z_best, residual_best, residual, active, iterations, k,
-                  lam);
+  check_anderson_step_args(X_hist, G_hist, H, x_in, fx_in, x_next, z_best, residual_best, residual, active,
+                           iterations, k, lam, kMaxHistory);
   const at::Tensor x = x_in.contiguous(), fx = fx_in.contiguous();
   const int64_t B = X_hist.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X_hist.scalar_type(), "deqkern_anderson_step_cpu", [&] {

@@ -9,33 +9,14 @@
 #include <type_traits>
 
 #include "activations.h"
+#include "simd.h"
 
 namespace deqkern {
 namespace cpu {
 
-constexpr double kResidualEps = 1e-12;  // RESIDUAL_EPS in deqkern/reference.py
 // Rows of the packed matrix and of the iterate are padded to a multiple of this many bytes, which every
 // micro-kernel's column block divides; the padding columns of the packed matrix are 0.
 constexpr int64_t kRowAlignBytes = 256;
-
-#if defined(__GNUC__)
-#define DEQKERN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DEQKERN_ALWAYS_INLINE inline
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DEQKERN_X86_DISPATCH 1
-#define DEQKERN_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define DEQKERN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
-// BYTES bytes of T in one SIMD value; aligned(sizeof(T)) makes loads and stores unaligned-safe.
-// (A member typedef: GCC ignores vector attributes on a dependent alias template.)
-template <typename T, int BYTES>
-struct VecOf {
-  typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
-};
 
 // A micro-kernel shape: ROWS x VECS accumulators of BYTES-byte vectors, sized to the register file.
 template <int BYTES, int ROWS, int VECS>
@@ -157,22 +138,6 @@ inline int64_t carve(int64_t& offset, int64_t bytes) {
   const int64_t start = offset;
   offset += (bytes + 63) / 64 * 64;
   return start;
-}
-
-// The widest instruction set this CPU has (2: AVX-512, 1: AVX2+FMA, 0: baseline), asked once.
-inline int cpu_isa() {
-#ifdef DEQKERN_X86_DISPATCH
-  static const int isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-  }();
-  return isa;
-#else
-  return 0;
-#endif
 }
 
 }  // namespace cpu

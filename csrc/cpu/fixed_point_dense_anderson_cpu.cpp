@@ -437,16 +437,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(
   return {z, iterations, residual, converged};
 }
 
-void check_anderson_options(int64_t m, double beta, double lam) {
-  TORCH_CHECK(m >= 1 && m <= kMaxHistory, "deqkern: m (Anderson history) must be in [1, ", kMaxHistory, "], got ", m);
-  TORCH_CHECK(beta > 0.0 && beta <= 1.0, "deqkern: beta must be in (0, 1], got ", beta);
-  TORCH_CHECK(lam >= 0.0 && std::isfinite(lam), "deqkern: lam must be finite and >= 0, got ", lam);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_anderson_cpu(
     const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0, c10::string_view activation, int64_t m,
     double beta, double lam, double tol, int64_t max_iter) {
-  check_anderson_options(m, beta, lam);
+  check_anderson_options(m, beta, lam, kMaxHistory);
   check_dense_solve_args(W, {c, z0}, beta, tol, max_iter);
   ActivationId id = parse_activation(std::string(activation));
   return solve(W.t(), z0, c, at::Tensor(), {c, z0}, id, /*adjoint=*/false, m, beta, lam, tol, max_iter);
@@ -455,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_and
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fixed_point_dense_anderson_backward_cpu(
     const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
     c10::string_view activation, int64_t m, double beta, double lam, double tol, int64_t max_iter) {
-  check_anderson_options(m, beta, lam);
+  check_anderson_options(m, beta, lam, kMaxHistory);
   check_dense_solve_args(W, {c, z, grad_z}, beta, tol, max_iter);
   ActivationId id = parse_activation(std::string(activation));
   at::Tensor scale = at::addmm(c, z, W.t());  // u = z W^T + c, once per solve

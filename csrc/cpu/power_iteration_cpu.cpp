@@ -32,22 +32,21 @@
 #include <omp.h>
 #endif
 
+#include "simd.h"
+#include "solver_checks.h"
+
 namespace deqkern {
 namespace {
 
-// One 64-byte SIMD register's worth of T, unaligned-safe (see fixed_point_dense_cpu.cpp).
+// One 64-byte SIMD register's worth of T, unaligned-safe (simd.h).
 template <typename T>
-struct PiVecOf {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
-};
-template <typename T>
-using PiVec = typename PiVecOf<T>::type;
+using PiVec = typename cpu::VecOf<T, 64>::type;
 static_assert(sizeof(PiVec<float>) == 64 && sizeof(PiVec<double>) == 64, "vector extension not applied");
 template <typename T>
 constexpr int64_t kPiLanes = 64 / sizeof(T);
 
-constexpr int kRowBlock = 4;
-constexpr int64_t kSplitRowsMinElements = 16384;  // 64 KB of float32: beyond one core's L1  // rows of W per pass step: four independent dot products, one fused axpy
+constexpr int kRowBlock = 4;  // rows of W per pass step: four independent dot products, one fused axpy
+constexpr int64_t kSplitRowsMinElements = 16384;  // 64 KB of float32: beyond one core's L1
 
 #if defined(__GNUC__)
 #define DEQKERN_PI_INLINE inline __attribute__((always_inline))
@@ -334,40 +333,6 @@ at::Tensor padded_copy(const at::Tensor& src, int64_t ld) {
   if (src.numel() > 0) out.narrow(1, 0, src.size(1)).copy_(src);
   return out;
 }
-
-// Guards direct calls of torch.ops.deqkern.power_iteration (deqkern/lipschitz.py checks user input first).
-// csrc/cuda/power_iteration_cuda.cu has the same checks.
-void check_power_iteration_args(const at::Tensor& W, const c10::optional<at::Tensor>& row_scale,
-                                const at::Tensor& u0, bool symmetric, double shift, int64_t max_iter,
-                                double tol) {
-  TORCH_CHECK(W.dim() == 2 && W.size(0) >= 1 && W.size(1) >= 1, "deqkern: W must be a non-empty (m, n) matrix, got ",
-              W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
-              "deqkern: W must be float32 or float64, got ", W.scalar_type());
-  TORCH_CHECK(W.is_contiguous(), "deqkern: W must be contiguous");
-  TORCH_CHECK(!symmetric || W.size(0) == W.size(1), "deqkern: mode 'symmetric' needs a square W, got ", W.sizes());
-  TORCH_CHECK(u0.dim() == 2 && u0.size(1) == W.size(1), "deqkern: u0 must be (batch, ", W.size(1), "), got ",
-              u0.sizes());
-  TORCH_CHECK(u0.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: u0 ", u0.scalar_type(), " vs W ",
-              W.scalar_type());
-  TORCH_CHECK(u0.device() == W.device(), "deqkern: devices differ: u0 ", u0.device(), " vs W ", W.device());
-  TORCH_CHECK(u0.is_contiguous(), "deqkern: u0 must be contiguous");
-  if (row_scale.has_value() && row_scale->defined()) {
-    const at::Tensor& s = *row_scale;
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == u0.size(0) && s.size(1) == W.size(0),
-                "deqkern: row_scale must be (batch, ", W.size(0), ") = (", u0.size(0), ", ", W.size(0), "), got ",
-                s.sizes());
-    TORCH_CHECK(s.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: row_scale ", s.scalar_type(),
-                " vs W ", W.scalar_type());
-    TORCH_CHECK(s.device() == W.device(), "deqkern: devices differ: row_scale ", s.device(), " vs W ", W.device());
-    TORCH_CHECK(s.is_contiguous(), "deqkern: row_scale must be contiguous");
-  }
-  TORCH_CHECK(std::isfinite(shift), "deqkern: shift must be finite, got ", shift);
-  TORCH_CHECK(tol > 0.0, "deqkern: tol must be > 0, got ", tol);
-  TORCH_CHECK(max_iter >= 1 && max_iter <= INT32_MAX, "deqkern: max_iter must be in [1, 2^31 - 1], got ",
-              max_iter);
-}
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
     const at::Tensor& W, const c10::optional<at::Tensor>& row_scale, const at::Tensor& u0, c10::string_view mode,

@@ -16,6 +16,8 @@
 
 #include <cmath>
 
+#include "solver_checks.h"
+
 namespace deqkern {
 namespace {
 
@@ -163,29 +165,9 @@ void anderson_step_cuda(const at::Tensor& X_hist, const at::Tensor& G_hist, cons
                         const at::Tensor& fx, const at::Tensor& x_next, const at::Tensor& z_best,
                         const at::Tensor& residual_best, const at::Tensor& residual, const at::Tensor& active,
                         const at::Tensor& iterations, int64_t k, double beta, double lam, double tol) {
-  TORCH_CHECK(X_hist.dim() == 3, "anderson_step: X_hist must be (B, m, n), got ", X_hist.sizes());
+  check_anderson_step_args(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations, k,
+                           lam, kMaxHistory);
   const int64_t B = X_hist.size(0), m = X_hist.size(1), n = X_hist.size(2);
-  TORCH_CHECK(m >= 1 && m <= kMaxHistory, "anderson_step: history m must be in [1, ", kMaxHistory, "], got ", m);
-  TORCH_CHECK(k >= 0 && lam >= 0, "anderson_step: k and lam must be >= 0");
-  const auto acc_type = at::toOpMathType(X_hist.scalar_type());
-  TORCH_CHECK(G_hist.sizes() == X_hist.sizes() && G_hist.is_contiguous() && X_hist.is_contiguous(),
-              "anderson_step: X_hist and G_hist must be contiguous (B, m, n)");
-  TORCH_CHECK(H.sizes() == at::IntArrayRef({B, m, m}) && H.is_contiguous() && H.scalar_type() == acc_type,
-              "anderson_step: H must be contiguous (B, m, m) in the accumulation dtype");
-  for (const at::Tensor* t : {&x, &fx, &x_next, &z_best}) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({B, n}) && t->scalar_type() == X_hist.scalar_type(),
-                "anderson_step: x, fx, x_next, z_best must be (B, n) of X_hist's dtype");
-    TORCH_CHECK(t->device() == X_hist.device(), "anderson_step: all tensors must be on one device");
-  }
-  TORCH_CHECK(x_next.is_contiguous() && z_best.is_contiguous(), "anderson_step: x_next, z_best must be contiguous");
-  TORCH_CHECK(residual_best.sizes() == at::IntArrayRef({B}) && residual.sizes() == at::IntArrayRef({B}) &&
-                  residual_best.scalar_type() == acc_type && residual.scalar_type() == acc_type &&
-                  residual_best.is_contiguous() && residual.is_contiguous(),
-              "anderson_step: residual_best, residual must be contiguous (B,) in the accumulation dtype");
-  TORCH_CHECK(active.sizes() == at::IntArrayRef({B}) && active.scalar_type() == at::kBool && active.is_contiguous() &&
-                  iterations.sizes() == at::IntArrayRef({B}) && iterations.scalar_type() == at::kInt &&
-                  iterations.is_contiguous(),
-              "anderson_step: active (B,) bool and iterations (B,) int32, contiguous");
   if (B == 0) return;
   // Otherwise the kernel launches on the current device, not the tensors' one.
   const c10::cuda::CUDAGuard device_guard(X_hist.device());

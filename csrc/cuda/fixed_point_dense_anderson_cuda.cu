@@ -261,16 +261,10 @@ SolveOutputs anderson_solve(const at::Tensor& W, const at::Tensor& c, const at::
   return {out, iterations, residual, converged};
 }
 
-void check_anderson_options(int64_t m, double beta, double lam) {
-  TORCH_CHECK(m >= 1 && m <= kMaxHistory, "deqkern: m (Anderson history) must be in [1, ", kMaxHistory, "], got ", m);
-  TORCH_CHECK(beta > 0.0 && beta <= 1.0, "deqkern: beta must be in (0, 1], got ", beta);
-  TORCH_CHECK(lam >= 0.0 && std::isfinite(lam), "deqkern: lam must be finite and >= 0, got ", lam);
-}
-
 SolveOutputs fixed_point_dense_anderson_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
                                              c10::string_view activation, int64_t m, double beta, double lam,
                                              double tol, int64_t max_iter) {
-  check_anderson_options(m, beta, lam);
+  check_anderson_options(m, beta, lam, kMaxHistory);
   check_dense_solve_args(W, {c, z0}, beta, tol, max_iter);
   const ActivationId act = parse_activation(std::string(activation));
   return anderson_solve(W, c, z0, at::Tensor(), act, /*adjoint=*/false, m, beta, lam, tol, max_iter);
@@ -280,7 +274,7 @@ SolveOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const
                                                       const at::Tensor& grad_z, c10::string_view activation,
                                                       int64_t m, double beta, double lam, double tol,
                                                       int64_t max_iter) {
-  check_anderson_options(m, beta, lam);
+  check_anderson_options(m, beta, lam, kMaxHistory);
   check_dense_solve_args(W, {c, z, grad_z}, beta, tol, max_iter);
   const ActivationId act = parse_activation(std::string(activation));
   return anderson_solve(W, c, z, grad_z, act, /*adjoint=*/true, m, beta, lam, tol, max_iter);

@@ -19,6 +19,8 @@
 #include <string>
 #include <tuple>
 
+#include "solver_checks.h"
+
 namespace deqkern {
 namespace {
 
@@ -167,38 +169,6 @@ void launch(const PowerParams<T>& p, int64_t batch, int device) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The checks of csrc/cpu/power_iteration_cpu.cpp (kept in step with them): direct calls never reach a kernel
-// with malformed arguments.
-void check_args(const at::Tensor& W, const c10::optional<at::Tensor>& row_scale, const at::Tensor& u0,
-                bool symmetric, double shift, int64_t max_iter, double tol) {
-  TORCH_CHECK(W.dim() == 2 && W.size(0) >= 1 && W.size(1) >= 1, "deqkern: W must be a non-empty (m, n) matrix, got ",
-              W.sizes());
-  TORCH_CHECK(W.size(0) <= INT32_MAX && W.size(1) <= INT32_MAX, "deqkern: W too large: ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
-              "deqkern: W must be float32 or float64, got ", W.scalar_type());
-  TORCH_CHECK(W.is_contiguous(), "deqkern: W must be contiguous");
-  TORCH_CHECK(!symmetric || W.size(0) == W.size(1), "deqkern: mode 'symmetric' needs a square W, got ", W.sizes());
-  TORCH_CHECK(u0.dim() == 2 && u0.size(1) == W.size(1), "deqkern: u0 must be (batch, ", W.size(1), "), got ",
-              u0.sizes());
-  TORCH_CHECK(u0.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: u0 ", u0.scalar_type(), " vs W ",
-              W.scalar_type());
-  TORCH_CHECK(u0.device() == W.device(), "deqkern: devices differ: u0 ", u0.device(), " vs W ", W.device());
-  TORCH_CHECK(u0.is_contiguous(), "deqkern: u0 must be contiguous");
-  if (row_scale.has_value() && row_scale->defined()) {
-    const at::Tensor& s = *row_scale;
-    TORCH_CHECK(s.dim() == 2 && s.size(0) == u0.size(0) && s.size(1) == W.size(0),
-                "deqkern: row_scale must be (batch, ", W.size(0), "), got ", s.sizes());
-    TORCH_CHECK(s.scalar_type() == W.scalar_type(), "deqkern: dtypes differ: row_scale ", s.scalar_type(),
-                " vs W ", W.scalar_type());
-    TORCH_CHECK(s.device() == W.device(), "deqkern: devices differ: row_scale ", s.device(), " vs W ", W.device());
-    TORCH_CHECK(s.is_contiguous(), "deqkern: row_scale must be contiguous");
-  }
-  TORCH_CHECK(std::isfinite(shift), "deqkern: shift must be finite, got ", shift);
-  TORCH_CHECK(tol > 0.0, "deqkern: tol must be > 0, got ", tol);
-  TORCH_CHECK(max_iter >= 1 && max_iter <= INT32_MAX, "deqkern: max_iter must be in [1, 2^31 - 1], got ",
-              max_iter);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(
     const at::Tensor& W, const c10::optional<at::Tensor>& row_scale, const at::Tensor& u0, c10::string_view mode,
     double shift, int64_t max_iter, double tol) {
@@ -206,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(
   TORCH_CHECK(mode_name == "gram" || mode_name == "symmetric", "deqkern: unknown power iteration mode '", mode_name,
               "' (expected 'gram' or 'symmetric')");
   const bool symmetric = mode_name == "symmetric";
-  check_args(W, row_scale, u0, symmetric, shift, max_iter, tol);
+  check_power_iteration_args(W, row_scale, u0, symmetric, shift, max_iter, tol);
   // Without the guard the kernel would launch on the current device rather than W's.
   const c10::cuda::CUDAGuard device_guard(W.device());
   const int64_t batch = u0.size(0);
