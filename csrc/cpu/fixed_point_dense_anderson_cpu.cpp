@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "activations.h"
+#include "anderson_weights.h"
 #include "dense_kernels.h"
 #include "solver_checks.h"
 
@@ -77,48 +78,6 @@ DEQKERN_ALWAYS_INLINE T dot(const T* __restrict p, const T* __restrict q, int64_
   return s;
 }
 
-// The bordered system of _anderson_weights, [[0, 1^T], [1, A]] [nu; a] = [1; 0] with A = G + lam diag(G), by
-// Gaussian elimination with partial pivoting in float64 (as torch.linalg.solve). A zero pivot or a non-finite
-// solution gives a = e_slot. Only reached when the Cholesky route below fails.
-inline void anderson_weights_bordered(const double* gram, int m, int n, int slot, double lam, double* a) {
-  constexpr int N = kMaxHistory + 1;
-  double h[N][N + 1];
-  const int size = n + 1;
-  h[0][0] = 0.0;
-  h[0][size] = 1.0;
-  for (int i = 1; i < size; ++i) {
-    h[0][i] = 1.0;
-    h[i][0] = 1.0;
-    h[i][size] = 0.0;
-    for (int j = 1; j < size; ++j) h[i][j] = gram[(i - 1) * m + (j - 1)];
-    h[i][i] += lam * gram[(i - 1) * m + (i - 1)];
-  }
-  bool ok = true;
-  for (int col = 0; col < size && ok; ++col) {
-    int pivot = col;
-    for (int i = col + 1; i < size; ++i)
-      if (std::fabs(h[i][col]) > std::fabs(h[pivot][col])) pivot = i;
-    if (h[pivot][col] == 0.0 || !std::isfinite(h[pivot][col])) {
-      ok = false;
-      break;
-    }
-    if (pivot != col)
-      for (int j = col; j <= size; ++j) std::swap(h[col][j], h[pivot][j]);
-    for (int i = col + 1; i < size; ++i) {
-      const double f = h[i][col] / h[col][col];
-      for (int j = col; j <= size; ++j) h[i][j] -= f * h[col][j];
-    }
-  }
-  double sol[N];
-  for (int i = size - 1; i >= 0 && ok; --i) {
-    double s = h[i][size];
-    for (int j = i + 1; j < size; ++j) s -= h[i][j] * sol[j];
-    sol[i] = s / h[i][i];
-    ok = std::isfinite(sol[i]);
-  }
-  for (int i = 0; i < n; ++i) a[i] = ok ? sol[i + 1] : (i == slot ? 1.0 : 0.0);
-}
-
 // Weights of _anderson_weights for P rows at once, one row per SIMD lane (P = lanes of double in TILE). The bordered
 // system's solution is a = y / (1^T y) with A y = 1, A = G + lam diag(G); A is symmetric positive definite whenever
 // lam > 0 and no stored residual is zero, so y comes from an L D L^T factorisation (n^3 / 6 flops, no pivoting).
@@ -170,7 +129,7 @@ DEQKERN_ALWAYS_INLINE void anderson_weights_lanes(const double* const* grams, do
     if (ok) {
       for (int i = 0; i < N; ++i) out[p][i] = y[i][p] * inv_sum[p];
     } else {
-      anderson_weights_bordered(grams[p], m, N, slot, lam, out[p]);
+      anderson_weights_bordered<kMaxHistory>(grams[p], m, N, slot, lam, out[p]);
     }
   }
 }

@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "activations.h"
+#include "anderson_weights.h"
 #include "solver_checks.h"
 
 namespace deqkern {
@@ -69,51 +70,6 @@ __device__ __forceinline__ void block_sum(double (&v)[N], double* scratch) {
     for (int w = 0; w < kWarps; ++w) s += scratch[w * N + j];
     v[j] = s;
   }
-}
-
-// The weights of _anderson_weights: [[0, 1^T], [1, G + lam diag(G)]] [nu; a] = [1; 0] by Gaussian elimination with
-// partial pivoting; a zero pivot or a non-finite solution gives a = e_slot. One thread, float64.
-__device__ void anderson_weights(const double* gram, int m, int n, int slot, double lam, double* a) {
-  constexpr int N = kMaxHistory + 1;
-  double h[N][N + 1];
-  const int size = n + 1;
-  h[0][0] = 0.0;
-  h[0][size] = 1.0;
-  for (int i = 1; i < size; ++i) {
-    h[0][i] = 1.0;
-    h[i][0] = 1.0;
-    h[i][size] = 0.0;
-    for (int j = 1; j < size; ++j) h[i][j] = gram[(i - 1) * m + (j - 1)];
-    h[i][i] += lam * gram[(i - 1) * m + (i - 1)];
-  }
-  bool ok = true;
-  for (int col = 0; col < size && ok; ++col) {
-    int pivot = col;
-    for (int i = col + 1; i < size; ++i)
-      if (fabs(h[i][col]) > fabs(h[pivot][col])) pivot = i;
-    if (h[pivot][col] == 0.0 || !isfinite(h[pivot][col])) {
-      ok = false;
-      break;
-    }
-    if (pivot != col)
-      for (int j = col; j <= size; ++j) {
-        const double t = h[col][j];
-        h[col][j] = h[pivot][j];
-        h[pivot][j] = t;
-      }
-    for (int i = col + 1; i < size; ++i) {
-      const double f = h[i][col] / h[col][col];
-      for (int j = col; j <= size; ++j) h[i][j] -= f * h[col][j];
-    }
-  }
-  double sol[N];
-  for (int i = size - 1; i >= 0 && ok; --i) {
-    double s = h[i][size];
-    for (int j = i + 1; j < size; ++j) s -= h[i][j] * sol[j];
-    sol[i] = s / h[i][i];
-    ok = isfinite(sol[i]);
-  }
-  for (int i = 0; i < n; ++i) a[i] = ok ? sol[i + 1] : (i == slot ? 1.0 : 0.0);
 }
 
 // Dynamic shared memory: x (d), t (d), s (d, adjoint) as T.
@@ -186,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(AndersonParams<T> p)
           gram[slot * m + j] = v;
           gram[j * m + slot] = v;
         }
-        anderson_weights(gram, m, n, slot, p.lam, weights);
+        anderson_weights_bordered<kMaxHistory>(gram, m, n, slot, p.lam, weights);
         keep_going = res > p.tol && isfinite(res);
       }
       __syncthreads();
