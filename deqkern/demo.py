@@ -61,7 +61,7 @@ def train_one_backend(backend, args, train, test, device, dtype):
     for epoch in range(args.epochs):
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + epoch))
         bar = tqdm(range(n_batches), desc=f"{backend:>9} epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=args.no_progress)
+                   disable=True if args.no_progress else None)  # None: no bar when not a terminal
         start = time.perf_counter()
         for i in bar:
             index = order[i * args.batch_size : (i + 1) * args.batch_size].to(device)
@@ -111,7 +111,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--train-limit", type=int, default=None, help="use only this many training samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (there is none either when the output is not a terminal)")
     return parser.parse_args(argv)
 
 
