@@ -95,6 +95,32 @@ def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_
 
 
 @triton.jit
+def _register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
+                       stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION: tl.constexpr,
+                       ADJOINT: tl.constexpr, USE_DOT: tl.constexpr):
+    """Start of a solve whose rows fit in one tile: the operator tile M^T, the bias rows, s (adjoint; the bias
+    otherwise), the start x (z0, or 0 in the adjoint) and the active rows: valid batch rows whose inputs are all
+    finite (the padding loads as 0), none at all if W (the whole of the tile) has a NaN or an Inf."""
+    m_bd = m_b[:, None] & m_d[None, :]
+    b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
+    b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
+    b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
+    bad = tl.maximum(_nonfinite_rows(b_bias), _nonfinite_rows(b_z))
+    if ADJOINT:
+        # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
+        b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
+        b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
+        bad = tl.maximum(bad, _nonfinite_rows(b_c))
+        b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
+        b_x = tl.zeros_like(b_z)
+    else:
+        b_s = b_bias
+        b_x = b_z
+    active = m_b & (bad == 0) & (_any_nonfinite(b_mt) == 0)
+    return b_mt, b_bias, b_s, b_x, active
+
+
+@triton.jit
 def _apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
     """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""
     if ADJOINT:
@@ -156,22 +182,9 @@ def _fixed_point_dense_kernel(
         o_d = tl.arange(0, BLOCK_N)
         m_d = o_d < D
         m_bd = m_b[:, None] & m_d[None, :]
-        b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
-        b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
-        b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
-        # Rows with a non-finite input (the padding loads as 0), and all rows if W (the whole of b_mt) has one.
-        bad = tl.maximum(_nonfinite_rows(b_bias), _nonfinite_rows(b_z))
-        if ADJOINT:
-            # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
-            b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
-            b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
-            bad = tl.maximum(bad, _nonfinite_rows(b_c))
-            b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
-            b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
-        else:
-            b_s = b_bias
-            b_x = b_z
-        active = m_b & (bad == 0) & (_any_nonfinite(b_mt) == 0)
+        b_mt, b_bias, b_s, b_x, active = _register_prologue(
+            W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
+            stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
             b_t = _apply_map(_matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)

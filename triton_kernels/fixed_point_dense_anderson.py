@@ -26,16 +26,13 @@ from torch import Tensor
 
 from deqkern.activations import get_activation
 
-from .activations import activation_derivative
 from .fixed_point_dense import (
-    _any_nonfinite,
     _apply_map,
     _check_inputs,
     _empty_outputs,
-    _load_operator,
     _load_rows,
     _matmul,
-    _nonfinite_rows,
+    _register_prologue,
     _relative_residual,
     _store_rows,
 )
@@ -112,20 +109,9 @@ def _anderson_kernel(
         p_bias = c_ptr
         stride_bias_b = stride_c_b
         stride_bias_d = stride_c_d
-    b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
-    b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
-    b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
-    bad = tl.maximum(_nonfinite_rows(b_bias), _nonfinite_rows(b_z))
-    if ADJOINT:
-        b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
-        b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
-        bad = tl.maximum(bad, _nonfinite_rows(b_c))
-        b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
-        b_x = tl.zeros([BLOCK_B, BLOCK_D], dtype=dtype)
-    else:
-        b_s = b_bias
-        b_x = b_z
-    active = m_b & (bad == 0) & (_any_nonfinite(b_mt) == 0)
+    b_mt, b_bias, b_s, b_x, active = _register_prologue(
+        W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b, stride_bias_d,
+        stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
     b_tol = tl.full([BLOCK_B], tol, dtype)
     b_beta = tl.full([BLOCK_B, BLOCK_D], beta, dtype)
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
