@@ -3,8 +3,10 @@
 // The layout is the Picard solver's (fixed_point_dense_cpu.cpp): batch rows split once between threads, each thread
 // runs the whole solve for its rows, the layer's matrix product goes through the shared register-blocked micro-kernel
 // (dense_kernels.h) on the still active rows only. What Anderson adds per row and iteration is O(m d): the new pair
-// (x, g = T(x) - x) goes into the row's ring buffer, one new row of its Gram matrix is formed, the (n+1) x (n+1)
-// bordered system is solved in float64 on the stack, and the next iterate is mixed from the history.
+// (T(x), g = T(x) - x) goes into the row's ring buffer, one new row of its Gram matrix is formed, the (n+1) x (n+1)
+// bordered system is solved in float64 on the stack, and the next iterate is mixed from the history. The buffer
+// holds T(x_j) rather than x_j because x_j + beta g_j = T(x_j) - (1 - beta) g_j: at the default beta = 1 the mix
+// reads one history instead of two.
 // Semantics: deqkern/reference.py (_anderson_ref, _anderson_weights).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -43,7 +46,7 @@ struct AndersonArgs {
   const T* scale;   // (B, d): act'(u), adjoint only
   T* x;             // (B, ld): the iterate
   T* y;             // (B, ld): x @ packed, then T(x)
-  T* hist_x;        // (B, m, ld): ring buffer of iterates
+  T* hist_f;        // (B, m, ld): ring buffer of T(x_j)
   T* hist_g;        // (B, m, ld): ring buffer of residuals T(x) - x
   double* gram;     // (B, m, m): Gram matrix of hist_g
   double* weights;  // (B, kMaxHistory): the mixing weights of the current step
@@ -65,18 +68,7 @@ struct AndersonArgs {
 
 // Rows of x, y and the history are padded with zeros to ld >= d (dense_kernels.h): the padding of the packed matrix
 // is 0, so y's padding is 0, the epilogue leaves it alone, and every update below keeps x's padding 0. So the
-// per-row vector loops run over whole SIMD vectors, ceil(d / lanes) of them, without a scalar tail.
-template <typename T, typename TILE>
-DEQKERN_ALWAYS_INLINE T dot(const T* __restrict p, const T* __restrict q, int64_t n_vec) {
-  using V = typename VecOf<T, TILE::kBytes>::type;
-  constexpr int L = TILE::kBytes / sizeof(T);
-  V acc{};
-  for (int64_t b = 0; b < n_vec; ++b)
-    acc += reinterpret_cast<const V*>(p)[b] * reinterpret_cast<const V*>(q)[b];
-  T s = 0;
-  for (int l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
+// per-row vector loops run over whole padded rows, ld / lanes vectors (a multiple of 4), without a scalar tail.
 
 // Weights of _anderson_weights for P rows at once, one row per SIMD lane (P = lanes of double in TILE). The bordered
 // system's solution is a = y / (1^T y) with A y = 1, A = G + lam diag(G); A is symmetric positive definite whenever
@@ -186,13 +178,36 @@ DEQKERN_ALWAYS_INLINE void anderson_weights_isa(const double* gram, double* weig
   anderson_weights_baseline(gram, weights, rows, n_rows, m, n, slot, lam);
 }
 
+// The dot products of q with up to four rows p[0..3], in one pass over q: 4 x 2 independent accumulator chains keep
+// both FMA pipes busy where a single chain would wait on its own latency. n_vec is even (rows are padded to
+// kRowAlignBytes, a multiple of two vectors), and the padding is zero.
+template <typename T, typename TILE>
+DEQKERN_ALWAYS_INLINE void dot4(const T* __restrict q, const T* const* p, int64_t n_vec, double* out) {
+  using V = typename VecOf<T, TILE::kBytes>::type;
+  constexpr int L = TILE::kBytes / sizeof(T);
+  const V* qv = reinterpret_cast<const V*>(q);
+  const V* pv[4];
+  for (int j = 0; j < 4; ++j) pv[j] = reinterpret_cast<const V*>(p[j]);
+  V acc[4][2] = {};
+  for (int64_t b = 0; b < n_vec; b += 2) {
+    const V q0 = qv[b], q1 = qv[b + 1];
+    for (int j = 0; j < 4; ++j) {
+      acc[j][0] += q0 * pv[j][b];
+      acc[j][1] += q1 * pv[j][b + 1];
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = double(horizontal_sum<T, TILE::kBytes>(acc[j][0] + acc[j][1]));
+  }
+}
+
 // First half of an Anderson step of one row, after y = x @ packed: T(x), the new pair into the ring buffer and
 // the new row of the Gram matrix. Returns ||T(x) - x|| / (||T(x)|| + eps).
 template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE T anderson_record(const AndersonArgs<T>& a, int64_t row, int64_t k) {
   using V = typename VecOf<T, TILE::kBytes>::type;
   constexpr int L = TILE::kBytes / sizeof(T);
-  const int64_t n_vec = (a.d + L - 1) / L;
+  const int64_t n_vec = a.ld / L;  // whole padded rows: a multiple of 4 vectors, zeros past d
   T* x = a.x + row * a.ld;
   T* t = a.y + row * a.ld;
   const T* bias = a.bias + row * a.d;
@@ -205,58 +220,72 @@ DEQKERN_ALWAYS_INLINE T anderson_record(const AndersonArgs<T>& a, int64_t row, i
   const int m = a.m;
   const int slot = static_cast<int>((k - 1) % m);
   const int n = static_cast<int>(std::min<int64_t>(k, m));
-  T* hx = a.hist_x + row * m * a.ld;
+  T* hf = a.hist_f + row * m * a.ld;
   T* hg = a.hist_g + row * m * a.ld;
   // The new pair into the ring buffer, with the squared norms of g and T(x) in the same pass.
-  V* __restrict xs = reinterpret_cast<V*>(hx + slot * a.ld);
+  V* __restrict fs = reinterpret_cast<V*>(hf + slot * a.ld);
   V* __restrict gs = reinterpret_cast<V*>(hg + slot * a.ld);
   const V* xv = reinterpret_cast<const V*>(x);
   const V* tv = reinterpret_cast<const V*>(t);
   V diff_v{}, t_v{};
   for (int64_t b = 0; b < n_vec; ++b) {
     const V g = tv[b] - xv[b];
-    xs[b] = xv[b];
+    fs[b] = tv[b];
     gs[b] = g;
     diff_v += g * g;
     t_v += tv[b] * tv[b];
   }
-  T diff_sq = 0, t_sq = 0;
-  for (int l = 0; l < L; ++l) {
-    diff_sq += diff_v[l];
-    t_sq += t_v[l];
-  }
-  // The new row and column of the Gram matrix: n - 1 dot products of length d.
+  const T diff_sq = horizontal_sum<T, TILE::kBytes>(diff_v), t_sq = horizontal_sum<T, TILE::kBytes>(t_v);
+  // The new row and column of the Gram matrix: n - 1 dot products of length d, four per pass over the new g.
   double* gram = a.gram + row * m * m;
-  for (int j = 0; j < n; ++j) {
-    const double v = j == slot ? double(diff_sq) : double(dot<T, TILE>(hg + slot * a.ld, hg + j * a.ld, n_vec));
-    gram[slot * m + j] = v;
-    gram[j * m + slot] = v;
+  const T* g_new = hg + slot * a.ld;
+  for (int j0 = 0; j0 < n; j0 += 4) {
+    const T* p[4];
+    for (int j = 0; j < 4; ++j) p[j] = j0 + j < n ? hg + (j0 + j) * a.ld : g_new;  // spare lanes: discarded
+    double v[4];
+    dot4<T, TILE>(g_new, p, n_vec, v);
+    for (int j = j0; j < std::min(n, j0 + 4); ++j) {
+      const double value = j == slot ? double(diff_sq) : v[j - j0];
+      gram[slot * m + j] = value;
+      gram[j * m + slot] = value;
+    }
   }
   return std::sqrt(diff_sq) / (std::sqrt(t_sq) + T(kResidualEps));
 }
 
-// x <- sum_j w_j (x_j + beta g_j) with the row's weights: the history is read once, the sum stays in a register.
+// x <- sum_j w_j (x_j + beta g_j) = sum_j w_j T(x_j) - (1 - beta) sum_j w_j g_j, four vectors at a time so that
+// four accumulator chains run side by side; the g history is read only when beta != 1.
 template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE void anderson_mix(const AndersonArgs<T>& a, int64_t row, int n) {
   using V = typename VecOf<T, TILE::kBytes>::type;
   constexpr int L = TILE::kBytes / sizeof(T);
-  const int64_t n_vec = (a.d + L - 1) / L;
+  constexpr int U = 4;
+  static_assert(kRowAlignBytes % (U * TILE::kBytes) == 0, "padded rows must hold whole groups of U vectors");
+  const int64_t n_vec = a.ld / L;
   const int m = a.m;
-  const T* hx = a.hist_x + row * m * a.ld;
+  const T* hf = a.hist_f + row * m * a.ld;
   const T* hg = a.hist_g + row * m * a.ld;
   const double* w = a.weights + row * kMaxHistory;
-  T* x = a.x + row * a.ld;
-  T wx[kMaxHistory], wg[kMaxHistory];
+  T wf[kMaxHistory], wg[kMaxHistory];
   for (int j = 0; j < n; ++j) {
-    wx[j] = static_cast<T>(w[j]);
-    wg[j] = wx[j] * a.beta;
+    wf[j] = static_cast<T>(w[j]);
+    wg[j] = wf[j] * (a.beta - T(1));
   }
-  V* xo = reinterpret_cast<V*>(x);
-  for (int64_t b = 0; b < n_vec; ++b) {
-    V acc{};
-    for (int j = 0; j < n; ++j)
-      acc += wx[j] * reinterpret_cast<const V*>(hx + j * a.ld)[b] + wg[j] * reinterpret_cast<const V*>(hg + j * a.ld)[b];
-    xo[b] = acc;
+  V* xo = reinterpret_cast<V*>(a.x + row * a.ld);
+  const bool with_g = a.beta != T(1);
+  for (int64_t b = 0; b < n_vec; b += U) {
+    V acc[U] = {};
+    for (int j = 0; j < n; ++j) {
+      const V* f = reinterpret_cast<const V*>(hf + j * a.ld) + b;
+      for (int u = 0; u < U; ++u) acc[u] += wf[j] * f[u];
+    }
+    if (with_g) {
+      for (int j = 0; j < n; ++j) {
+        const V* g = reinterpret_cast<const V*>(hg + j * a.ld) + b;
+        for (int u = 0; u < U; ++u) acc[u] += wg[j] * g[u];
+      }
+    }
+    for (int u = 0; u < U; ++u) xo[b + u] = acc[u];
   }
 }
 
@@ -339,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(
     const int64_t packed_at = carve(bytes, d * ld * sizeof(T));
     const int64_t x_at = carve(bytes, batch * ld * sizeof(T));
     const int64_t y_at = carve(bytes, batch * ld * sizeof(T));
-    const int64_t hx_at = carve(bytes, batch * m * ld * sizeof(T));
+    const int64_t hf_at = carve(bytes, batch * m * ld * sizeof(T));
     const int64_t hg_at = carve(bytes, batch * m * ld * sizeof(T));
     const int64_t gram_at = carve(bytes, batch * m * m * sizeof(double));
     const int64_t weights_at = carve(bytes, batch * kMaxHistory * sizeof(double));
@@ -363,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(
     args.scale = adjoint ? scale.data_ptr<T>() : nullptr;
     args.x = reinterpret_cast<T*>(base + x_at);
     args.y = reinterpret_cast<T*>(base + y_at);
-    args.hist_x = reinterpret_cast<T*>(base + hx_at);
+    args.hist_f = reinterpret_cast<T*>(base + hf_at);
     args.hist_g = reinterpret_cast<T*>(base + hg_at);
     args.gram = reinterpret_cast<double*>(base + gram_at);
     args.weights = reinterpret_cast<double*>(base + weights_at);
@@ -388,9 +417,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(
     const int64_t grain = std::max<int64_t>(4, (batch + threads - 1) / threads);
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       AndersonArgs<T> chunk = args;
-      chunk.row_begin = begin;
-      chunk.row_end = end;
-      anderson_chunk_dispatch(chunk);
+      static const int64_t block = std::getenv("DQ_BLOCK") ? std::atoll(std::getenv("DQ_BLOCK")) : 1 << 30;
+      for (int64_t b0 = begin; b0 < end; b0 += block) {
+        chunk.row_begin = b0;
+        chunk.row_end = std::min(end, b0 + block);
+        anderson_chunk_dispatch(chunk);
+      }
     });
   });
   return {z, iterations, residual, converged};

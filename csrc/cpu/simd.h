@@ -3,6 +3,8 @@
 // (DEQKERN_ALWAYS_INLINE) so that it takes the caller's instruction set.
 #pragma once
 
+#include <cstring>
+
 namespace deqkern {
 namespace cpu {
 
@@ -26,6 +28,22 @@ template <typename T, int BYTES>
 struct VecOf {
   typedef T type __attribute__((vector_size(BYTES), aligned(sizeof(T))));
 };
+
+// The sum of the lanes of a BYTES-byte vector as a tree of half-width adds (vextract + add): log2(lanes) dependent
+// adds instead of the lanes - 1 of a left-to-right loop, which the compiler may not reassociate (no -ffast-math)
+// and which dominates short rows. The halves go through memcpy, which GCC turns into register extracts.
+template <typename T, int BYTES>
+DEQKERN_ALWAYS_INLINE T horizontal_sum(typename VecOf<T, BYTES>::type v) {
+  if constexpr (BYTES == sizeof(T)) {
+    return v[0];
+  } else {
+    using Half = typename VecOf<T, BYTES / 2>::type;
+    Half lo, hi;
+    std::memcpy(&lo, &v, BYTES / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + BYTES / 2, BYTES / 2);
+    return horizontal_sum<T, BYTES / 2>(lo + hi);
+  }
+}
 
 // The widest instruction set this CPU has (2: AVX-512, 1: AVX2+FMA, 0: baseline), asked once.
 inline int cpu_isa() {
