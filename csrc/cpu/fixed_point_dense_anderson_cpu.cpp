@@ -17,7 +17,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -417,12 +416,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(
     const int64_t grain = std::max<int64_t>(4, (batch + threads - 1) / threads);
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
       AndersonArgs<T> chunk = args;
-      static const int64_t block = std::getenv("DQ_BLOCK") ? std::atoll(std::getenv("DQ_BLOCK")) : 1 << 30;
-      for (int64_t b0 = begin; b0 < end; b0 += block) {
-        chunk.row_begin = b0;
-        chunk.row_end = std::min(end, b0 + block);
-        anderson_chunk_dispatch(chunk);
-      }
+      chunk.row_begin = begin;
+      chunk.row_end = end;
+      anderson_chunk_dispatch(chunk);
     });
   });
   return {z, iterations, residual, converged};
