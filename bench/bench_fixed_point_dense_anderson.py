@@ -68,6 +68,7 @@ class Row:
     evals_mean: Optional[float] = None
     converged: str = ""
     anderson_speedup: Optional[float] = None
+    evals_ratio: Optional[float] = None
     check: str = ""
     error: str = ""
 
@@ -124,10 +125,12 @@ def bench_size(B, d, min_time):
 
     with torch.no_grad():
         run("torchdeq-anderson", torchdeq_anderson, torchdeq_stats)
-    base = rows[0].median_ms
+    base, base_evals = rows[0].median_ms, rows[0].evals_mean
     for r in rows:
         if base and r.median_ms:
             r.anderson_speedup = r.median_ms / base
+        if base_evals and r.evals_mean:
+            r.evals_ratio = r.evals_mean / base_evals
     return rows
 
 
@@ -142,7 +145,9 @@ def header_lines(args):
         "defaults (m=6, lam=1e-4 absolute, tau=1.0) with stop_mode='rel', tol, max_iter",
         f"timing: warm-up, then median / p20 / p80 over >= {args.min_time:g} s and >= 5 repeats",
         "columns: evals = evaluations of f (deqkern: per sample, max and mean; torchdeq: the whole batch's); "
-        "x anderson = row median / deqkern-anderson median (so the Picard row is Anderson's speedup over it)",
+        "x anderson = row median / deqkern-anderson median (so the Picard row is Anderson's speedup over it); "
+        "evals ratio = row's mean evals / Anderson's mean evals: the speedup Anderson would have if its steps "
+        "cost no more than Picard's (the ceiling for the Picard row, since both stop per sample)",
         "stopping rules: deqkern stops each sample once ||f(z) - z|| / (||f(z)|| + 1e-12) <= tol; torchdeq stops the "
         "batch once the largest rel residual (eps 1e-9) < tol, returning each sample's lowest-residual iterate",
     ]
@@ -150,13 +155,13 @@ def header_lines(args):
 
 def markdown_table(rows):
     head = ["B", "d", "implementation", "median ms", "p20", "p80", "evals max (mean)", "converged", "x anderson",
-            "check", "error"]
+            "evals ratio", "check", "error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
     for r in rows:
         evals = fmt(r.evals_max) + (f" ({r.evals_mean:g})" if r.evals_mean is not None else "")
         cells = [r.B, r.d, r.implementation, fmt(r.median_ms), fmt(r.p20_ms), fmt(r.p80_ms), evals, r.converged,
-                 fmt(r.anderson_speedup), r.check, r.error]
+                 fmt(r.anderson_speedup), fmt(r.evals_ratio), r.check, r.error]
         lines.append("| " + " | ".join(str(x).replace("|", "\\|") for x in cells) + " |")
     return "\n".join(lines)
 

@@ -147,6 +147,34 @@ def test_samples_stop_independently():
         assert info1.iterations[0] == info.iterations[row]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_history_buffers_reused_safely(backend):
+    """CPU solves reuse the last solve's history buffers. A solve nested inside f (same shapes, so it would find the
+    outer solve's live buffers), a solve under inference mode followed by one outside it, and repeated solves must
+    all be bit-for-bit the fresh solve, with the same iteration counts."""
+    W, c, f = tanh_layer(5, 16)
+    z0 = torch.zeros_like(c)
+    solve = lambda fn: deqkern.solve(fn, z0, tol=1e-11, max_iter=300, check_every=1, backend=backend)
+    first, info = solve(f)
+    assert info.converged.all()
+
+    def assert_same(out):
+        torch.testing.assert_close(out[0], first, rtol=0, atol=0)
+        assert torch.equal(out[1].iterations, info.iterations)
+
+    assert_same(solve(f))
+
+    def outer(y):
+        assert_same(solve(f))
+        return f(y)
+
+    assert_same(solve(outer))
+    deqkern.solve(lambda y: torch.tanh(y @ W.T + c[:2]), z0[:2], backend=backend)  # evicts the cached buffers: the next solve makes its own
+    with torch.inference_mode():
+        assert_same(solve(f))
+    assert_same(solve(f))  # the reference's in-place writes raise on an inference-mode buffer
+
+
 def test_multidimensional_states():
     W, c, f = tanh_layer(6, 24)
     z, info = deqkern.solve(lambda y: f(y.reshape(6, 24)).reshape(6, 2, 3, 4), torch.zeros(6, 2, 3, 4,

@@ -103,10 +103,8 @@ DEQKERN_ALWAYS_INLINE void store_and_norms(const T* x, const T* fx, T* Xs, T* Gs
       vg += gv * gv;
       vf += fv * fv;
     }
-    for (int l = 0; l < int(L); ++l) {
-      sq_g += vg[l];
-      sq_f += vf[l];
-    }
+    sq_g = cpu::horizontal_sum<T, BYTES>(vg);
+    sq_f = cpu::horizontal_sum<T, BYTES>(vf);
   }
   for (; i < n; ++i) {
     const A xv = A(x[i]), fv = A(fx[i]), gv = fv - xv;
@@ -124,21 +122,34 @@ DEQKERN_ALWAYS_INLINE A dot(const T* u, const T* v, int64_t n) {
   if constexpr (BYTES > 0) {
     using V = typename VecOf<T, BYTES>::type;
     constexpr int64_t L = BYTES / sizeof(T);
-    V acc{};
-    for (; i + L <= n; i += L) acc += *reinterpret_cast<const V*>(u + i) * *reinterpret_cast<const V*>(v + i);
-    for (int l = 0; l < int(L); ++l) s += acc[l];
+    V acc[4] = {};  // four independent chains: one would wait on the FMA latency every vector
+    for (; i + 4 * L <= n; i += 4 * L)
+      for (int u4 = 0; u4 < 4; ++u4)
+        acc[u4] += *reinterpret_cast<const V*>(u + i + u4 * L) * *reinterpret_cast<const V*>(v + i + u4 * L);
+    for (; i + L <= n; i += L) acc[0] += *reinterpret_cast<const V*>(u + i) * *reinterpret_cast<const V*>(v + i);
+    s = cpu::horizontal_sum<T, BYTES>((acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
   for (; i < n; ++i) s += A(u[i]) * A(v[i]);
   return s;
 }
 
-// out = sum_j ca[j] X[j] + cb[j] G[j], j < nh.
+// out = sum_j ca[j] X[j] + cb[j] G[j], j < nh; four vectors at a time so that four accumulator chains run side by
+// side.
 template <typename T, typename A, int BYTES>
 DEQKERN_ALWAYS_INLINE void mix(const T* X, const T* G, const A* ca, const A* cb, int nh, int64_t n, T* out) {
   int64_t i = 0;
   if constexpr (BYTES > 0) {
     using V = typename VecOf<T, BYTES>::type;
     constexpr int64_t L = BYTES / sizeof(T);
+    for (; i + 4 * L <= n; i += 4 * L) {
+      V s[4] = {};
+      for (int j = 0; j < nh; ++j) {
+        const V* x = reinterpret_cast<const V*>(X + j * n + i);
+        const V* g = reinterpret_cast<const V*>(G + j * n + i);
+        for (int u = 0; u < 4; ++u) s[u] += ca[j] * x[u] + cb[j] * g[u];
+      }
+      for (int u = 0; u < 4; ++u) reinterpret_cast<V*>(out + i)[u] = s[u];
+    }
     for (; i + L <= n; i += L) {
       V s{};
       for (int j = 0; j < nh; ++j)
