@@ -211,6 +211,35 @@ def measure(fn, device, min_time, setup=None):
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
 
+def measure_interleaved(fns, min_time):
+    """{name: (median, p20, p80, repeats)} in ms for CPU callables timed in rounds, one call of each per round.
+
+    A ratio between two implementations is what a benchmark reports; on a shared machine the speed drifts over
+    seconds, and timing one implementation after the other puts that drift into the ratio. Interleaving exposes
+    both to the same conditions. Warm-up as in measure(); then rounds for min_time seconds per callable in all
+    (a fast callable gets as many samples as the slowest, not min_time of its own), at least 5 rounds.
+    """
+    for fn in fns.values():
+        measure(fn, torch.device("cpu"), 0.2 * min_time)  # warm-up only
+    times = {name: [] for name in fns}
+    gc.collect()
+    gc.disable()
+    deadline = time.perf_counter() + min_time * len(fns)
+    try:
+        while time.perf_counter() < deadline or len(times[next(iter(fns))]) < 5:
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    out = {}
+    for name, t in times.items():
+        t = sorted(1e3 * x for x in t)
+        out[name] = (_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8), len(t))
+    return out
+
+
 # ---------------------------------------------------------------- result rows
 @dataclass
 class Row:

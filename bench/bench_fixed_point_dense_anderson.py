@@ -31,6 +31,7 @@ from bench_fixed_point_dense import (  # noqa: E402
     _stall_check,
     header_lines as _picard_header_lines,
     measure,
+    measure_interleaved,
 )
 
 try:
@@ -77,10 +78,10 @@ def bench_size(B, d, min_time):
     W, c, z0 = make_problem(B, d)
     rows = []
 
-    def run(name, fn, stats):
+    def run(name, fn, stats, timing=None):
         row = Row(B, d, name)
         try:
-            row.median_ms, row.p20_ms, row.p80_ms, row.repeats = measure(fn, torch.device("cpu"), min_time)
+            row.median_ms, row.p20_ms, row.p80_ms, row.repeats = timing or measure(fn, torch.device("cpu"), min_time)
             for key, value in stats().items():
                 setattr(row, key, value)
         except Exception as exc:  # a failing peer must not stop the benchmark
@@ -99,8 +100,10 @@ def bench_size(B, d, min_time):
                         check=f"max abs(z - z_anderson) = {(z - z_ref).abs().max().item():.1e}")
         return stats
 
-    run("deqkern-anderson", anderson, deqkern_stats(anderson))
-    run("deqkern-picard", picard, deqkern_stats(picard))
+    # The two deqkern solves are timed interleaved: their ratio is the result, and drift must not enter it.
+    timing = measure_interleaved({"anderson": anderson, "picard": picard}, min_time)
+    run("deqkern-anderson", anderson, deqkern_stats(anderson), timing["anderson"])
+    run("deqkern-picard", picard, deqkern_stats(picard), timing["picard"])
 
     def torchdeq_anderson():
         if get_solver is None:
@@ -143,7 +146,9 @@ def header_lines(args):
         f"c = 0.1 N(0,1), z0 = 0, float32, tol {TOL:g} (relative), max_iter {MAX_ITER}, seed {SEED}",
         f"deqkern-anderson: m={M}, beta={BETA:g}, lam={LAM:g} relative to the Gram diagonal; torchdeq anderson: its "
         "defaults (m=6, lam=1e-4 absolute, tau=1.0) with stop_mode='rel', tol, max_iter",
-        f"timing: warm-up, then median / p20 / p80 over >= {args.min_time:g} s and >= 5 repeats",
+        f"timing: warm-up, then median / p20 / p80 over >= {args.min_time:g} s and >= 5 repeats; the two deqkern "
+        "solves interleaved (one call of each per round), so that drift of the machine's speed does not enter "
+        "their ratio",
         "columns: evals = evaluations of f (deqkern: per sample, max and mean; torchdeq: the whole batch's); "
         "x anderson = row median / deqkern-anderson median (so the Picard row is Anderson's speedup over it); "
         "evals ratio = row's mean evals / Anderson's mean evals: the speedup Anderson would have if its steps "

@@ -8,18 +8,22 @@ max_iter 100, CPU. Two layers are timed:
   random  W = 0.9 A / ||A||_2 with A Gaussian, c ~ N(0, 1): both solvers need about the same number of evaluations,
           so the end-to-end ratio is bounded by f's share of the time
 
-Columns: evaluations of f, time per solve, time per iteration, time of f alone, solver overhead per iteration =
-time/iter - time of f, and the ratios torchdeq / deqkern. Then: evaluations of f on the slow layer at more sizes.
+Columns: evaluations of f, time per solve, time per iteration, time of f alone (a loop of its own), solver
+overhead per iteration = (solve time - time spent inside f during the solve) / evaluations, and the ratios
+torchdeq / deqkern. The solvers are timed interleaved (see time_solvers). Then: evaluations of f on the slow layer at more sizes.
 
     python bench/bench_solvers.py [--quick] [--threads 2] [--out bench/results/solvers_cpu.md]
 """
 import argparse
 import datetime
+import gc
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +69,44 @@ def theirs(f, z0):
     return get_solver("anderson")(f, z0, max_iter=MAX_ITER, tol=TOL, stop_mode="rel")
 
 
+def time_solvers(solvers, f, z0, min_time):
+    """{name: (median ms per solve, median ms per solve outside f)}, the solvers interleaved (one solve of each per
+    round, for min_time seconds per solver in all, >= 5 rounds).
+
+    The overhead is measured, not inferred: f is wrapped in a timer, and a solve's time outside f is its time minus
+    the time spent inside f during that solve. (Subtracting f's time from a loop of its own would mix two machine
+    states: inside a solve f's outputs fault pages in again and its matrix is evicted by the solver's buffers.)
+    Interleaving exposes both solvers to the same drift of the machine's speed.
+    """
+    inside = [0.0]
+
+    def timed_f(z):
+        t0 = time.perf_counter()
+        out = f(z)
+        inside[0] += time.perf_counter() - t0
+        return out
+
+    for run in solvers.values():  # warm-up
+        run(timed_f, z0)
+    totals = {name: [] for name in solvers}
+    outside = {name: [] for name in solvers}
+    deadline = time.perf_counter() + min_time * len(solvers)
+    gc.collect()
+    gc.disable()
+    try:
+        while time.perf_counter() < deadline or len(totals[next(iter(solvers))]) < 5:
+            for name, run in solvers.items():
+                inside[0] = 0.0
+                t0 = time.perf_counter()
+                run(timed_f, z0)
+                total = time.perf_counter() - t0
+                totals[name].append(1e3 * total)
+                outside[name].append(1e3 * (total - inside[0]))
+    finally:
+        gc.enable()
+    return {name: (statistics.median(totals[name]), statistics.median(outside[name])) for name in solvers}
+
+
 def header(args):
     name = platform.processor() or "unknown CPU"
     try:
@@ -82,6 +124,9 @@ def header(args):
         f"git commit: {commit}",
         f"versions: torch {torch.__version__}, deqkern {deqkern.__version__}, python {platform.python_version()}",
         f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "timing: medians; the two solvers interleaved (one solve of each per round); overhead/iter = (solve time - time "
+        "spent inside f during that solve) / evals, f wrapped in a timer; 'f alone' = f in a loop of its own, "
+        "for reference",
         f"command: {shlex.join([sys.executable, *sys.argv])}",
         "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=4), per-sample stop; "
         "torchdeq: get_solver('anderson') defaults (m=6, lam=1e-4, tau=1), stop_mode='rel', whole-batch stop",
@@ -107,16 +152,16 @@ def main():
             W, c = problems[layer](B, d)
             z0 = torch.zeros(B, d)
             f = lambda z: torch.tanh(z @ W.T + c)
-            t_f = measure(lambda: f(z0), device, min_time)[0]
-            rows = {}
-            for name, run in (("deqkern", ours), ("torchdeq", theirs)):
-                if name == "torchdeq" and get_solver is None:
-                    continue
+            solvers = {"deqkern": ours} if get_solver is None else {"deqkern": ours, "torchdeq": theirs}
+            evals = {}
+            for name, run in solvers.items():
                 g, calls = counted(f)
                 run(g, z0)
-                evals = calls[0]
-                t = measure(lambda: run(f, z0), device, min_time)[0]
-                rows[name] = (evals, t, t / evals, t / evals - t_f)
+                evals[name] = calls[0]
+            t_f = measure(lambda: f(z0), device, min_time)[0]
+            timing = time_solvers(solvers, f, z0, min_time)
+            rows = {name: (evals[name], t, t / evals[name], inside_f / evals[name])
+                    for name, (t, inside_f) in timing.items()}
             for name, (evals, t, per, over) in rows.items():
                 ratio_o = ratio_e = ""
                 if name == "deqkern" and "torchdeq" in rows:
