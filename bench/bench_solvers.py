@@ -128,7 +128,7 @@ def header(args):
         "spent inside f during that solve) / evals, f wrapped in a timer; 'f alone' = f in a loop of its own, "
         "for reference",
         f"command: {shlex.join([sys.executable, *sys.argv])}",
-        "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=4), per-sample stop; "
+        "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=1: the CPU default), per-sample stop; "
         "torchdeq: get_solver('anderson') defaults (m=6, lam=1e-4, tau=1), stop_mode='rel', whole-batch stop",
     ]
 

@@ -17,6 +17,9 @@ from .ops import NONCONVERGENCE_POLICIES, SolverInfo, _check_solver_options, _en
 METHODS = ("anderson", "picard", "broyden")
 MAX_HISTORY = 32  # kMaxHistory of the kernels: the small system lives on the stack / in registers
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# How often the host asks "all samples stopped?" when check_every is None: on the CPU the question is a 1 us op,
+# cheaper than one extra evaluation of f; on a GPU it is a synchronisation that drains the launch queue.
+DEFAULT_CHECK_EVERY_CPU, DEFAULT_CHECK_EVERY_GPU = 1, 4
 
 
 @torch.library.register_fake("deqkern::anderson_step")
@@ -73,8 +76,9 @@ def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_ever
     if not isinstance(lam, (int, float)) or not (lam >= 0) or not math.isfinite(lam):
         raise ValueError(f"deqkern.solve: lam must be a finite number >= 0, got {lam!r}")
     _check_solver_options(alpha, tol, max_iter)
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"deqkern.solve: check_every must be an integer >= 1, got {check_every!r}")
+    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                                    or check_every < 1):
+        raise ValueError(f"deqkern.solve: check_every must be None or an integer >= 1, got {check_every!r}")
     if policy not in NONCONVERGENCE_POLICIES:
         raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {policy!r}")
 
@@ -217,7 +221,7 @@ def solve(
     lam: float = 1e-6,
     tol: float = 1e-4,
     max_iter: int = 100,
-    check_every: int = 4,
+    check_every: Optional[int] = None,
     return_trace: bool = False,
     on_nonconvergence: str = "warn",
     backend: str = "auto",
@@ -245,12 +249,16 @@ def solve(
     check_every: every check_every iterations the host reads "are all samples stopped?" (one synchronisation);
     between checks the loop runs on without syncing, so the batch may run up to check_every - 1 extra
     evaluations of f after its last sample stopped (they change nothing: stopped samples are frozen).
+    None (default): 1 for CPU tensors, where the check is a 1 us op and no synchronisation, and 4 on a GPU,
+    where each check stalls the launch queue.
     on_nonconvergence: "warn" / "raise" / "ignore", as fixed_point_dense: NaN/Inf in z0 raise ValueError, a
     residual that turns NaN/Inf raises FloatingPointError, an unconverged sample warns or raises.
     Not differentiable (runs under no_grad); backend: "auto", "cpu", "cuda", "triton", "reference".
     """
     _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
     resolved = _resolve_backend(backend, z0.device)
+    if check_every is None:
+        check_every = DEFAULT_CHECK_EVERY_CPU if z0.device.type == "cpu" else DEFAULT_CHECK_EVERY_GPU
     if method == "broyden":
         out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace)
     else:

@@ -214,6 +214,9 @@ def test_trace_and_check_every():
     calls.clear()
     deqkern.solve(counted, torch.zeros_like(c), tol=1e-8, max_iter=200, check_every=1)
     assert len(calls) == n
+    calls.clear()
+    deqkern.solve(counted, torch.zeros_like(c), tol=1e-8, max_iter=200)  # CPU default: check every iteration
+    assert len(calls) == n
     assert deqkern.solve(f, torch.zeros_like(c))[1].trace is None
 
 
