@@ -160,8 +160,8 @@ def main():
                 evals[name] = calls[0]
             t_f = measure(lambda: f(z0), device, min_time)[0]
             timing = time_solvers(solvers, f, z0, min_time)
-            rows = {name: (evals[name], t, t / evals[name], inside_f / evals[name])
-                    for name, (t, inside_f) in timing.items()}
+            rows = {name: (evals[name], t, t / evals[name], outside_f / evals[name])
+                    for name, (t, outside_f) in timing.items()}
             for name, (evals, t, per, over) in rows.items():
                 ratio_o = ratio_e = ""
                 if name == "deqkern" and "torchdeq" in rows:

@@ -95,6 +95,8 @@ def _history_key(z0, batch, m, n):
     """The cache key of a solve's history buffers, or None where they must not be cached."""
     if z0.device.type != "cpu" or type(z0) is not torch.Tensor or torch.compiler.is_compiling():
         return None  # tensor subclasses (fake, functional) and traced code allocate per solve
+    if torch._C._functorch.is_functorch_wrapped_tensor(z0):
+        return None  # torch.func transforms: their wrappers must not outlive the transform
     if 2 * batch * m * n * z0.element_size() > _HISTORY_CACHE_MAX_BYTES:
         return None
     # Buffers made under inference mode cannot be written outside it: the mode is part of the key.
@@ -103,10 +105,16 @@ def _history_key(z0, batch, m, n):
 
 def _take_history(key, z0, batch, m, n):
     cached = getattr(_HISTORY_CACHE, "entry", None)
+    _HISTORY_CACHE.entry = None  # taken (a solve nested inside f allocates its own), or freed before we allocate
     if key is not None and cached is not None and cached[0] == key:
-        _HISTORY_CACHE.entry = None  # taken: a solve nested inside f allocates its own
         return cached[1]
+    del cached
     return z0.new_empty(batch, m, n), z0.new_empty(batch, m, n)
+
+
+def release_cached_buffers():
+    """Frees the history buffers that this thread's last CPU solve kept for the next one (at most 64 MB)."""
+    _HISTORY_CACHE.entry = None
 
 
 def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trace):

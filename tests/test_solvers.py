@@ -163,6 +163,14 @@ def test_history_buffers_reused_safely(backend):
         assert torch.equal(out[1].iterations, info.iterations)
 
     assert_same(solve(f))
+    from deqkern import solvers
+
+    kept = solvers._HISTORY_CACHE.entry[1][0].data_ptr()  # the buffers are kept, and the next solve reuses them
+    assert_same(solve(f))
+    assert solvers._HISTORY_CACHE.entry[1][0].data_ptr() == kept
+    solvers.release_cached_buffers()
+    assert solvers._HISTORY_CACHE.entry is None
+    assert_same(solve(f))
 
     def outer(y):
         assert_same(solve(f))

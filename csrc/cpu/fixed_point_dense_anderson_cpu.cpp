@@ -67,7 +67,14 @@ struct AndersonArgs {
 
 // Rows of x, y and the history are padded with zeros to ld >= d (dense_kernels.h): the padding of the packed matrix
 // is 0, so y's padding is 0, the epilogue leaves it alone, and every update below keeps x's padding 0. So the
-// per-row vector loops run over whole padded rows, ld / lanes vectors (a multiple of 4), without a scalar tail.
+// per-row vector loops run over ceil(d / lanes) vectors rounded up to a multiple of 4 (ld / lanes is one, so this
+// stays inside the row), without a scalar tail.
+template <typename T, typename TILE>
+DEQKERN_ALWAYS_INLINE int64_t padded_vectors(int64_t d) {
+  constexpr int64_t L = TILE::kBytes / sizeof(T);
+  static_assert(kRowAlignBytes % (4 * TILE::kBytes) == 0, "padded rows must hold whole groups of 4 vectors");
+  return ((d + L - 1) / L + 3) / 4 * 4;
+}
 
 // Weights of _anderson_weights for P rows at once, one row per SIMD lane (P = lanes of double in TILE). The bordered
 // system's solution is a = y / (1^T y) with A y = 1, A = G + lam diag(G); A is symmetric positive definite whenever
@@ -178,12 +185,11 @@ DEQKERN_ALWAYS_INLINE void anderson_weights_isa(const double* gram, double* weig
 }
 
 // The dot products of q with up to four rows p[0..3], in one pass over q: 4 x 2 independent accumulator chains keep
-// both FMA pipes busy where a single chain would wait on its own latency. n_vec is even (rows are padded to
-// kRowAlignBytes, a multiple of two vectors), and the padding is zero.
+// both FMA pipes busy where a single chain would wait on its own latency. n_vec is even (padded_vectors), and
+// the padding is zero.
 template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE void dot4(const T* __restrict q, const T* const* p, int64_t n_vec, double* out) {
   using V = typename VecOf<T, TILE::kBytes>::type;
-  constexpr int L = TILE::kBytes / sizeof(T);
   const V* qv = reinterpret_cast<const V*>(q);
   const V* pv[4];
   for (int j = 0; j < 4; ++j) pv[j] = reinterpret_cast<const V*>(p[j]);
@@ -205,8 +211,7 @@ DEQKERN_ALWAYS_INLINE void dot4(const T* __restrict q, const T* const* p, int64_
 template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE T anderson_record(const AndersonArgs<T>& a, int64_t row, int64_t k) {
   using V = typename VecOf<T, TILE::kBytes>::type;
-  constexpr int L = TILE::kBytes / sizeof(T);
-  const int64_t n_vec = a.ld / L;  // whole padded rows: a multiple of 4 vectors, zeros past d
+  const int64_t n_vec = padded_vectors<T, TILE>(a.d);
   T* x = a.x + row * a.ld;
   T* t = a.y + row * a.ld;
   const T* bias = a.bias + row * a.d;
@@ -257,10 +262,8 @@ DEQKERN_ALWAYS_INLINE T anderson_record(const AndersonArgs<T>& a, int64_t row, i
 template <typename T, typename TILE>
 DEQKERN_ALWAYS_INLINE void anderson_mix(const AndersonArgs<T>& a, int64_t row, int n) {
   using V = typename VecOf<T, TILE::kBytes>::type;
-  constexpr int L = TILE::kBytes / sizeof(T);
-  constexpr int U = 4;
-  static_assert(kRowAlignBytes % (U * TILE::kBytes) == 0, "padded rows must hold whole groups of U vectors");
-  const int64_t n_vec = a.ld / L;
+  constexpr int U = 4;  // padded_vectors is a multiple of U
+  const int64_t n_vec = padded_vectors<T, TILE>(a.d);
   const int m = a.m;
   const T* hf = a.hist_f + row * m * a.ld;
   const T* hg = a.hist_g + row * m * a.ld;
