@@ -180,14 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> solve(const at::Tenso
     char* base = static_cast<char*>(scratch.data_ptr());
     T* packed = reinterpret_cast<T*>(base + packed_at);
     const T* m = matrix.data_ptr<T>();
-    const int64_t m_row = matrix.stride(0), m_col = matrix.stride(1);
-    bool matrix_finite = true;
-    for (int64_t k = 0; k < d; ++k) {
-      T* dst = packed + k * ld;
-      for (int64_t n = 0; n < d; ++n) dst[n] = m[k * m_row + n * m_col];
-      std::memset(dst + d, 0, (ld - d) * sizeof(T));
-      matrix_finite = matrix_finite && all_finite(dst, d);
-    }
+    const bool matrix_finite = pack_matrix(m, matrix.stride(0), matrix.stride(1), d, ld, packed);
     ChunkArgs<T> args{};
     args.packed = packed;
     args.x0 = x0.defined() ? x0.data_ptr<T>() : nullptr;
