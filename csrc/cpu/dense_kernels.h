@@ -139,10 +139,10 @@ DEQKERN_ALWAYS_INLINE bool all_finite(const T* p, int64_t n) {
 }
 
 // packed[k, n] = matrix[k, n] for k, n < d, from a matrix with any strides, rows zero-padded to ld. Returns whether
-// every entry is finite. The forward solve passes W^T, a column-major view: a row-by-row copy then reads one
-// element per cache line, and cost ~100 us at d = 256 and ~3 ms at d = 1024 (one solver iteration: 40 us and
-// 0.2 ms). 32 x 32 tiles through an L1 buffer make reads and writes both run along cache lines. Bands of 32 rows
-// are split between threads.
+// every entry is finite. The forward solve passes W^T, a column-major view: a row-by-row copy reads one element
+// per cache line (and writes down a 4 kB stride at d = 1024). 32 x 32 tiles through an L1 buffer make reads and
+// writes both run along cache lines; bands of 32 rows are split between threads. Measured on solves of one
+// iteration (2 threads): B=256, d=256 192 -> 117 us; B=32, d=1024 3.4 -> 0.7 ms.
 template <typename T>
 inline bool pack_matrix(const T* src, int64_t row_stride, int64_t col_stride, int64_t d, int64_t ld, T* packed) {
   constexpr int64_t kTile = 32;
