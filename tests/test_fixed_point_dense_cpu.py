@@ -148,3 +148,20 @@ def test_opcheck():
     torch.library.opcheck(forward_op, (W, c, z0, "tanh", 0.8, 1e-8, 100))
     z = fixed_point_dense_ref(W, c, z0, "tanh", 1.0, 1e-10, 200)[0]
     torch.library.opcheck(backward_op, (W, c, z, torch.randn_like(z), "softsign", 1.0, 1e-8, 100))
+
+
+
+@pytest.mark.parametrize("position", [(0, 0), (31, 32), (32, 31), (69, 69), (40, 5)])
+def test_nan_in_W_is_seen_across_the_packing_tiles(position):
+    """W is packed in 32 x 32 tiles (transposed for the forward solve): a NaN anywhere, tile edges and the ragged
+    last tile included, flags every sample of the forward solves and of the backward solve."""
+    W, c, z0 = dense_problem(4, 70)
+    W[position] = float("nan")
+    grad_z = torch.ones_like(c)
+    outs = {
+        "picard": forward_op(W, c, z0, "tanh", 1.0, 1e-10, 300),
+        "anderson": torch.ops.deqkern.fixed_point_dense_anderson(W, c, z0, "tanh", 5, 1.0, 1e-4, 1e-10, 300),
+        "picard-backward": backward_op(W, c, torch.zeros_like(c), grad_z, "tanh", 1.0, 1e-10, 300),
+    }
+    for name, (_, iterations, residual, converged) in outs.items():
+        assert not converged.any() and (iterations == 0).all() and residual.isnan().all(), name
