@@ -153,12 +153,11 @@ inline bool pack_matrix(const T* src, int64_t row_stride, int64_t col_stride, in
     bool ok = true;
     for (int64_t band = band_begin; band < band_end; ++band) {
       const int64_t k0 = band * kTile, k1 = std::min(d, k0 + kTile);
-      for (int64_t n0 = 0; n0 < d; n0 += kTile) {
-        const int64_t n1 = std::min(d, n0 + kTile);
-        if (col_stride == 1) {
-          for (int64_t k = k0; k < k1; ++k)
-            for (int64_t n = n0; n < n1; ++n) packed[k * ld + n] = src[k * row_stride + n];
-        } else {  // through an L1 tile: writing straight down packed's columns (stride ld, often 4 kB) thrashes L1
+      if (col_stride == 1) {  // rows are contiguous: a plain copy
+        for (int64_t k = k0; k < k1; ++k) std::memcpy(packed + k * ld, src + k * row_stride, d * sizeof(T));
+      } else {  // through an L1 tile: writing straight down packed's columns (stride ld, often 4 kB) thrashes L1
+        for (int64_t n0 = 0; n0 < d; n0 += kTile) {
+          const int64_t n1 = std::min(d, n0 + kTile);
           T tile[kTile][kTile];
           for (int64_t n = n0; n < n1; ++n)
             for (int64_t k = k0; k < k1; ++k) tile[k - k0][n - n0] = src[k * row_stride + n * col_stride];

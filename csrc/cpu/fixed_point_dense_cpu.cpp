@@ -81,11 +81,7 @@ DEQKERN_ALWAYS_INLINE T update_row(const ChunkArgs<T>& a, int64_t row) {
     diff_v += dv * dv;
     t_v += tv * tv;
   }
-  T diff_sq = 0, t_sq = 0;
-  for (int l = 0; l < int(L); ++l) {
-    diff_sq += diff_v[l];
-    t_sq += t_v[l];
-  }
+  T diff_sq = horizontal_sum<T, TILE::kBytes>(diff_v), t_sq = horizontal_sum<T, TILE::kBytes>(t_v);
   for (; i < a.d; ++i) {
     diff_sq += (t[i] - x[i]) * (t[i] - x[i]);
     t_sq += t[i] * t[i];

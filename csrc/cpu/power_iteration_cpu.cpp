@@ -94,13 +94,6 @@ DEQKERN_PI_INLINE void store(T* p, PiVec<T> x) {
   *reinterpret_cast<PiVec<T>*>(p) = x;
 }
 
-template <typename T>
-DEQKERN_PI_INLINE T horizontal_sum(PiVec<T> x) {
-  T s = 0;
-  for (int l = 0; l < kPiLanes<T>; ++l) s += x[l];
-  return s;
-}
-
 // out[r] = W_r . v for the R rows starting at w.
 template <typename T, int R>
 DEQKERN_PI_INLINE void row_dots(const T* w, int64_t ld, const T* v, T (&out)[R]) {
@@ -110,7 +103,7 @@ DEQKERN_PI_INLINE void row_dots(const T* w, int64_t ld, const T* v, T (&out)[R])
     const PiVec<T> x = load(v + j);
     for (int r = 0; r < R; ++r) acc[r] += load(w + r * ld + j) * x;
   }
-  for (int r = 0; r < R; ++r) out[r] = horizontal_sum<T>(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = cpu::horizontal_sum<T, sizeof(PiVec<T>)>(acc[r]);
 }
 
 // z += sum_r c[r] W_r for the same R rows (still in L1 from row_dots).
@@ -153,7 +146,7 @@ DEQKERN_PI_INLINE T squared_norm(const T* x, int64_t ld) {
     const PiVec<T> xj = load(x + j);
     acc += xj * xj;
   }
-  return horizontal_sum<T>(acc);
+  return cpu::horizontal_sum<T, sizeof(PiVec<T>)>(acc);
 }
 
 // out <- x / ||x|| when ||x|| > 0; a zero or NaN norm leaves out as it is (no 0 / 0).
