@@ -211,8 +211,8 @@ def measure(fn, device, min_time, setup=None):
     return _quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times)
 
 
-def measure_interleaved(fns, min_time):
-    """{name: (median, p20, p80, repeats)} in ms for CPU callables timed in rounds, one call of each per round.
+def interleaved_times(fns, min_time):
+    """{name: [ms of each timed call]} for CPU callables timed in rounds, one call of each per round.
 
     A ratio between two implementations is what a benchmark reports; on a shared machine the speed drifts over
     seconds, and timing one implementation after the other puts that drift into the ratio. Interleaving exposes
@@ -230,12 +230,17 @@ def measure_interleaved(fns, min_time):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(1e3 * (time.perf_counter() - t0))
     finally:
         gc.enable()
+    return times
+
+
+def measure_interleaved(fns, min_time):
+    """{name: (median, p20, p80, repeats)} in ms of interleaved_times(fns, min_time)."""
     out = {}
-    for name, t in times.items():
-        t = sorted(1e3 * x for x in t)
+    for name, t in interleaved_times(fns, min_time).items():
+        t = sorted(t)
         out[name] = (_quantile(t, 0.5), _quantile(t, 0.2), _quantile(t, 0.8), len(t))
     return out
 

@@ -10,13 +10,13 @@ max_iter 100, CPU. Two layers are timed:
 
 Columns: evaluations of f, time per solve, time per iteration, time of f alone (a loop of its own), solver
 overhead per iteration = (solve time - time spent inside f during the solve) / evaluations, and the ratios
-torchdeq / deqkern. The solvers are timed interleaved (see time_solvers). Then: evaluations of f on the slow layer at more sizes.
+torchdeq / deqkern. The solvers are timed interleaved (see time_solvers). Then: evaluations of f on the slow layer
+at more sizes.
 
     python bench/bench_solvers.py [--quick] [--threads 2] [--out bench/results/solvers_cpu.md]
 """
 import argparse
 import datetime
-import gc
 import os
 import platform
 import shlex
@@ -31,7 +31,7 @@ import torch
 import deqkern
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_fixed_point_dense import make_problem, measure  # noqa: E402  (same problem and timing as there)
+from bench_fixed_point_dense import interleaved_times, make_problem, measure  # noqa: E402  (same as there)
 
 try:
     from torchdeq.solver import get_solver
@@ -70,41 +70,36 @@ def theirs(f, z0):
 
 
 def time_solvers(solvers, f, z0, min_time):
-    """{name: (median ms per solve, median ms per solve outside f)}, the solvers interleaved (one solve of each per
-    round, for min_time seconds per solver in all, >= 5 rounds).
+    """{name: (median ms per solve, median ms per solve outside f)}, the solvers interleaved (interleaved_times).
 
     The overhead is measured, not inferred: f is wrapped in a timer, and a solve's time outside f is its time minus
     the time spent inside f during that solve. (Subtracting f's time from a loop of its own would mix two machine
     states: inside a solve f's outputs fault pages in again and its matrix is evicted by the solver's buffers.)
-    Interleaving exposes both solvers to the same drift of the machine's speed.
     """
-    inside = [0.0]
+    inside_ms = {name: [] for name in solvers}  # per call, warm-up calls included
 
-    def timed_f(z):
-        t0 = time.perf_counter()
-        out = f(z)
-        inside[0] += time.perf_counter() - t0
-        return out
+    def timed_solve(name, run):
+        spent = [0.0]
 
-    for run in solvers.values():  # warm-up
-        run(timed_f, z0)
-    totals = {name: [] for name in solvers}
-    outside = {name: [] for name in solvers}
-    deadline = time.perf_counter() + min_time * len(solvers)
-    gc.collect()
-    gc.disable()
-    try:
-        while time.perf_counter() < deadline or len(totals[next(iter(solvers))]) < 5:
-            for name, run in solvers.items():
-                inside[0] = 0.0
-                t0 = time.perf_counter()
-                run(timed_f, z0)
-                total = time.perf_counter() - t0
-                totals[name].append(1e3 * total)
-                outside[name].append(1e3 * (total - inside[0]))
-    finally:
-        gc.enable()
-    return {name: (statistics.median(totals[name]), statistics.median(outside[name])) for name in solvers}
+        def timed_f(z):
+            t0 = time.perf_counter()
+            out = f(z)
+            spent[0] += time.perf_counter() - t0
+            return out
+
+        def call():
+            spent[0] = 0.0
+            run(timed_f, z0)
+            inside_ms[name].append(1e3 * spent[0])
+
+        return call
+
+    totals = interleaved_times({name: timed_solve(name, run) for name, run in solvers.items()}, min_time)
+    out = {}
+    for name, total in totals.items():
+        inside = inside_ms[name][-len(total):]  # the timed calls are the last ones
+        out[name] = (statistics.median(total), statistics.median([t - i for t, i in zip(total, inside)]))
+    return out
 
 
 def header(args):
@@ -124,11 +119,12 @@ def header(args):
         f"git commit: {commit}",
         f"versions: torch {torch.__version__}, deqkern {deqkern.__version__}, python {platform.python_version()}",
         f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        "timing: medians; the two solvers interleaved (one solve of each per round); overhead/iter = (solve time - time "
-        "spent inside f during that solve) / evals, f wrapped in a timer; 'f alone' = f in a loop of its own, "
+        "timing: medians; the two solvers interleaved (one solve of each per round); overhead/iter = (solve time - "
+        "time spent inside f during that solve) / evals, f wrapped in a timer; 'f alone' = f in a loop of its own, "
         "for reference",
         f"command: {shlex.join([sys.executable, *sys.argv])}",
-        "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=1: the CPU default), per-sample stop; "
+        "deqkern: solve(method='anderson', m=5, beta=1, lam=1e-6 relative, check_every=1: the CPU default), "
+        "per-sample stop; "
         "torchdeq: get_solver('anderson') defaults (m=6, lam=1e-4, tau=1), stop_mode='rel', whole-batch stop",
     ]
 
@@ -167,8 +163,8 @@ def main():
                 if name == "deqkern" and "torchdeq" in rows:
                     ratio_o = f"{rows['torchdeq'][3] / max(over, 1e-9):.1f}x less"
                     ratio_e = f"{rows['torchdeq'][1] / t:.1f}x faster"
-                lines.append(f"| {layer} | {B} | {d} | {name} | {evals} | {t:.3f} | {1e3 * per:.1f} | {1e3 * t_f:.1f} | "
-                             f"{1e3 * over:.1f} | {ratio_o} | {ratio_e} |")
+                lines.append(f"| {layer} | {B} | {d} | {name} | {evals} | {t:.3f} | {1e3 * per:.1f} | "
+                             f"{1e3 * t_f:.1f} | {1e3 * over:.1f} | {ratio_o} | {ratio_e} |")
         lines += ["", "## f evaluations on the slowly contracting layer (target <= 16), tol 1e-4 relative", "",
                   "| B | d | deqkern max iterations | deqkern converged | torchdeq f evals |", "|---|---|---|---|---|"]
         for B, d in (SLOW_SIZES[:1] if args.quick else SLOW_SIZES):

@@ -150,7 +150,6 @@ def test_opcheck():
     torch.library.opcheck(backward_op, (W, c, z, torch.randn_like(z), "softsign", 1.0, 1e-8, 100))
 
 
-
 @pytest.mark.parametrize("position", [(0, 0), (31, 32), (32, 31), (69, 69), (40, 5)])
 def test_nan_in_W_is_seen_across_the_packing_tiles(position):
     """W is packed in 32 x 32 tiles (transposed for the forward solve): a NaN anywhere, tile edges and the ragged

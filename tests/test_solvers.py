@@ -177,7 +177,8 @@ def test_history_buffers_reused_safely(backend):
         return f(y)
 
     assert_same(solve(outer))
-    deqkern.solve(lambda y: torch.tanh(y @ W.T + c[:2]), z0[:2], backend=backend)  # evicts the cached buffers: the next solve makes its own
+    # Another shape evicts the cached buffers: the next solve makes its own.
+    deqkern.solve(lambda y: torch.tanh(y @ W.T + c[:2]), z0[:2], backend=backend)
     with torch.inference_mode():
         assert_same(solve(f))
     assert_same(solve(f))  # the reference's in-place writes raise on an inference-mode buffer
