@@ -3,6 +3,7 @@
 Environment flags (see the README's table):
   DEQKERN_FORCE_CUDA=1   build the CUDA extension even when no GPU is visible (fails if it cannot)
   DEQKERN_SKIP_CUDA=1    never build the CUDA extension
+  DEQKERN_DEBUG=1        -O0 -g (and -G for CUDA, with device-side asserts) instead of -O3
   TORCH_CUDA_ARCH_LIST   GPU architectures; default "8.0;9.0" when no GPU is visible to pick from
   MAX_JOBS, NVCC_THREADS parallel compile jobs (ninja) and nvcc threads per job
 """
@@ -10,7 +11,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,15 +26,17 @@ def build_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc")]
+    debug = _flag("DEQKERN_DEBUG")
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 from torch 2.14 on).
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    cxx_flags = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3", "-fno-math-errno"]
     # at::parallel_for is a header template: without -fopenmp it silently runs on one thread. The OpenMP runtime
     # resolves to the libgomp.so.1 that torch has already loaded, so there is one thread pool.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     extensions = [
         CppExtension(
             "deqkern._C",
-            sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp")),
+            # the module, then per op folder its schema (<op>.cpp) and CPU kernel (<op>_cpu.cpp)
+            sources=["csrc/module.cpp"] + sorted(glob.glob("csrc/*/*.cpp")),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + openmp},
             extra_link_args=openmp,
@@ -51,12 +54,16 @@ def build_extensions():
             )
         if not torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
-                      f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
+        # No --use_fast_math: it approximates sqrt and division in the residual (the stop decision would differ from
+        # Triton's and the reference's correctly rounded one) and flushes denormals; the hot loop is multiply-adds,
+        # which it does not change.
+        nvcc_flags = ["-O0", "-G", "-g", "-UNDEBUG", "-DDEQKERN_DEBUG=1"] if debug else ["-O3", "-lineinfo"]
+        nvcc_flags.append(f"--threads={os.environ.get('NVCC_THREADS', '2')}")
         extensions.append(
             CUDAExtension(
                 "deqkern._C_cuda",
-                sources=sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")),
+                # the module, then per op folder its CUDA kernel (<op>_cuda.cu)
+                sources=["csrc/cuda_module.cpp"] + sorted(glob.glob("csrc/*/*_cuda.cu")),
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             )
@@ -71,7 +78,7 @@ def main():
         name="deqkern",
         version="0.1.0",
         description="Fused, certified deep equilibrium (DEQ) solvers for PyTorch: CPU C++, CUDA and Triton kernels",
-        packages=["deqkern", "deqkern.triton_kernels"],
+        packages=find_packages(include=["deqkern", "deqkern.*"]) + ["deqkern.triton_kernels"],
         package_dir={"deqkern.triton_kernels": "triton_kernels"},
         ext_modules=build_extensions(),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import deqkern
-from bench_fixed_point_dense import eager_solve, layer, make_problem
+from harness.peers import eager_solve, layer, random_contraction_problem
 
 SHAPES = [(32, 64)]
 
@@ -18,14 +18,14 @@ def two_threads():
 
 @pytest.mark.parametrize("batch,d", SHAPES, ids=[f"B{b}-D{d}" for b, d in SHAPES])
 def test_forward_deqkern_cpu(benchmark, batch, d):
-    W, c, _ = make_problem(batch, d, torch.device("cpu"))
+    W, c, _ = random_contraction_problem(batch, d)
     z, info = benchmark(deqkern.fixed_point_dense, W, c, tol=1e-4, max_iter=100, backend="cpu")
     assert bool(info.converged.all())
 
 
 @pytest.mark.parametrize("batch,d", SHAPES, ids=[f"B{b}-D{d}" for b, d in SHAPES])
 def test_forward_pytorch_eager_loop(benchmark, batch, d):
-    W, c, z0 = make_problem(batch, d, torch.device("cpu"))
+    W, c, z0 = random_contraction_problem(batch, d)
     z, iterations = benchmark(eager_solve, layer(W, c), z0)
     z_ref, _ = deqkern.fixed_point_dense(W, c, tol=1e-4, max_iter=100, backend="cpu")
     assert iterations < 100

@@ -24,7 +24,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .ops import NONCONVERGENCE_POLICIES, SolverInfo
+from .core.info import SolverInfo
+from .core.policy import NONCONVERGENCE_POLICIES
+from .solvers import solve
 
 SOLVER_METHODS = ("anderson", "picard", "broyden")
 BACKWARD_MODES = ("ift", "phantom", "one_step")
@@ -33,16 +35,6 @@ SOLVE_OPTIONS = frozenset(
     ("m", "beta", "alpha", "lam", "tol", "max_iter", "check_every", "return_trace", "on_nonconvergence", "backend")
 )
 DEFAULT_BACKWARD_OPTIONS = dict(solver="anderson", tol=1e-6, max_iter=100)
-
-
-def _solve_fn():
-    """deqkern.solve, looked up at call time (so that deqkern.solve can be patched, and nn imports without it)."""
-    import deqkern
-
-    fn = getattr(deqkern, "solve", None)
-    if fn is None:
-        from .solvers import solve as fn
-    return fn
 
 
 def _check_options(options, what):
@@ -97,7 +89,7 @@ class _IFTGrad(torch.autograd.Function):
 
         options = dict(deq.backward_options)
         method = options.pop("solver")
-        g, binfo = _solve_fn()(adjoint, torch.zeros_like(grad), method=method, **options)
+        g, binfo = solve(adjoint, torch.zeros_like(grad), method=method, **options)
         if info is not None and not torch.compiler.is_compiling():
             info.backward = binfo
         deq.last_backward_info = binfo
@@ -208,7 +200,7 @@ class DEQ(nn.Module):
             return out
 
         with torch.no_grad():
-            z_star, info = _solve_fn()(fixed_point_map, z_init, method=self.solver, **self.solver_options)
+            z_star, info = solve(fixed_point_map, z_init, method=self.solver, **self.solver_options)
         z_star = z_star.detach()
         self.last_info = info
 

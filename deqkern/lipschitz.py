@@ -7,22 +7,16 @@ iteration, CPU C++, CUDA and Triton kernels); `one_sided_linf` and `linf_norm` a
 plain torch ops are the right tool.
 """
 import functools
-import math
-import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from . import reference
-from .ops import NonConvergenceError, _check_tensor, _resolve_backend
-
-MODES = reference.POWER_ITERATION_MODES
-NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
-
-
-class PowerIterationWarning(RuntimeWarning):
-    """A power iteration stopped at max_iter before its value settled to tol."""
+from .core import validation
+from .core.backends import kernel, resolve_backend
+from .core.errors import PowerIterationWarning  # noqa: F401  (public here since the first release)
+from .core.policy import check_policy, checks_enabled, enforce_convergence
+from .ops import power_iteration as _power_iteration_op  # noqa: F401  (registers the power_iteration backends)
+from .reference.power_iteration import POWER_ITERATION_MODES as MODES
 
 
 @dataclass
@@ -43,54 +37,18 @@ class PowerIterationResult:
         return iter((self.value, self.u))
 
 
-# ---------------------------------------------------------------- fake kernel (shapes only, for torch.compile)
-@torch.library.register_fake("deqkern::power_iteration")
-def _power_iteration_fake(W, row_scale, u0, mode, shift, max_iter, tol):
-    torch._check(W.dim() == 2, lambda: f"W must be (m, n), got {tuple(W.shape)}")
-    torch._check(u0.dim() == 2 and u0.shape[1] == W.shape[1], lambda: f"u0 must be (batch, {W.shape[1]})")
-    torch._check(mode != "symmetric" or W.shape[0] == W.shape[1], lambda: "mode 'symmetric' needs a square W")
-    batch = u0.shape[0]
-    return (
-        u0.new_empty(batch),
-        torch.empty_like(u0, memory_format=torch.contiguous_format),
-        u0.new_empty(batch, dtype=torch.int32),
-        u0.new_empty(batch, dtype=torch.bool),
-    )
-
-
-def _power_op(backend):
-    if backend in ("cpu", "cuda"):
-        return torch.ops.deqkern.power_iteration
-    if backend == "triton":
-        from .triton_kernels.power_iteration import power_iteration_triton
-
-        return power_iteration_triton
-    return reference.power_iteration_ref
-
-
 # ---------------------------------------------------------------- checks
-def _check_matrix(W, square=False, what="W"):
-    _check_tensor(what, W)
+def _check_matrix(what, W, square=False):
+    validation.check_tensor(what, "W", W)
     if W.dim() != 2 or W.shape[0] == 0 or W.shape[1] == 0:
-        raise ValueError(f"{what} must be a non-empty 2-D (m, n) matrix, got shape {tuple(W.shape)}")
+        raise ValueError(f"deqkern.{what}: W must be a non-empty 2-D (m, n) matrix, got shape {tuple(W.shape)}")
     if square and W.shape[0] != W.shape[1]:
-        raise ValueError(f"{what} must be square (d, d), got shape {tuple(W.shape)}")
+        raise ValueError(f"deqkern.{what}: W must be square (d, d), got shape {tuple(W.shape)}")
 
 
-def _check_finite(**tensors):
-    """One host synchronisation for all tensors."""
-    names = [name for name, t in tensors.items() if t is not None]
-    flags = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).tolist()
-    bad = [name for name, ok in zip(names, flags) if not ok]
-    if bad:
-        raise ValueError(f"deqkern.lipschitz: {' and '.join(bad)} contain NaN or Inf")
-
-
-def _check_options(max_iter, tol, name="max_iter"):
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not (1 <= max_iter < 2**31):
-        raise ValueError(f"{name} must be an integer >= 1, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0) or not math.isfinite(tol):
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+def _check_options(what, max_iter, tol, name="max_iter"):
+    validation.check_int(what, name, max_iter, 1)
+    validation.check_positive(what, "tol", tol)
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,52 +73,31 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     caller ("ignore": no host synchronisation after the solve). The value of an unconverged sample is a lower bound.
     Returns PowerIterationResult(value (B,), u (B, n), iterations int32 (B,), converged bool (B,)).
     """
-    _check_matrix(W, square=(mode == "symmetric"))
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_tensor("u0", u0, W.dtype, W.device)
+    what = "lipschitz.power_iteration"
+    validation.check_choice(what, "mode", mode, MODES)
+    _check_matrix(what, W, square=(mode == "symmetric"))
+    validation.check_tensor(what, "u0", u0, like=W)
     if u0.dim() != 2 or u0.shape[1] != W.shape[1]:
-        raise ValueError(f"u0 must be (batch, {W.shape[1]}) to match W, got shape {tuple(u0.shape)}")
+        raise ValueError(f"deqkern.{what}: u0 must be (batch, {W.shape[1]}) to match W, got shape {tuple(u0.shape)}")
     if row_scale is not None:
-        _check_tensor("row_scale", row_scale, W.dtype, W.device)
+        validation.check_tensor(what, "row_scale", row_scale, like=W)
         if row_scale.shape != (u0.shape[0], W.shape[0]):
-            raise ValueError(f"row_scale must be (batch, m) = {(u0.shape[0], W.shape[0])}, got {tuple(row_scale.shape)}")
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift):
-        raise ValueError(f"shift must be a finite number, got {shift!r}")
-    _check_options(max_iter, tol)
-    if on_nonconvergence not in NONCONVERGENCE_POLICIES:
-        raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {on_nonconvergence!r}")
-    backend = _resolve_backend(backend, W.device)
-    W, u0 = W.contiguous(), u0.contiguous()
-    row_scale = None if row_scale is None else row_scale.contiguous()
-    checks = on_nonconvergence != "ignore" and not torch.compiler.is_compiling()
+            raise ValueError(f"deqkern.{what}: row_scale must be (batch, m) = {(u0.shape[0], W.shape[0])}, got "
+                             f"{tuple(row_scale.shape)}")
+    validation.check_finite_number(what, "shift", shift)
+    _check_options(what, max_iter, tol)
+    check_policy(what, on_nonconvergence)
+    backend = resolve_backend(backend, W.device, what)
+    checks = checks_enabled(on_nonconvergence)
     if checks and not _trusted_start and u0.shape[0] and not bool((u0 != 0).any(dim=1).all()):
-        raise ValueError("u0 has an all-zero row: every start vector must be nonzero")
-    value, u, iterations, converged = _power_op(backend)(W, row_scale, u0, mode, float(shift), int(max_iter),
-                                                         float(tol))
-    result = PowerIterationResult(value, u, iterations, converged, float(shift))
-    if checks:
-        _enforce_convergence(result, mode, max_iter, tol, on_nonconvergence, dict(W=W, u0=u0, row_scale=row_scale))
-    return result
-
-
-def _enforce_convergence(result, mode, max_iter, tol, policy, inputs):
-    """A NaN/Inf input makes the value non-finite and the sample not converged (reference.py), so the happy path
-    is one reduction and one host synchronisation; the inputs are scanned only to name the culprit."""
-    if result.value.numel() == 0 or bool(result.converged.all()):
-        return
-    _check_finite(**inputs)
-    if not bool(torch.isfinite(result.value).all()):
-        raise FloatingPointError(f"deqkern.lipschitz: the power iteration ({mode}) overflowed to NaN/Inf")
-    n_bad = int((~result.converged).sum())
-    message = (
-        f"deqkern.lipschitz: power iteration ({mode}) did not converge for {n_bad} of "
-        f"{result.converged.numel()} samples within max_iter={max_iter} (tol={tol:g}); its value is a lower "
-        "bound. Raise n_iter / max_iter, or warm-start from the returned u"
-    )
-    if policy == "raise":
-        raise NonConvergenceError(message)
-    warnings.warn(message, PowerIterationWarning, stacklevel=4)
+        raise ValueError(f"deqkern.{what}: u0 has an all-zero row: every start vector must be nonzero")
+    value, u, iterations, converged = kernel("power_iteration", backend)(W, row_scale, u0, mode, float(shift),
+                                                                         int(max_iter), float(tol))
+    enforce_convergence(what, converged, value, on_nonconvergence, tol=tol, max_iter=max_iter,
+                        inputs=dict(W=W, u0=u0, row_scale=row_scale), quantity=f"{mode} estimate",
+                        advice="the value is a lower bound; raise n_iter / max_iter, or warm-start from the returned u",
+                        warning=PowerIterationWarning)
+    return PowerIterationResult(value, u, iterations, converged, float(shift))
 
 
 def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):
@@ -168,9 +105,9 @@ def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):
     if u0 is None:
         u0 = _default_start(W.shape[1], W.dtype, W.device)
     else:
-        _check_tensor("u0", u0, W.dtype, W.device)
+        validation.check_tensor("lipschitz", "u0", u0, like=W)
         if u0.shape != (W.shape[1],):
-            raise ValueError(f"u0 must be ({W.shape[1]},) to match W, got shape {tuple(u0.shape)}")
+            raise ValueError(f"deqkern.lipschitz: u0 must be ({W.shape[1]},) to match W, got shape {tuple(u0.shape)}")
     r = power_iteration(W, u0[None], mode=mode, shift=shift, max_iter=n_iter, tol=tol, backend=backend,
                         on_nonconvergence=on_nonconvergence, _trusted_start=trusted)
     return PowerIterationResult(r.value[0], r.u[0], r.iterations[0], r.converged[0], r.shift)
@@ -184,7 +121,7 @@ def spectral_norm(W, n_iter=1000, tol=1e-6, u0=None, backend="auto"):
     Returns PowerIterationResult (unpacks as `value, u`): value 0-dim, u (n,), iterations, converged.
     Warns PowerIterationWarning when not converged within n_iter (the value is then a lower bound).
     """
-    _check_matrix(W)
+    _check_matrix("lipschitz.spectral_norm", W)
     return _single(W, u0, "gram", 0.0, n_iter, tol, backend)
 
 
@@ -199,10 +136,11 @@ def one_sided_l2(W, n_iter=1000, tol=1e-6, u0=None, backend="auto", shift=None):
     converge warns PowerIterationWarning and is a lower bound. Returns PowerIterationResult as spectral_norm
     (result.shift holds the shift used).
     """
-    _check_matrix(W, square=True)
-    _check_options(n_iter, tol, "n_iter")
+    what = "lipschitz.one_sided_l2"
+    _check_matrix(what, W, square=True)
+    _check_options(what, n_iter, tol, "n_iter")
     if shift is None:
-        _check_finite(W=W)
+        validation.check_finite(what, W=W)
         S = 0.5 * (W + W.T)
         diag = S.diagonal()
         shift = float((S.abs().sum(dim=1) - diag.abs() - diag).max().clamp_min(0))
@@ -215,15 +153,16 @@ def one_sided_linf(W, weights=None):
     weights: (d,) positive: mu_inf(D W D^-1) with D = diag(weights). A single reduction: plain torch ops.
     Returns a 0-dim tensor.
     """
-    _check_matrix(W, square=True)
-    _check_finite(W=W)
+    what = "lipschitz.one_sided_linf"
+    _check_matrix(what, W, square=True)
+    validation.check_finite(what, W=W)
     if weights is not None:
-        _check_tensor("weights", weights, W.dtype, W.device)
+        validation.check_tensor(what, "weights", weights, like=W)
         if weights.shape != (W.shape[0],):
-            raise ValueError(f"weights must be ({W.shape[0]},), got shape {tuple(weights.shape)}")
-        _check_finite(weights=weights)
+            raise ValueError(f"deqkern.{what}: weights must be ({W.shape[0]},), got shape {tuple(weights.shape)}")
+        validation.check_finite(what, weights=weights)
         if not bool((weights > 0).all()):
-            raise ValueError("weights must be > 0")
+            raise ValueError(f"deqkern.{what}: weights must be > 0")
         W = weights[:, None] * W / weights[None, :]
     diag = W.diagonal()
     return (W.abs().sum(dim=1) - diag.abs() + diag).max()
@@ -231,6 +170,6 @@ def one_sided_linf(W, weights=None):
 
 def linf_norm(W):
     """||W||_inf = max_i sum_j |w_ij|, the induced inf-norm of W (m, n). A single reduction: plain torch ops."""
-    _check_matrix(W)
-    _check_finite(W=W)
+    _check_matrix("lipschitz.linf_norm", W)
+    validation.check_finite("lipschitz.linf_norm", W=W)
     return W.abs().sum(dim=1).max()

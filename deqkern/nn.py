@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .activations import get_activation
-from .ops import SolverInfo, fixed_point_dense
+from .core.info import SolverInfo
+from .ops.fixed_point_dense import fixed_point_dense
 
 
 class DEQLinear(nn.Module):

@@ -1,9 +1,9 @@
 """Generic fixed-point solvers for any DEQ layer: `deqkern.solve(f, z0, method="anderson" | "picard" | "broyden")`.
 
 f is a black box (B, ...) -> (B, ...), evaluated by PyTorch once per iteration on the whole batch. Everything else of
-an Anderson (or Picard) iteration is ONE registered op, `deqkern::anderson_step` (CPU C++ and CUDA in csrc/,
-`deqkern::anderson_step_triton` in triton_kernels/anderson.py, the specification `anderson_step_ref` in
-reference.py); the fake kernel of the C++ op is registered here. Broyden is plain PyTorch (no kernel).
+an Anderson (or Picard) iteration is ONE registered op, `deqkern::anderson_step` (csrc/anderson_step/,
+triton_kernels/anderson_step.py, the specification deqkern/reference/anderson_step.py, fake kernel and backends in
+deqkern/ops/anderson_step.py). Broyden is plain PyTorch (no kernel).
 """
 import math
 import threading
@@ -11,35 +11,19 @@ from typing import Callable, Optional
 
 import torch
 
-from . import reference
-from .ops import NONCONVERGENCE_POLICIES, SolverInfo, _check_solver_options, _enforce_policy, _resolve_backend
+from .core import validation
+from .core.backends import kernel, resolve_backend
+from .core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M
+from .core.info import SolverInfo
+from .core.policy import check_policy, enforce_convergence
+from .ops import anderson_step  # noqa: F401  (registers the anderson_step backends)
+from .reference.common import relative_residual
 
 METHODS = ("anderson", "picard", "broyden")
-MAX_HISTORY = 32  # kMaxHistory of the kernels: the small system lives on the stack / in registers
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How often the host asks "all samples stopped?" when check_every is None: on the CPU the question is a 1 us op,
 # cheaper than one extra evaluation of f; on a GPU it is a synchronisation that drains the launch queue.
 DEFAULT_CHECK_EVERY_CPU, DEFAULT_CHECK_EVERY_GPU = 1, 4
-
-
-@torch.library.register_fake("deqkern::anderson_step")
-def _anderson_step_fake(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations,
-                        k, beta, lam, tol):
-    torch._check(X_hist.dim() == 3 and G_hist.shape == X_hist.shape, lambda: "X_hist, G_hist must be (B, m, n)")
-    torch._check(H.shape == (X_hist.shape[0], X_hist.shape[1], X_hist.shape[1]), lambda: "H must be (B, m, m)")
-    torch._check(x.shape == fx.shape == x_next.shape == z_best.shape, lambda: "x, fx, x_next, z_best: (B, n)")
-    return None
-
-
-def _step_op(backend: str):
-    """The anderson_step callable of one backend (signature of the registered op)."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.deqkern.anderson_step
-    if backend == "triton":
-        from .triton_kernels import anderson  # noqa: F401  (registers deqkern::anderson_step_triton)
-
-        return torch.ops.deqkern.anderson_step_triton
-    return reference.anderson_step_ref
 
 
 def _accumulation_dtype(dtype):
@@ -59,28 +43,22 @@ def _check_output(fz, z0):
 
 
 def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, policy):
+    what = "solve"
     if not callable(f):
         raise TypeError(f"deqkern.solve: f must be callable, got {type(f).__name__}")
-    if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"deqkern.solve: z0 must be a torch.Tensor, got {type(z0).__name__}")
-    if z0.dtype not in STATE_DTYPES:
-        raise TypeError(f"deqkern.solve: z0 must be float16, bfloat16, float32 or float64, got {z0.dtype}")
+    validation.check_tensor(what, "z0", z0, dtypes=STATE_DTYPES)
     if z0.dim() < 1:
         raise ValueError("deqkern.solve: z0 must have a batch dimension: (B, ...)")
-    if method not in METHODS:
-        raise ValueError(f"deqkern.solve: unknown method {method!r}; choose one of {METHODS}")
-    if isinstance(m, bool) or not isinstance(m, int) or not (1 <= m <= MAX_HISTORY):
-        raise ValueError(f"deqkern.solve: m must be an integer in [1, {MAX_HISTORY}], got {m!r}")
-    if not isinstance(beta, (int, float)) or not (0 < beta <= 1):
-        raise ValueError(f"deqkern.solve: beta must be a number in (0, 1], got {beta!r}")
-    if not isinstance(lam, (int, float)) or not (lam >= 0) or not math.isfinite(lam):
-        raise ValueError(f"deqkern.solve: lam must be a finite number >= 0, got {lam!r}")
-    _check_solver_options(alpha, tol, max_iter)
-    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
-                                    or check_every < 1):
-        raise ValueError(f"deqkern.solve: check_every must be None or an integer >= 1, got {check_every!r}")
-    if policy not in NONCONVERGENCE_POLICIES:
-        raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {policy!r}")
+    validation.check_choice(what, "method", method, METHODS)
+    if method == "broyden":  # no kernel: its memory m is not bounded by the Anderson cap
+        validation.check_anderson_options(what, m, beta, lam, m_name="m (the Broyden memory)",
+                                          max_m=validation.MAX_INT32)
+    else:
+        validation.check_anderson_options(what, m, beta, lam)
+    validation.check_solver_options(what, alpha, tol, max_iter)
+    if check_every is not None:
+        validation.check_int(what, "check_every", check_every, 1)
+    check_policy(what, policy)
 
 
 # The history buffers of the last CPU solve on each thread, kept for the next solve of the same shape. Without it,
@@ -190,7 +168,7 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
         fx = fx.reshape(batch, n)
         fa = fx.to(acc)
         g = fa - x
-        r = g.norm(dim=1) / (fa.norm(dim=1) + reference.RESIDUAL_EPS)
+        r = relative_residual(fa, x)
         residual = torch.where(active, r, residual)
         iterations = torch.where(active, torch.full_like(iterations, k + 1), iterations)
         better = active & (torch.isnan(residual_best) | (r < residual_best))
@@ -225,10 +203,10 @@ def solve(
     z0: torch.Tensor,
     method: str = "anderson",
     *,
-    m: int = 5,
-    beta: float = 1.0,
+    m: int = ANDERSON_DEFAULT_M,
+    beta: float = ANDERSON_DEFAULT_BETA,
     alpha: float = 1.0,
-    lam: float = 1e-6,
+    lam: float = ANDERSON_DEFAULT_LAM,
     tol: float = 1e-4,
     max_iter: int = 100,
     check_every: Optional[int] = None,
@@ -239,15 +217,15 @@ def solve(
     """Fixed point z* = f(z*) of any map f: (B, ...) -> (B, ...) of the shape of z0. Returns (z, SolverInfo).
 
     method:
-      "anderson"  type-II Anderson acceleration with history m and mixing beta. With g_i = f(x_i) - x_i for the
-                  last nh = min(k + 1, m) iterates, the weights a (sum a = 1) minimise ||sum_i a_i g_i|| through the
-                  bordered system [0 1^T; 1 H + lam_eff I] [nu; a] = [1; 0], H = G G^T (torchdeq's formulation),
-                  and x_{k+1} = sum_i a_i (x_i + beta g_i). The regulariser is RELATIVE: lam_eff = lam * trace(H)/nh
-                  (the mean squared residual norm in the window), so it does not depend on the scale of z
-                  (torchdeq adds an absolute 1e-4). The kernels solve it by its Schur complement,
-                  a = (H + lam_eff I)^-1 1 / 1^T (H + lam_eff I)^-1 1, in float32 for half states (float64 for
-                  float64); H is persistent and gains one row/column per step (O(m n)). The first step is Picard.
-                  The whole step besides f is one op, deqkern::anderson_step.
+      "anderson"  type-II Anderson acceleration with history m (1..16) and mixing beta, the same algorithm as
+                  fixed_point_dense(method="anderson") (deqkern/reference/anderson.py). With g_i = f(x_i) - x_i for
+                  the last nh = min(k + 1, m) iterates and H = G G^T their Gram matrix, the weights a (sum a = 1)
+                  minimise ||sum_i a_i g_i||^2 + lam sum_i a_i^2 ||g_i||^2: a = y / 1^T y, (H + lam diag(H)) y = 1,
+                  and x_{k+1} = sum_i a_i (x_i + beta g_i). The regulariser is RELATIVE to each residual's norm, so
+                  it does not depend on the scale of z (torchdeq adds an absolute 1e-4). The weights are solved in
+                  float32 for half and float32 states (float64 for float64); H is persistent and gains one
+                  row/column per step (O(m n)). The first step is Picard. The whole step besides f is one op,
+                  deqkern::anderson_step.
       "picard"    x <- (1 - alpha) x + alpha f(x): the same op with m = 1 and beta = alpha.
       "broyden"   limited-memory good Broyden (memory m), plain PyTorch, no fused kernel.
     Per sample: stops once ||f(x) - x|| / (||f(x)|| + 1e-12) <= tol (flattened sample) or the residual is not
@@ -266,7 +244,7 @@ def solve(
     Not differentiable (runs under no_grad); backend: "auto", "cpu", "cuda", "triton", "reference".
     """
     _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
-    resolved = _resolve_backend(backend, z0.device)
+    resolved = resolve_backend(backend, z0.device, "solve")
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CPU if z0.device.type == "cpu" else DEFAULT_CHECK_EVERY_GPU
     if method == "broyden":
@@ -274,10 +252,11 @@ def solve(
     else:
         if method == "picard":
             m, beta = 1, alpha
-        out = _anderson(f, z0, _step_op(resolved), m, beta, lam, tol, max_iter, check_every, return_trace)
+        out = _anderson(f, z0, kernel("anderson_step", resolved), m, beta, lam, tol, max_iter, check_every,
+                        return_trace)
     z, iterations, residual_best, residual_last, trace = out
     converged = residual_best <= tol
     # The policy sees the last residual, so that an overflow is reported as such (converged is the same).
-    _enforce_policy("solve", SolverInfo(iterations, residual_last, converged), on_nonconvergence, tol, max_iter,
-                    {"z0": z0})
+    enforce_convergence("solve", converged, residual_last, on_nonconvergence, tol=tol, max_iter=max_iter,
+                        inputs={"z0": z0}, advice="raise max_iter, or use a contractive f")
     return z, SolverInfo(iterations=iterations, residual=residual_best, converged=converged, trace=trace)

@@ -30,10 +30,15 @@ import warnings
 
 import torch
 
-from .ops import NONCONVERGENCE_POLICIES, NonConvergenceError, NonConvergenceWarning
+from .core.errors import NonConvergenceError, NonConvergenceWarning
+from .core.policy import NONCONVERGENCE_POLICIES
+from .solvers import solve
 
 METHODS = ("anderson", "picard", "broyden")
 _MAX_ROUNDS = 3
+# torchdeq's own relative residual ||f(z) - z|| / (||f(z)|| + 1e-9): the adapter reports and checks torchdeq's stop
+# criterion exactly as torchdeq computes it (deqkern's solves use deqkern.core.constants.RESIDUAL_EPS).
+TORCHDEQ_RESIDUAL_EPS = 1e-9
 
 
 def _require_torchdeq():
@@ -49,16 +54,15 @@ def _require_torchdeq():
 
 
 def _residuals(func, z):
+    """f(z) and torchdeq's absolute and relative residuals of z, per sample."""
     fz = func(z)
     b = z.shape[0] if z.dim() >= 1 else 1
     diff = (fz - z).reshape(b, -1).norm(dim=1)
-    rel = diff / (fz.reshape(b, -1).norm(dim=1) + 1e-9)
+    rel = diff / (fz.reshape(b, -1).norm(dim=1) + TORCHDEQ_RESIDUAL_EPS)
     return fz, diff, rel
 
 
 def _make_solver(method, policy, defaults, SolverStat):
-    from .deq import _solve_fn
-
     def solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0, return_final=False,
                **kwargs):
         if stop_mode not in ("abs", "rel"):
@@ -75,7 +79,6 @@ def _make_solver(method, policy, defaults, SolverStat):
                 options["alpha"] = float(tau)
             else:
                 raise ValueError(f"deqkern_{method}: tau={tau!r} is not supported by broyden")
-        solve = _solve_fn()
         max_iter = int(max_iter)
         dtype_tiny = torch.finfo(x0.dtype).tiny if x0.is_floating_point() else 1e-30
 

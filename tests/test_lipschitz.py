@@ -1,29 +1,17 @@
-"""deqkern.lipschitz and the power_iteration op (CPU C++, CUDA, Triton) against torch.linalg and the reference."""
-import os
+"""deqkern.lipschitz (spectral_norm, one_sided_l2, power_iteration, one_sided_linf, linf_norm) on every backend
+against torch.linalg; the power_iteration op itself is tested against its reference in test_power_iteration.py."""
 import warnings
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of the Triton kernels
+import deqkern
+from deqkern import lipschitz
 
-import deqkern  # noqa: E402
-from deqkern import _extension, lipschitz  # noqa: E402
-from deqkern.reference import power_iteration_ref  # noqa: E402
-from problems import report  # noqa: E402
+import kit
 
-power_op = torch.ops.deqkern.power_iteration
-HAS_CUDA = torch.cuda.is_available() and _extension.CUDA_EXTENSION_BUILT
-HAS_TRITON = _extension.triton_available() and (torch.cuda.is_available() or _extension.triton_interpreter_on())
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["cpu", "reference"] + (["cuda"] if HAS_CUDA else []) + (["triton"] if HAS_TRITON else [])
-# The interpreter runs a Python loop per iteration: Triton gets small sizes there.
-SMALL_ONLY = {"triton"} if TRITON_DEVICE == "cpu" else set()
-
-
-def device_of(backend):
-    return {"cuda": "cuda", "triton": TRITON_DEVICE}.get(backend, "cpu")
+BACKENDS = kit.backend_names(("cpu", "reference", "cuda", "triton"))
+device_of = kit.device_of
 
 
 # ---------------------------------------------------------------- test matrices (built in float64 on the CPU)
@@ -66,18 +54,14 @@ GRAM_SHAPES = [(1, 1), (3, 3), (17, 17), (64, 64), (130, 130), (17, 3), (3, 17),
 SMALL_GRAM = [(1, 1), (3, 3), (17, 17), (17, 3), (3, 17)]
 
 
-def gram_cases():
-    for backend in BACKENDS:
-        for m, n in GRAM_SHAPES:
-            for kind in KINDS:
-                if backend in SMALL_ONLY and ((m, n) not in SMALL_GRAM or kind == "random"):
-                    continue
-                yield pytest.param(backend, m, n, kind, id=f"{backend}-{m}x{n}-{kind}")
-        for d in (3, 17, 64) if backend not in SMALL_ONLY else (3,):
-            yield pytest.param(backend, d, d, "nonnormal", id=f"{backend}-{d}x{d}-nonnormal")
+GRAM_CASES = kit.backend_params(
+    [(f"{m}x{n}-{kind}", (m, n, kind)) for m, n in GRAM_SHAPES for kind in KINDS]
+    + [(f"{d}x{d}-nonnormal", (d, d, "nonnormal")) for d in (3, 17, 64)],
+    backends=("cpu", "reference", "cuda", "triton"),
+    small={f"{m}x{n}-conditioned" for m, n in SMALL_GRAM} | {"3x3-nonnormal"})
 
 
-@pytest.mark.parametrize("backend,m,n,kind", list(gram_cases()))
+@pytest.mark.parametrize("backend,m,n,kind", GRAM_CASES)
 def test_spectral_norm_matches_svdvals(backend, m, n, kind):
     W = nonnormal_matrix(n) if kind == "nonnormal" else KINDS[kind](m, n)
     expected = torch.linalg.svdvals(W)[0]
@@ -91,17 +75,13 @@ def test_spectral_norm_matches_svdvals(backend, m, n, kind):
     torch.testing.assert_close((W @ u.cpu()).norm(), expected, rtol=1e-4, atol=0)
 
 
-def one_sided_cases():
-    for backend in BACKENDS:
-        sizes = (1, 3, 17) if backend in SMALL_ONLY else (1, 3, 17, 64, 130)
-        for d in sizes:
-            yield pytest.param(backend, d, "gap", id=f"{backend}-{d}-gap")
-            if backend not in SMALL_ONLY and d > 1:
-                yield pytest.param(backend, d, "random", id=f"{backend}-{d}-random")
-                yield pytest.param(backend, d, "nonnormal", id=f"{backend}-{d}-nonnormal")
+ONE_SIDED_CASES = kit.backend_params(
+    [(f"{d}-{kind}", (d, kind)) for d in (1, 3, 17, 64, 130) for kind in ("gap", "random", "nonnormal")
+     if kind == "gap" or d > 1],
+    backends=("cpu", "reference", "cuda", "triton"), small={"1-gap", "3-gap", "17-gap"})
 
 
-@pytest.mark.parametrize("backend,d,kind", list(one_sided_cases()))
+@pytest.mark.parametrize("backend,d,kind", ONE_SIDED_CASES)
 def test_one_sided_l2_matches_eigvalsh(backend, d, kind):
     W = random_matrix(d, d) if kind == "random" else {"gap": symmetric_gap_matrix, "nonnormal": nonnormal_matrix}[kind](d)
     expected = mu2(W)
@@ -120,72 +100,6 @@ def test_float32_and_float64(dtype):
     torch.testing.assert_close(value.double(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-5, atol=0)
     W = symmetric_gap_matrix(40).to(dtype)
     torch.testing.assert_close(lipschitz.one_sided_l2(W).value.double(), mu2(W.double()), rtol=1e-5, atol=0)
-
-
-# ---------------------------------------------------------------- the batched op against the reference
-def op_backends():
-    return [b for b in BACKENDS if b != "reference"]
-
-
-def batched_problem(B, m, n, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(m, n, dtype=torch.float64, generator=g)
-    scale = torch.rand(B, m, dtype=torch.float64, generator=g) * torch.logspace(-1, 0, B, dtype=torch.float64)[:, None]
-    u0 = torch.randn(B, n, dtype=torch.float64, generator=g)
-    return [t.to(dtype=dtype, device=device) for t in (W, scale, u0)]
-
-
-def call_op(backend, *args):
-    if backend == "triton":
-        from deqkern.triton_kernels.power_iteration import power_iteration_triton
-
-        return power_iteration_triton(*args)
-    return power_op(*args)
-
-
-OP_CASES = [("gram", 5, 37, 17), ("gram", 3, 5, 33), ("gram", 2, 1, 1), ("symmetric", 4, 17, 17),
-            ("symmetric", 3, 1, 1), ("gram", 4, 130, 129), ("symmetric", 3, 130, 130)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("mode,B,m,n", OP_CASES, ids=[f"{c[0]}-B{c[1]}-{c[2]}x{c[3]}" for c in OP_CASES])
-@pytest.mark.parametrize("backend", op_backends())
-def test_op_with_row_scale_matches_reference(backend, mode, B, m, n, dtype):
-    if backend in SMALL_ONLY and max(m, n) > 40:
-        pytest.skip("interpreter: small sizes only")
-    B = min(B, 2) if backend in SMALL_ONLY else B
-    W, scale, u0 = batched_problem(B, m, n, dtype, device_of(backend))
-    shift = float(W.abs().sum(1).max()) if mode == "symmetric" else 0.0  # >= ||S|| >= -lambda_min(S)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
-    max_iter = 60 if backend in SMALL_ONLY else 300
-    args = (W, scale, u0, mode, shift, max_iter, tol)
-    value, u, iterations, converged = call_op(backend, *args)
-    ref = power_iteration_ref(*args)
-    report("value", value, ref[0])
-    report("u", u, ref[1])
-    print("iterations", iterations.tolist(), ref[2].tolist())
-    assert value.dtype == u.dtype == dtype and iterations.dtype == torch.int32 and converged.dtype == torch.bool
-    assert value.shape == (B,) and u.shape == (B, n)
-    it_slack = 1 if dtype == torch.float64 else 5  # the reordered sums can move a stop by an iteration (or a few, f32)
-    assert (iterations.cpu() - ref[2].cpu()).abs().max() <= it_slack
-    if dtype == torch.float64:
-        torch.testing.assert_close(value, ref[0], rtol=1e-9, atol=1e-12)
-        assert torch.equal(converged, ref[3])
-    else:
-        torch.testing.assert_close(value, ref[0], rtol=1e-4, atol=1e-6)
-    # the truth per sample
-    J = scale.cpu().double()[:, :, None] * W.cpu().double()[None]
-    truth = torch.linalg.matrix_norm(J, 2) if mode == "gram" else torch.linalg.eigvalsh(0.5 * (J + J.mT))[:, -1]
-    print("max |value - truth|", (value.cpu().double() - truth).abs().max().item())
-
-
-def test_samples_are_independent():
-    W, scale, u0 = batched_problem(6, 20, 12, torch.float64, "cpu")
-    out = power_op(W, scale, u0, "gram", 0.0, 500, 1e-12)
-    assert out[2].unique().numel() > 1
-    for b in (0, 3, 5):
-        alone = power_op(W, scale[b:b + 1], u0[b:b + 1], "gram", 0.0, 500, 1e-12)
-        assert torch.equal(alone[0][0], out[0][b]) and torch.equal(alone[1][0], out[1][b])
 
 
 # ---------------------------------------------------------------- warm start, non-convergence, zeros, NaN
@@ -231,15 +145,6 @@ def test_zero_matrix_gives_zero(backend):
         assert result.value.item() == 0 and result.converged.item() and torch.isfinite(result.u).all()
 
 
-@pytest.mark.parametrize("backend", op_backends())
-def test_raw_op_nan_gives_nan_not_converged(backend):
-    W = torch.eye(3, dtype=torch.float64, device=device_of(backend))
-    W[1, 2] = float("nan")
-    u0 = torch.ones(2, 3, dtype=torch.float64, device=W.device)
-    value, u, iterations, converged = call_op(backend, W, None, u0, "gram", 0.0, 50, 1e-6)
-    assert torch.isnan(value).all() and not converged.any() and (iterations == 1).all()
-
-
 def test_public_api_rejects_nan_and_inf():
     W = random_matrix(4, 4)
     W[2, 1] = float("nan")
@@ -251,27 +156,6 @@ def test_public_api_rejects_nan_and_inf():
         lipschitz.spectral_norm(W)
     with pytest.raises(ValueError, match="u0"):
         lipschitz.spectral_norm(random_matrix(4, 4), u0=torch.tensor([1.0, float("nan"), 0, 0], dtype=torch.float64))
-
-
-# ---------------------------------------------------------------- opcheck
-def test_opcheck():
-    W, scale, u0 = batched_problem(3, 9, 9, torch.float64, "cpu")
-    torch.library.opcheck(power_op, (W, scale, u0, "gram", 0.0, 50, 1e-8))
-    torch.library.opcheck(power_op, (W, None, u0, "symmetric", 5.0, 50, 1e-8))
-    torch.library.opcheck(power_op, (W[:, :4].contiguous(), None, u0[:, :4].contiguous(), "gram", 0.0, 50, 1e-8))
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton not available")
-def test_opcheck_triton():
-    W, scale, u0 = batched_problem(2, 5, 5, torch.float64, TRITON_DEVICE)
-    torch.library.opcheck(torch.ops.deqkern.power_iteration_triton, (W, scale, u0, "gram", 0.0, 20, 1e-8))
-
-
-def test_compile_fullgraph():
-    W, scale, u0 = batched_problem(3, 9, 7, torch.float64, "cpu")
-    fn = torch.compile(lambda W, s, u: power_op(W, s, u, "gram", 0.0, 100, 1e-10)[0] * 2, fullgraph=True,
-                       backend="eager")
-    torch.testing.assert_close(fn(W, scale, u0), 2 * power_op(W, scale, u0, "gram", 0.0, 100, 1e-10)[0])
 
 
 # ---------------------------------------------------------------- one_sided_linf, linf_norm
@@ -329,22 +213,3 @@ def test_weighted_one_sided_linf():
 def test_bad_input_raises(call, error, message):
     with pytest.raises(error, match=message):
         call()
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        ((torch.ones(3), None, torch.ones(1, 3), "gram", 0.0, 10, 1e-6), "matrix"),
-        ((torch.ones(3, 4), None, torch.ones(1, 4), "symmetric", 0.0, 10, 1e-6), "square"),
-        ((torch.ones(3, 3), None, torch.ones(1, 4), "gram", 0.0, 10, 1e-6), "u0 must be"),
-        ((torch.ones(3, 3), torch.ones(1, 2), torch.ones(1, 3), "gram", 0.0, 10, 1e-6), "row_scale"),
-        ((torch.ones(3, 3), None, torch.ones(1, 3, dtype=torch.float64), "gram", 0.0, 10, 1e-6), "dtypes differ"),
-        ((torch.ones(3, 3), None, torch.ones(1, 3), "eig", 0.0, 10, 1e-6), "unknown power iteration mode"),
-        ((torch.ones(3, 3), None, torch.ones(1, 3), "gram", 0.0, 0, 1e-6), "max_iter"),
-        ((torch.ones(3, 3), None, torch.ones(1, 3), "gram", 0.0, 10, 0.0), "tol"),
-        ((torch.ones(3, 3).int(), None, torch.ones(1, 3).int(), "gram", 0.0, 10, 1e-6), "float32 or float64"),
-    ],
-)
-def test_raw_op_rejects_bad_arguments(args, message):
-    with pytest.raises(RuntimeError, match=message):
-        power_op(*args)

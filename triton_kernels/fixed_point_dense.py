@@ -1,6 +1,6 @@
 """Dense fixed-point solve z = act(z W^T + c) and its implicit backward: one Triton launch per solve.
 
-Semantics: deqkern/reference.py (fixed_point_dense_ref, fixed_point_dense_backward_ref). One kernel serves both
+Semantics: deqkern/reference/fixed_point_dense.py (fixed_point_dense_ref, fixed_point_dense_backward_ref). One kernel serves both
 solves; it iterates x <- (1 - alpha) x + alpha T(x) with
     forward:  T(x) = act(x W^T + c),               x0 = z0,
     adjoint:  T(h) = s * (h W + grad_z),           h0 = 0,   s = act'(z W^T + c) computed once,
@@ -17,8 +17,6 @@ when W has one, starts inactive, so it is never iterated (x stays its start, ite
 float32 multiplies with tl.dot(input_precision="ieee") (no TF32, so results match the reference to ~1e-5);
 float64 with a broadcast multiply-and-sum, because fp64 tl.dot is not supported by every Triton version.
 """
-import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -27,60 +25,30 @@ import triton.language as tl
 from torch import Tensor
 
 from deqkern.activations import get_activation
-from deqkern.reference import RESIDUAL_EPS
 
-from .activations import activation_derivative, apply_activation
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_EPS: tl.constexpr = tl.constexpr(RESIDUAL_EPS)
-_INF: tl.constexpr = tl.constexpr(float("inf"))
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
+from .activations import activation_derivative
+from .common import (
+    INTERPRET,
+    NAN,
+    any_nonfinite,
+    apply_map,
+    check_dense_inputs,
+    device_guard,
+    empty_solve_outputs,
+    load_operator,
+    load_rows,
+    matmul,
+    nonfinite_rows,
+    record_step,
+    register_prologue,
+    relative_residual,
+    store_rows,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel helpers
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _load_rows(p_base, o_b, o_d, m_b, m_d, stride_b, stride_d):
-    """Tile x[o_b, o_d] of a (B, d) tensor, 0 outside the masks."""
-    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
-    return tl.load(p, mask=m_b[:, None] & m_d[None, :], other=0.0)
-
-
-@triton.jit
-def _store_rows(p_base, value, o_b, o_d, m_b, m_d, stride_b, stride_d):
-    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
-    tl.store(p, value, mask=m_b[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
-    """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
-    p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out
-    return tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _nonfinite_rows(b):
-    """(BLOCK_B,) int32: 1 where the row of the tile b holds a NaN or an Inf, else 0 (|NaN| < inf is False)."""
-    return tl.max(tl.where(tl.abs(b) < _INF, 0, 1), axis=1)
-
-
-@triton.jit
-def _any_nonfinite(b):
-    """int32 scalar: 1 if the 2-D tile b holds a NaN or an Inf, else 0."""
-    return tl.max(_nonfinite_rows(b), axis=0)
-
-
-@triton.jit
-def _matmul(b_x, b_mt, USE_DOT: tl.constexpr):
-    """(BLOCK_B, K) @ (K, N) accumulated in the input dtype."""
-    if USE_DOT:
-        return tl.dot(b_x, b_mt, input_precision="ieee")
-    else:
-        return tl.sum(b_x[:, :, None] * b_mt[None, :, :], axis=1)
-
-
 @triton.jit
 def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_out, stride_in,
                     USE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -89,54 +57,9 @@ def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty)
     for k0 in range(0, D, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
-        b_x = _load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
-        acc += _matmul(b_x, _load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT)
+        b_x = load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
+        acc += matmul(b_x, load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT)
     return acc
-
-
-@triton.jit
-def _register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
-                       stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION: tl.constexpr,
-                       ADJOINT: tl.constexpr, USE_DOT: tl.constexpr):
-    """Start of a solve whose rows fit in one tile: the operator tile M^T, the bias rows, s (adjoint; the bias
-    otherwise), the start x (z0, or 0 in the adjoint) and the active rows: valid batch rows whose inputs are all
-    finite (the padding loads as 0), none at all if W (the whole of the tile) has a NaN or an Inf."""
-    m_bd = m_b[:, None] & m_d[None, :]
-    b_mt = _load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
-    b_bias = _load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
-    b_z = _load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
-    bad = tl.maximum(_nonfinite_rows(b_bias), _nonfinite_rows(b_z))
-    if ADJOINT:
-        # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
-        b_u = _matmul(b_z, _load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
-        b_c = _load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
-        bad = tl.maximum(bad, _nonfinite_rows(b_c))
-        b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
-        b_x = tl.zeros_like(b_z)
-    else:
-        b_s = b_bias
-        b_x = b_z
-    active = m_b & (bad == 0) & (_any_nonfinite(b_mt) == 0)
-    return b_mt, b_bias, b_s, b_x, active
-
-
-@triton.jit
-def _apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
-    """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""
-    if ADJOINT:
-        t = b_s * (acc + b_bias)
-    else:
-        t = apply_activation(acc + b_bias, ACTIVATION)
-    return tl.where(m_bd, t, 0.0)
-
-
-@triton.jit
-def _relative_residual(sq_diff, sq_t):
-    """||T(x) - x|| / (||T(x)|| + eps) from the squared norms, correctly rounded (fp32 sqrt and / are not)."""
-    if sq_diff.dtype == tl.float32:
-        return tl.div_rn(tl.sqrt_rn(sq_diff), tl.sqrt_rn(sq_t) + _EPS)
-    else:
-        return tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + _EPS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,7 +97,7 @@ def _fixed_point_dense_kernel(
     b_tol = tl.full([BLOCK_B], tol, dtype)
 
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
-    residual = tl.full([BLOCK_B], _NAN, dtype)  # kept by rows that are never iterated
+    residual = tl.full([BLOCK_B], NAN, dtype)  # kept by rows that are never iterated
     k = tl.full([], 0, tl.int32)
 
     if IN_REGISTERS:
@@ -182,19 +105,17 @@ def _fixed_point_dense_kernel(
         o_d = tl.arange(0, BLOCK_N)
         m_d = o_d < D
         m_bd = m_b[:, None] & m_d[None, :]
-        b_mt, b_bias, b_s, b_x, active = _register_prologue(
+        b_mt, b_bias, b_s, b_x, active = register_prologue(
             W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
             stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
-            b_t = _apply_map(_matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
+            b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
             b_diff = b_t - b_x
-            r = _relative_residual(tl.sum(b_diff * b_diff, axis=1), tl.sum(b_t * b_t, axis=1))
+            r = relative_residual(tl.sum(b_diff * b_diff, axis=1), tl.sum(b_t * b_t, axis=1))
             b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
-            residual = tl.where(active, r, residual)
-            iters = tl.where(active, k, iters)
-            active = active & (r > b_tol) & (r < _INF)  # r >= 0, so this also stops NaN and Inf
-        _store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
+            residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
+        store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     else:
         # Scratch: buffers 0 and 1 hold the iterate (ping-pong), buffer 2 holds s in the adjoint.
         p_s = scratch_ptr + 2 * stride_s_buf
@@ -204,23 +125,23 @@ def _fixed_point_dense_kernel(
         for n0 in range(0, D, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < D
-            b_z = _load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
-            b_c = _load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
-            bad = tl.maximum(bad, tl.maximum(_nonfinite_rows(b_z), _nonfinite_rows(b_c)))
+            b_z = load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
+            b_c = load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
+            bad = tl.maximum(bad, tl.maximum(nonfinite_rows(b_z), nonfinite_rows(b_c)))
             for k0 in range(0, D, BLOCK_K):
                 o_k = k0 + tl.arange(0, BLOCK_K)
-                b_mt = _load_operator(W_ptr, o_k, o_n, D, stride_w_out, stride_w_in)
-                w_bad = tl.maximum(w_bad, _any_nonfinite(b_mt))
+                b_mt = load_operator(W_ptr, o_k, o_n, D, stride_w_out, stride_w_in)
+                w_bad = tl.maximum(w_bad, any_nonfinite(b_mt))
             if ADJOINT:
-                b_gz = _load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
-                bad = tl.maximum(bad, _nonfinite_rows(b_gz))
+                b_gz = load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
+                bad = tl.maximum(bad, nonfinite_rows(b_gz))
                 b_u = _blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D,
                                       stride_w_in, stride_w_out, USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
-                _store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
+                store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
                 b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
             else:
                 b_x = b_z
-            _store_rows(scratch_ptr, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            store_rows(scratch_ptr, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
         active = m_b & (bad == 0) & (w_bad == 0)
         tl.debug_barrier()
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
@@ -235,38 +156,36 @@ def _fixed_point_dense_kernel(
                 m_bn = m_b[:, None] & m_n[None, :]
                 acc = _blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
                                       USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
-                b_bias = _load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
+                b_bias = load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
                 if ADJOINT:
-                    b_s = _load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
+                    b_s = load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
                 else:
                     b_s = b_bias
-                b_t = _apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
-                b_x = _load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
+                b_t = apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
+                b_x = load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
                 b_diff = b_t - b_x
                 sq_diff += tl.sum(b_diff * b_diff, axis=1)
                 sq_t += tl.sum(b_t * b_t, axis=1)
                 # Frozen rows are copied too: the next iteration reads the other buffer.
                 b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
-                _store_rows(p_dst, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
-            r = _relative_residual(sq_diff, sq_t)
-            residual = tl.where(active, r, residual)
-            iters = tl.where(active, k, iters)
-            active = active & (r > b_tol) & (r < _INF)
+                store_rows(p_dst, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            r = relative_residual(sq_diff, sq_t)
+            residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
             # The next iteration reads what this one wrote, from other threads of the program.
             tl.debug_barrier()
         p_last = scratch_ptr + (k % 2).to(tl.int64) * stride_s_buf
         for n0 in range(0, D, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < D
-            b_x = _load_rows(p_last, o_b, o_n, m_b, m_n, stride_s_b, 1)
-            _store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
+            b_x = load_rows(p_last, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
 
     tl.store(iters_ptr + o_b, iters, mask=m_b)
     tl.store(res_ptr + o_b, residual, mask=m_b)
     tl.store(conv_ptr + o_b, (residual <= b_tol).to(tl.uint8), mask=m_b)
 
 
-if _INTERPRET:
+if INTERPRET:
     _kernel = _fixed_point_dense_kernel
 else:
     # Block sizes come from _default_config; only the warp count is tuned. The kernel reads its inputs and
@@ -294,30 +213,13 @@ def _default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
 
 
-def _check_inputs(W: Tensor, rows: Tuple[Tensor, ...]) -> None:
-    torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: f"W must be (d, d), got {tuple(W.shape)}")
-    torch._check(W.dtype in (torch.float32, torch.float64), lambda: f"unsupported dtype {W.dtype}")
-    for x in rows:
-        torch._check(x.dim() == 2 and x.shape == rows[0].shape and x.shape[1] == W.shape[0],
-                     lambda: f"expected (batch, {W.shape[0]}) inputs, got {[tuple(r.shape) for r in rows]}")
-        torch._check(x.dtype == W.dtype and x.device == W.device, lambda: "inputs must share dtype and device")
-
-
-def _empty_outputs(like: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch = like.shape[0]
-    return (torch.empty_like(like, memory_format=torch.contiguous_format),
-            like.new_empty((batch,), dtype=torch.int32),
-            like.new_empty((batch,), dtype=like.dtype),
-            like.new_empty((batch,), dtype=torch.bool))
-
-
-def _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None):
+def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None):
     """Runs one solve; `config` overrides _default_config (tests use it to reach the scratch path)."""
     act_id = get_activation(activation).id
-    _check_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
+    check_dense_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
     W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
     grad_z = c if grad_z is None else grad_z.contiguous()  # unused by the forward kernel
-    out, iters, residual, converged = _empty_outputs(z)
+    out, iters, residual, converged = empty_solve_outputs(z)
     batch, d = z.shape
     if batch == 0:
         return out, iters, residual, converged
@@ -330,8 +232,7 @@ def _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, co
     # M = W in the forward, W^T in the adjoint: the transpose is only a swap of strides.
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    # Triton launches on the current CUDA device: make it z's (otherwise the kernel runs on cuda:0).
-    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+    with device_guard(z):
         _kernel[grid](
             W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), scratch,
             batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter),
@@ -349,25 +250,25 @@ def _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, co
 @torch.library.custom_op("deqkern::fixed_point_dense_triton", mutates_args=())
 def _fixed_point_dense_op(W: Tensor, c: Tensor, z0: Tensor, activation: str, alpha: float, tol: float,
                           max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch(W, c, z0, None, activation, alpha, tol, max_iter, adjoint=False)
+    return launch(W, c, z0, None, activation, alpha, tol, max_iter, adjoint=False)
 
 
 @_fixed_point_dense_op.register_fake
 def _(W, c, z0, activation, alpha, tol, max_iter):
-    _check_inputs(W, (c, z0))
-    return _empty_outputs(z0)
+    check_dense_inputs(W, (c, z0))
+    return empty_solve_outputs(z0)
 
 
 @torch.library.custom_op("deqkern::fixed_point_dense_backward_triton", mutates_args=())
 def _fixed_point_dense_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str, alpha: float,
                                    tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint=True)
+    return launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint=True)
 
 
 @_fixed_point_dense_backward_op.register_fake
 def _(W, c, z, grad_z, activation, alpha, tol, max_iter):
-    _check_inputs(W, (c, z, grad_z))
-    return _empty_outputs(z)
+    check_dense_inputs(W, (c, z, grad_z))
+    return empty_solve_outputs(z)
 
 
 def fixed_point_dense_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, alpha: float, tol: float,

@@ -1,6 +1,6 @@
 """Dense fixed-point solve by type-II Anderson acceleration, and its implicit backward: one Triton launch per solve.
 
-Semantics: deqkern/reference.py (fixed_point_dense_anderson_ref, fixed_point_dense_anderson_backward_ref). The map T
+Semantics: deqkern/reference/fixed_point_dense_anderson.py. The map T
 is the one of fixed_point_dense.py (forward act(x W^T + c), adjoint s * (h W + grad_z)); each step stores the pair
 (x, g = T(x) - x) in history slot (k - 1) % m, adds one row of the Gram matrix of the stored g, solves for the weights
 a (sum a = 1) minimising ||sum a_i g_i||^2 + lam sum a_i^2 ||g_i||^2, and moves to x <- sum_i a_i (x_i + beta g_i).
@@ -11,12 +11,8 @@ Each program owns BLOCK_B rows and whole rows of d (BLOCK_D >= d) and runs the e
 - the history (x_i, g_i) lives in a launcher-allocated scratch (2, MP, B, d); the slot written in this step is used
   from registers, older slots are read back after the barrier that closes every iteration;
 - the Gram matrix (BLOCK_B, MP, MP) and the small solve run in float64 in registers (MP = next power of two >= m).
-The small system A y = 1, A = G + lam diag(G) (then a = y / sum y) is solved by elimination without pivoting (A is
-symmetric positive definite whenever lam > 0 and no stored residual is zero). Where a pivot is not positive or the
-result is not finite, a = e_slot (the plain mixed Picard step): the reference decides those degenerate cases with a
-pivoted bordered solve instead, so they may differ (never with lam > 0 and finite, non-zero residuals).
+The weights are anderson_weights.py's, the one Anderson weight solve of deqkern.
 """
-import contextlib
 from typing import Tuple
 
 import torch
@@ -25,58 +21,22 @@ import triton.language as tl
 from torch import Tensor
 
 from deqkern.activations import get_activation
+from deqkern.core.constants import ANDERSON_MAX_HISTORY
 
-from .fixed_point_dense import (
-    _apply_map,
-    _check_inputs,
-    _empty_outputs,
-    _load_rows,
-    _matmul,
-    _register_prologue,
-    _relative_residual,
-    _store_rows,
+from .anderson_weights import anderson_weights
+from .common import (
+    NAN,
+    apply_map,
+    check_dense_inputs,
+    device_guard,
+    empty_solve_outputs,
+    load_rows,
+    matmul,
+    record_step,
+    register_prologue,
+    relative_residual,
+    store_rows,
 )
-
-_INF: tl.constexpr = tl.constexpr(float("inf"))
-_NAN: tl.constexpr = tl.constexpr(float("nan"))
-MAX_M = 16
-
-
-@triton.jit
-def _anderson_weights(H, n, slot, lam, MP: tl.constexpr):
-    """(BLOCK_B, MP) float64 weights from the Gram matrices H (BLOCK_B, MP, MP); slots >= n are unused."""
-    o_i = tl.arange(0, MP)
-    i3 = o_i[None, :, None]
-    j3 = o_i[None, None, :]
-    used = (i3 < n) & (j3 < n)
-    # A = G + lam diag(G) on the used block, the identity elsewhere; right-hand side 1 on the used slots.
-    A = tl.where(used, H + tl.where(i3 == j3, lam * H, 0.0), tl.where(i3 == j3, 1.0, 0.0))
-    rhs = tl.where(o_i[None, :] < n, 1.0, 0.0) + tl.zeros_like(tl.sum(A, axis=2))
-    ok = tl.sum(rhs, axis=1) > 0  # (BLOCK_B,) True
-    # Forward elimination without pivoting.
-    for j in tl.static_range(MP):
-        row_j = tl.sum(tl.where(i3 == j, A, 0.0), axis=1)             # (BLOCK_B, MP): A[j, :]
-        piv = tl.sum(tl.where(o_i[None, :] == j, row_j, 0.0), axis=1)  # (BLOCK_B,)
-        ok = ok & (piv > 0) & (piv < _INF)
-        rhs_j = tl.sum(tl.where(o_i[None, :] == j, rhs, 0.0), axis=1)
-        col_j = tl.sum(tl.where(j3 == j, A, 0.0), axis=2)             # (BLOCK_B, MP): A[:, j]
-        f = tl.where(o_i[None, :] > j, col_j / piv[:, None], 0.0)
-        A = A - f[:, :, None] * row_j[:, None, :]
-        rhs = rhs - f * rhs_j[:, None]
-    # Back substitution.
-    y = tl.zeros_like(rhs)
-    for jj in tl.static_range(MP):
-        j = MP - 1 - jj
-        row_j = tl.sum(tl.where(i3 == j, A, 0.0), axis=1)
-        piv = tl.sum(tl.where(o_i[None, :] == j, row_j, 0.0), axis=1)
-        rhs_j = tl.sum(tl.where(o_i[None, :] == j, rhs, 0.0), axis=1)
-        yj = (rhs_j - tl.sum(row_j * y, axis=1)) / piv   # y is 0 at j and below, so only later slots count
-        y = tl.where(o_i[None, :] == j, yj[:, None], y)
-    total = tl.sum(y, axis=1)
-    a = y / total[:, None]
-    ok = ok & (total != 0) & (tl.max(tl.where(tl.abs(a) < _INF, 0, 1), axis=1) == 0)
-    fallback = tl.where(o_i[None, :] == slot, 1.0, 0.0) + tl.zeros_like(a)
-    return tl.where(ok[:, None], a, fallback)
 
 
 @triton.jit
@@ -109,13 +69,13 @@ def _anderson_kernel(
         p_bias = c_ptr
         stride_bias_b = stride_c_b
         stride_bias_d = stride_c_d
-    b_mt, b_bias, b_s, b_x, active = _register_prologue(
+    b_mt, b_bias, b_s, b_x, active = register_prologue(
         W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b, stride_bias_d,
         stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
     b_tol = tl.full([BLOCK_B], tol, dtype)
     b_beta = tl.full([BLOCK_B, BLOCK_D], beta, dtype)
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
-    residual = tl.full([BLOCK_B], _NAN, dtype)
+    residual = tl.full([BLOCK_B], NAN, dtype)
     H = tl.zeros([BLOCK_B, MP, MP], dtype=tl.float64)
     p_hx = hist_ptr
     p_hg = hist_ptr + stride_h_kind
@@ -124,10 +84,10 @@ def _anderson_kernel(
         k += 1
         slot = (k - 1) % m
         n = tl.minimum(k, m)
-        b_t = _apply_map(_matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
+        b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
         b_g = b_t - b_x
         sq_g = tl.sum(b_g * b_g, axis=1)
-        r = _relative_residual(sq_g, tl.sum(b_t * b_t, axis=1))
+        r = relative_residual(sq_g, tl.sum(b_t * b_t, axis=1))
         # The new row of the Gram matrix; older slots come from the scratch, this one from registers.
         gram_row = tl.zeros([BLOCK_B, MP], dtype=tl.float64)
         mixed = tl.zeros([BLOCK_B, BLOCK_D], dtype=dtype)
@@ -136,35 +96,33 @@ def _anderson_kernel(
                 if j == slot:
                     dot_j = sq_g
                 else:
-                    b_gj = _load_rows(p_hg + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
+                    b_gj = load_rows(p_hg + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
                     dot_j = tl.sum(b_g * b_gj, axis=1)
                 gram_row = tl.where(o_m[None, :] == j, dot_j.to(tl.float64)[:, None], gram_row)
         is_slot_i = o_m[None, :, None] == slot
         is_slot_j = o_m[None, None, :] == slot
         H = tl.where(is_slot_i, gram_row[:, None, :], H)
         H = tl.where(is_slot_j, gram_row[:, :, None], H)
-        a = _anderson_weights(H, n, slot, lam, MP).to(dtype)
+        a = anderson_weights(H, n, slot, lam, MP).to(dtype)
         for j in tl.static_range(MP):
             if j < n:
                 a_j = tl.sum(tl.where(o_m[None, :] == j, a, 0.0), axis=1)
                 if j == slot:
                     b_pair = b_x + b_beta * b_g
                 else:
-                    b_xj = _load_rows(p_hx + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
-                    b_gj = _load_rows(p_hg + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
+                    b_xj = load_rows(p_hx + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
+                    b_gj = load_rows(p_hg + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
                     b_pair = b_xj + b_beta * b_gj
                 mixed += a_j[:, None] * b_pair
         # Every thread has read the older slots: now this step's pair may overwrite its slot.
         tl.debug_barrier()
-        _store_rows(p_hx + slot * stride_h_slot, b_x, o_b, o_d, m_b, m_d, stride_h_b, 1)
-        _store_rows(p_hg + slot * stride_h_slot, b_g, o_b, o_d, m_b, m_d, stride_h_b, 1)
+        store_rows(p_hx + slot * stride_h_slot, b_x, o_b, o_d, m_b, m_d, stride_h_b, 1)
+        store_rows(p_hg + slot * stride_h_slot, b_g, o_b, o_d, m_b, m_d, stride_h_b, 1)
         b_x = tl.where(active[:, None], tl.where(m_bd, mixed, 0.0), b_x)
-        residual = tl.where(active, r, residual)
-        iters = tl.where(active, k, iters)
-        active = active & (r > b_tol) & (r < _INF)
+        residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
         # The next iteration reads what this one wrote, from other threads of the program.
         tl.debug_barrier()
-    _store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
+    store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     tl.store(iters_ptr + o_b, iters, mask=m_b)
     tl.store(res_ptr + o_b, residual, mask=m_b)
     tl.store(conv_ptr + o_b, (residual <= b_tol).to(tl.uint8), mask=m_b)
@@ -172,13 +130,13 @@ def _anderson_kernel(
 
 def _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bool):
     act_id = get_activation(activation).id
-    _check_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
-    torch._check(1 <= m <= MAX_M, lambda: f"m must be in [1, {MAX_M}], got {m}")
+    check_dense_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
+    torch._check(1 <= m <= ANDERSON_MAX_HISTORY, lambda: f"m must be in [1, {ANDERSON_MAX_HISTORY}], got {m}")
     torch._check(0 < beta <= 1, lambda: f"beta must be in (0, 1], got {beta}")
     torch._check(lam >= 0, lambda: f"lam must be >= 0, got {lam}")
     W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
     grad_z = c if grad_z is None else grad_z.contiguous()
-    out, iters, residual, converged = _empty_outputs(z)
+    out, iters, residual, converged = empty_solve_outputs(z)
     batch, d = z.shape
     if batch == 0:
         return out, iters, residual, converged
@@ -188,7 +146,7 @@ def _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: b
     hist = z.new_empty((2, m, batch, d))
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
     grid = (triton.cdiv(batch, block_b),)
-    with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+    with device_guard(z):
         _anderson_kernel[grid](
             W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist,
             batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter),
@@ -209,8 +167,8 @@ def _anderson_op(W: Tensor, c: Tensor, z0: Tensor, activation: str, m: int, beta
 
 @_anderson_op.register_fake
 def _(W, c, z0, activation, m, beta, lam, tol, max_iter):
-    _check_inputs(W, (c, z0))
-    return _empty_outputs(z0)
+    check_dense_inputs(W, (c, z0))
+    return empty_solve_outputs(z0)
 
 
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_backward_triton", mutates_args=())
@@ -221,8 +179,8 @@ def _anderson_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activ
 
 @_anderson_backward_op.register_fake
 def _(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
-    _check_inputs(W, (c, z, grad_z))
-    return _empty_outputs(z)
+    check_dense_inputs(W, (c, z, grad_z))
+    return empty_solve_outputs(z)
 
 
 def fixed_point_dense_anderson_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, m: int, beta: float,

@@ -1,6 +1,6 @@
 """Batched power iteration on J_b = diag(row_scale_b) W: one Triton launch for the whole iteration.
 
-Semantics: deqkern/reference.py (power_iteration_ref). One program per sample runs every iteration itself (a
+Semantics: deqkern/reference/power_iteration.py. One program per sample runs every iteration itself (a
 `while` loop that ends when its value settles or max_iter is reached); nothing returns to the host in between.
 Per iteration, with W (M, N) read in (BLOCK_M, BLOCK_N) tiles:
     pass 1 (rows):    y = s * (W v);  gram: c = s * y, value^2 = sum y^2;  symmetric: value = v . y
@@ -9,7 +9,6 @@ Per iteration, with W (M, N) read in (BLOCK_M, BLOCK_N) tiles:
 The vectors live in a launcher-allocated scratch (B, 3, max(M, N)): [v, z, y-or-c]; barriers separate the passes.
 Products are broadcast multiply-and-sum in the input dtype (a matrix-vector product has no use for tl.dot).
 """
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -17,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_INF: tl.constexpr = tl.constexpr(float("inf"))
+from .common import INF, device_guard
 
 
 @triton.jit
@@ -128,7 +127,7 @@ def _power_iteration_kernel(
         else:
             value = tl.sqrt(acc_value)
         converged = (k > 1) & (tl.abs(value - previous) <= b_tol * tl.abs(value))
-        active = ~converged & (tl.abs(value) < _INF)  # NaN < inf is false: NaN stops too
+        active = ~converged & (tl.abs(value) < INF)  # NaN < inf is false: NaN stops too
         previous = value
 
     for j0 in range(0, N, BLOCK_N):
@@ -173,8 +172,7 @@ def _launch(W, row_scale, u0, mode, shift, max_iter, tol, block_m=None, block_n=
     block_n = block_n or min(128, max(16, triton.next_power_of_2(N)))
     scratch = u0.new_empty((batch, 3, max(M, N)))
     s = u0 if row_scale is None else row_scale.contiguous()  # not read without HAS_SCALE
-    # Triton launches on the current CUDA device: make it W's (otherwise the kernel runs on cuda:0).
-    with torch.cuda.device(W.device) if W.is_cuda else contextlib.nullcontext():
+    with device_guard(W):
         _power_iteration_kernel[(batch,)](
             W, s, u0, value, u, iters, converged.view(torch.uint8), scratch,
             M, N, float(shift), float(tol), int(max_iter),

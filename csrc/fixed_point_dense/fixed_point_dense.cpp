@@ -1,0 +1,17 @@
+// Schemas of fixed_point_dense and its implicit backward. Kernels: fixed_point_dense_cpu.cpp,
+// fixed_point_dense_cuda.cu, triton_kernels/fixed_point_dense.py; specification: deqkern/reference/fixed_point_dense.py;
+// fake kernels and autograd: deqkern/ops/fixed_point_dense.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(deqkern, m) {
+  // One op per solve. Picard iteration z <- (1 - alpha) z + alpha act(z W^T + c), per-sample stopping on the
+  // relative residual; returns (z, iterations int32, residual, converged bool).
+  m.def(
+      "fixed_point_dense(Tensor W, Tensor c, Tensor z0, str activation, float alpha, float tol, int max_iter)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // The implicit backward at the fixed point z: solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from
+  // grad_u = 0 by the same damped iteration; returns (grad_u, iterations int32, residual, converged bool).
+  m.def(
+      "fixed_point_dense_backward(Tensor W, Tensor c, Tensor z, Tensor grad_z, str activation, float alpha,"
+      " float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+}

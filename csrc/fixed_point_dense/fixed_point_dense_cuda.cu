@@ -1,0 +1,336 @@
+// CUDA kernels of fixed_point_dense and fixed_point_dense_backward (schemas: fixed_point_dense.cpp, semantics:
+// deqkern/reference/fixed_point_dense.py; the per-sample contract: common/stop_rule.h). One persistent launch per solve: each block owns a tile of batch rows for the whole
+// solve, keeps its iterate in shared memory and stops when all of its rows have stopped; no host
+// synchronisation and no allocation between iterations. A row whose inputs are not all finite (any entry of
+// W, or of the row's c, z0 / z, grad_z) is flagged by its block in the prologue and never iterated.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "common/activations.h"
+#include "common/checks.h"
+#include "common/cuda/reduce.cuh"
+#include "common/params.h"
+#include "common/params_from_tensors.h"
+#include "common/stop_rule.h"
+
+namespace deqkern {
+namespace {
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kTileRows = 4;  // batch rows per block; 1 when such a tile does not fit in shared memory
+
+// Forward: x <- act(x W^T + c). Adjoint (backward): h <- s * (h W + grad_z), s = act'(z W^T + c).
+enum class Mode { Forward, Adjoint };
+
+// The Picard parameters plus the iteration matrix, read by columns: (x M)_i = sum_k M[k][i] x_k. Forward: M = W^T;
+// adjoint: M = W, and Wt = W^T for s = act'(z W^T + c).
+template <typename T>
+struct SolveParams : PicardParams<T> {
+  const T* M = nullptr;
+  const T* Wt = nullptr;
+};
+
+template <bool FROM_SMEM, typename T>
+__device__ __forceinline__ T load_matrix(const T* p) {
+  if constexpr (FROM_SMEM) {
+    return *p;
+  } else {
+    return __ldg(p);
+  }
+}
+
+// acc[r] = sum_k M[k][i] xs[k][r] for the ROWS rows of a tile; M_col = M + i. Consecutive threads take
+// consecutive i, so M is read coalesced (global) or conflict-free (shared), and xs[k][.] is a broadcast.
+template <bool FROM_SMEM, int ROWS, typename T>
+__device__ __forceinline__ void column_matvec(const T* M_col, const T* xs, int d, T (&acc)[ROWS]) {
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = T(0);
+#pragma unroll 4
+  for (int k = 0; k < d; ++k) {
+    const T w = load_matrix<FROM_SMEM>(M_col);
+    M_col += d;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] += w * xs[k * ROWS + r];
+  }
+}
+
+using cuda::kFullWarpMask;
+using cuda::warp_sum;
+
+// Shared memory, in elements of T: [x, x_next (ROWS*d each, laid out [i][r])] [s (ROWS*d) if adjoint]
+// [per-warp sums (kMaxWarps*2*ROWS)] [M (d*d) if W_SMEM], then ints: [active (ROWS)] [any_active (1)].
+// The tiles come first so that x[k][0..ROWS) stays 16-byte aligned (vector loads).
+template <typename T, Mode MODE, int ROWS>
+size_t tile_smem_bytes(int d) {
+  const size_t tiles = MODE == Mode::Adjoint ? 3 : 2;
+  return (tiles * ROWS * d + size_t(kMaxWarps) * 2 * ROWS) * sizeof(T) + (ROWS + 1) * sizeof(int);
+}
+
+// One block per tile of ROWS batch rows, blockDim.x a multiple of 32 (at most kMaxThreads). Thread tid owns
+// the outputs i = tid, tid + blockDim.x, ... of every row of the tile, in the prologue and in every iteration.
+template <typename T, Mode MODE, int ROWS, bool W_SMEM>
+__global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolveParams<T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int d = int(p.d);
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int nwarps = nthreads >> 5;
+  const int64_t row0 = int64_t(blockIdx.x) * ROWS;
+  const int rows = int(min(int64_t(ROWS), p.batch - row0));  // valid rows of this tile, >= 1
+  DEQKERN_DEVICE_ASSERT(rows >= 1 && nthreads % 32 == 0 && nthreads <= kMaxThreads);
+
+  T* x = reinterpret_cast<T*>(smem_raw);
+  T* x_next = x + ROWS * d;
+  T* s = x_next + ROWS * d;  // adjoint only
+  T* warp_sums = s + (MODE == Mode::Adjoint ? ROWS * d : 0);
+  T* M_smem = warp_sums + kMaxWarps * 2 * ROWS;
+  int* active = reinterpret_cast<int*>(M_smem + (W_SMEM ? int64_t(d) * d : 0));
+  int* any_active = active + ROWS;
+  const T* M = p.M;
+  // Non-finite inputs. Bit r of `bad`: this thread saw one in row r of the tile; every bit: it saw one in its
+  // strided share of M (M is W or W^T, so the block covers all of W).
+  unsigned bad = 0u;
+  bool w_bad = false;
+  if constexpr (W_SMEM) {
+    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) {
+      const T w = __ldg(p.M + e);
+      w_bad |= !isfinite(w);
+      M_smem[e] = w;
+    }
+    M = M_smem;  // visible to all threads after the barriers below
+  } else {
+    for (int64_t e = tid; e < int64_t(d) * d; e += nthreads) w_bad |= !isfinite(__ldg(p.M + e));
+  }
+  if (w_bad) bad = (1u << ROWS) - 1u;
+
+  // Prologue. Rows past the batch are zero and never active. Forward: x = z0. Adjoint: x = 0, and z goes
+  // to x_next for one matvec s = act'(z W^T + c). The row's c (and grad_z) are read here for the check only.
+  for (int e = tid; e < ROWS * d; e += nthreads) {
+    const int r = e / d;
+    const int i = e - r * d;
+    T v = T(0);
+    if (r < rows) {
+      const int64_t g = (row0 + r) * d + i;
+      v = p.z[g];
+      bool finite = isfinite(v) && isfinite(__ldg(p.c + g));
+      if constexpr (MODE == Mode::Adjoint) finite = finite && isfinite(__ldg(p.grad_z + g));
+      if (!finite) bad |= 1u << r;
+    }
+    if constexpr (MODE == Mode::Forward) {
+      x[i * ROWS + r] = v;
+    } else {
+      x[i * ROWS + r] = T(0);
+      x_next[i * ROWS + r] = v;
+    }
+  }
+  // Block-wide row flags, the same in every thread. These barriers also publish x, x_next and M_smem.
+  unsigned valid = 0u;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (!__syncthreads_or(int((bad >> r) & 1u)) && r < rows) valid |= 1u << r;
+  }
+  if (tid < ROWS) active[tid] = int((valid >> tid) & 1u);
+  __syncthreads();
+  // A tile without a valid row neither computes s nor iterates (uniform: `valid` is the same in every thread).
+  const int64_t max_iter = valid != 0u ? p.max_iter : 0;
+  if constexpr (MODE == Mode::Adjoint) {
+    if (valid != 0u) {
+      for (int i = tid; i < d; i += nthreads) {
+        T acc[ROWS];
+        column_matvec<false>(p.Wt + i, x_next, d, acc);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          s[i * ROWS + r] = r < rows ? activation_derivative(p.activation, acc[r] + p.c[(row0 + r) * d + i]) : T(0);
+        }
+      }
+      __syncthreads();  // the first iteration overwrites x_next, which still holds z
+    }
+  }
+
+  // The decider of row r is thread r (warp 0); it keeps the row's residual and iteration count: NaN and 0
+  // until the row's first iteration, so for good in a row that is never iterated.
+  T res = not_iterated_residual<T>();
+  int32_t iters = 0;
+  for (int64_t k = 1; k <= max_iter; ++k) {
+    // Phase 1: t = T(x) for my outputs, x_next = damped update (frozen rows copy x), partial sums.
+    bool row_active[ROWS];
+    T sq_diff[ROWS];
+    T sq_t[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      row_active[r] = active[r] != 0;
+      sq_diff[r] = T(0);
+      sq_t[r] = T(0);
+    }
+    for (int i = tid; i < d; i += nthreads) {
+      T acc[ROWS];
+      column_matvec<W_SMEM>(M + i, x, d, acc);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const T x_old = x[i * ROWS + r];
+        T x_new = x_old;
+        if (row_active[r]) {
+          const int64_t g = (row0 + r) * d + i;
+          T t;
+          if constexpr (MODE == Mode::Forward) {
+            t = activation_forward(p.activation, acc[r] + __ldg(p.c + g));
+          } else {
+            t = s[i * ROWS + r] * (acc[r] + __ldg(p.grad_z + g));
+          }
+          const T diff = t - x_old;
+          sq_diff[r] += diff * diff;
+          sq_t[r] += t * t;
+          x_new = p.one_minus_alpha * x_old + p.alpha * t;
+        }
+        x_next[i * ROWS + r] = x_new;
+      }
+    }
+    // Phase 2: block sums of ||t - x||^2 and ||t||^2 per row.
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const T a = warp_sum(sq_diff[r]);
+      const T b = warp_sum(sq_t[r]);
+      if (lane == 0) {
+        warp_sums[(warp * ROWS + r) * 2] = a;
+        warp_sums[(warp * ROWS + r) * 2 + 1] = b;
+      }
+    }
+    __syncthreads();  // (1) x_next and warp_sums complete; every read of x, active, any_active done
+    // Phase 3: the deciders record the residual and stop their row if it converged or is not finite.
+    if (warp == 0) {
+      bool keep_going = false;
+      if (lane < ROWS && active[lane]) {
+        T a = T(0), b = T(0);
+        for (int w = 0; w < nwarps; ++w) {
+          a += warp_sums[(w * ROWS + lane) * 2];
+          b += warp_sums[(w * ROWS + lane) * 2 + 1];
+        }
+        res = relative_residual(a, b);
+        iters = int32_t(k);
+        keep_going = keeps_iterating(res, p.tol);
+        active[lane] = keep_going;
+      }
+      const bool any = __any_sync(kFullWarpMask, keep_going);
+      if (lane == 0) *any_active = any;
+    }
+    __syncthreads();  // (2) active, any_active written; warp_sums read
+    T* const tmp = x;
+    x = x_next;
+    x_next = tmp;
+    if (!*any_active) break;  // uniform: read after (2), next written after (1) of the next iteration
+  }
+
+  for (int e = tid; e < rows * d; e += nthreads) {
+    const int r = e / d;
+    const int i = e - r * d;
+    p.out[(row0 + r) * d + i] = x[i * ROWS + r];
+  }
+  if (tid < rows) {
+    p.iterations[row0 + tid] = iters;
+    p.residual[row0 + tid] = res;
+    p.converged[row0 + tid] = is_converged(res, p.tol);
+  }
+}
+
+template <typename T, Mode MODE, int ROWS, bool W_SMEM>
+void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream) {
+  auto kernel = dense_solve_kernel<T, MODE, ROWS, W_SMEM>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t blocks = (p.batch + ROWS - 1) / ROWS;
+  TORCH_CHECK(blocks <= int64_t(INT32_MAX), "deqkern: batch too large: ", p.batch);
+  const int threads = int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (p.d + 31) / 32 * 32)));
+  kernel<<<dim3(unsigned(blocks)), dim3(threads), smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks the tile height and whether M fits in shared memory next to the tile (the opt-in limit of the device).
+template <typename T, Mode MODE>
+void launch_dense_solve(const SolveParams<T>& p, int device) {
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t limit = size_t(smem_limit);
+  const size_t w_bytes = size_t(p.d) * p.d * sizeof(T);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  size_t tile = tile_smem_bytes<T, MODE, kTileRows>(int(p.d));
+  if (tile <= limit) {
+    if (tile + w_bytes <= limit) {
+      launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream);
+    } else {
+      launch_kernel<T, MODE, kTileRows, false>(p, tile, stream);
+    }
+    return;
+  }
+  tile = tile_smem_bytes<T, MODE, 1>(int(p.d));
+  TORCH_CHECK(tile <= limit, "deqkern: d = ", p.d, " is too large for the CUDA dense solver (needs ", tile,
+              " bytes of shared memory per block, the device allows ", limit, ")");
+  launch_kernel<T, MODE, 1, false>(p, tile, stream);
+}
+
+// z is z0 (forward) or the fixed point (adjoint); grad_z is undefined in the forward.
+template <Mode MODE>
+SolveOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
+                         const at::Tensor& grad_z_in, ActivationId act, double alpha, double tol, int64_t max_iter) {
+  // Without the guard the kernel would launch on the current device rather than W's.
+  const c10::cuda::CUDAGuard device_guard(W_in.device());
+  const DenseSolveTensors t(W_in, c_in, z_in, grad_z_in);
+  TORCH_CHECK(t.d() <= int64_t(INT32_MAX), "deqkern.fixed_point_dense: d too large: ", t.d());
+  if (t.batch() == 0) return t.outputs();
+  // Both modes read their iteration matrix by columns (coalesced): the forward needs W^T, the adjoint W
+  // itself plus W^T once for s.
+  const at::Tensor Wt = t.W.t().contiguous();
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    SolveParams<T> p;
+    t.fill(p, act, tol, max_iter);
+    set_picard_options(p, alpha);
+    p.M = MODE == Mode::Forward ? Wt.const_data_ptr<T>() : t.W.const_data_ptr<T>();
+    p.Wt = Wt.const_data_ptr<T>();
+    launch_dense_solve<T, MODE>(p, t.W.get_device());
+  };
+  if (t.W.scalar_type() == at::kFloat) {
+    run(float(0));
+  } else {
+    run(double(0));
+  }
+  return t.outputs();
+}
+
+SolveOutputs fixed_point_dense_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
+                                    c10::string_view activation, double alpha, double tol, int64_t max_iter) {
+  check_dense_solve_args("fixed_point_dense", W, {c, z0}, tol, max_iter);
+  check_picard_options("fixed_point_dense", alpha);
+  const ActivationId act = parse_activation(std::string(activation));
+  return dense_solve<Mode::Forward>(W, c, z0, at::Tensor(), act, alpha, tol, max_iter);
+}
+
+SolveOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                             const at::Tensor& grad_z, c10::string_view activation, double alpha,
+                                             double tol, int64_t max_iter) {
+  check_dense_solve_args("fixed_point_dense_backward", W, {c, z, grad_z}, tol, max_iter);
+  check_picard_options("fixed_point_dense_backward", alpha);
+  const ActivationId act = parse_activation(std::string(activation));
+  return dense_solve<Mode::Adjoint>(W, c, z, grad_z, act, alpha, tol, max_iter);
+}
+
+}  // namespace
+}  // namespace deqkern
+
+TORCH_LIBRARY_IMPL(deqkern, CUDA, m) {
+  m.impl("fixed_point_dense", &deqkern::fixed_point_dense_cuda);
+  m.impl("fixed_point_dense_backward", &deqkern::fixed_point_dense_backward_cuda);
+}

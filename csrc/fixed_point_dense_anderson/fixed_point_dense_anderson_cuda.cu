@@ -1,0 +1,205 @@
+// CUDA kernels of fixed_point_dense_anderson and its backward (schemas: fixed_point_dense_anderson.cpp, semantics:
+// deqkern/reference/fixed_point_dense_anderson.py; the per-sample contract: common/stop_rule.h). One persistent launch per solve, one block per batch row for the whole solve:
+// the iterate and T(x) in shared memory, the row's history (x_i, g_i) in a global scratch allocated before the
+// launch, its Gram matrix and weights in shared memory. Per step: the matrix-vector product (columns of M read
+// coalesced), the epilogue, one new Gram row (n block reductions fused into one pass), the weights by one thread in
+// float64 (common/anderson_weights.h, the one Anderson weight solve of deqkern), and the mixing.
+// A row whose inputs are not all finite (any entry of W, or of its c, z0 / z, grad_z) is never iterated.
+// Compiles in CI; never run on a GPU yet.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "common/activations.h"
+#include "common/anderson_weights.h"
+#include "common/checks.h"
+#include "common/cuda/reduce.cuh"
+#include "common/params.h"
+#include "common/params_from_tensors.h"
+#include "common/stop_rule.h"
+
+namespace deqkern {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxHistory = kAndersonMaxHistory;
+
+// The Anderson parameters plus the iteration matrix, read by columns: (x M)_i = sum_k M[k][i] x_k (forward: W^T;
+// adjoint: W, and Wt = W^T for s = act'(z W^T + c)), and the history scratch.
+template <typename T>
+struct SolveParams : AndersonParams<T> {
+  const T* M = nullptr;
+  const T* Wt = nullptr;
+  T* hist = nullptr;  // (batch, 2, m, d): x_i then g_i
+};
+
+using cuda::block_sum;
+
+// Dynamic shared memory: x (d), t (d), s (d, adjoint) as T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T> p) {
+  extern __shared__ unsigned char smem_raw[];
+  T* x = reinterpret_cast<T*>(smem_raw);
+  T* t = x + p.d;
+  T* s = t + p.d;
+  __shared__ double gram[kMaxHistory * kMaxHistory];
+  __shared__ double weights[kMaxHistory];
+  __shared__ double scratch[kWarps * (kMaxHistory + 2)];
+  __shared__ int keep_going;
+  const int64_t row = blockIdx.x;
+  const int d = int(p.d), m = p.m, tid = threadIdx.x;
+  DEQKERN_DEVICE_ASSERT(blockDim.x == kThreads && m >= 1 && m <= kMaxHistory);  // scratch is sized for kThreads
+  const T* bias = (p.adjoint ? p.grad_z : p.c) + row * d;
+  T* hx = p.hist + row * 2 * m * int64_t(d);
+  T* hg = hx + m * int64_t(d);
+
+  // Prologue: the start, s = act'(z W^T + c) in the adjoint, and the finiteness of this row's inputs and of W.
+  double bad[1] = {0.0};
+  for (int i = tid; i < d; i += kThreads) {
+    const T zi = p.z[row * d + i], ci = p.c[row * d + i];
+    bool finite = isfinite(zi) && isfinite(ci);
+    if (p.adjoint) finite = finite && isfinite(p.grad_z[row * d + i]);
+    if (!finite) bad[0] = 1.0;
+    x[i] = p.adjoint ? T(0) : zi;
+  }
+  for (int64_t e = tid; e < int64_t(d) * d; e += kThreads)
+    if (!isfinite(p.M[e])) bad[0] = 1.0;
+  if (p.adjoint) {
+    for (int i = tid; i < d; i += kThreads) {
+      T u = p.c[row * d + i];
+      for (int k = 0; k < d; ++k) u += p.z[row * d + k] * p.Wt[int64_t(k) * d + i];
+      s[i] = activation_derivative(p.activation, u);
+    }
+  }
+  block_sum<double, 1>(bad, scratch);
+  T res = not_iterated_residual<T>();
+  int64_t k = 0;
+  if (bad[0] == 0.0) {
+    for (k = 1; k <= p.max_iter; ++k) {
+      const int slot = int((k - 1) % m);
+      const int n = int(k < m ? k : m);
+      // t = T(x); the new pair into the history; squared norms of g and t.
+      double sums[kMaxHistory + 2] = {};
+      for (int i = tid; i < d; i += kThreads) {
+        T acc = 0;
+        for (int kk = 0; kk < d; ++kk) acc += x[kk] * p.M[int64_t(kk) * d + i];
+        const T ti = p.adjoint ? s[i] * (acc + bias[i]) : activation_forward(p.activation, acc + bias[i]);
+        const T gi = ti - x[i];
+        t[i] = ti;
+        hx[slot * int64_t(d) + i] = x[i];
+        hg[slot * int64_t(d) + i] = gi;
+        sums[kMaxHistory] += double(gi * gi);
+        sums[kMaxHistory + 1] += double(ti * ti);
+      }
+      __syncthreads();  // x is read by every thread above before anyone overwrites it below
+      // One new Gram row: <g_slot, g_j>, each thread over its own elements (written by itself above).
+      for (int i = tid; i < d; i += kThreads) {
+        const T gi = hg[slot * int64_t(d) + i];
+        for (int j = 0; j < n; ++j) sums[j] += double(gi * hg[j * int64_t(d) + i]);
+      }
+      block_sum<double, kMaxHistory + 2>(sums, scratch);
+      const T diff_sq = T(sums[kMaxHistory]), t_sq = T(sums[kMaxHistory + 1]);
+      res = relative_residual(diff_sq, t_sq);
+      if (tid == 0) {
+        for (int j = 0; j < n; ++j) {
+          const double v = j == slot ? double(diff_sq) : sums[j];
+          gram[slot * m + j] = v;
+          gram[j * m + slot] = v;
+        }
+        if (!anderson_weights<double, kMaxHistory>(gram, m, n, p.lam, weights))
+          for (int j = 0; j < n; ++j) weights[j] = j == slot ? 1.0 : 0.0;  // the plain mixed Picard step
+        keep_going = keeps_iterating(res, p.tol);
+      }
+      __syncthreads();
+      for (int i = tid; i < d; i += kThreads) {
+        T acc = 0;
+        for (int j = 0; j < n; ++j) {
+          const T w = T(weights[j]);
+          acc += w * hx[j * int64_t(d) + i] + (w * p.beta) * hg[j * int64_t(d) + i];
+        }
+        x[i] = acc;
+      }
+      __syncthreads();
+      if (!keep_going) break;
+    }
+    if (k > p.max_iter) k = p.max_iter;
+  }
+  for (int i = tid; i < d; i += kThreads) p.out[row * d + i] = x[i];
+  if (tid == 0) {
+    p.iterations[row] = int32_t(k);
+    p.residual[row] = res;
+    p.converged[row] = is_converged(res, p.tol);
+  }
+}
+
+SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
+                            const at::Tensor& grad_z_in, ActivationId act, int64_t m, double beta,
+                            double lam, double tol, int64_t max_iter) {
+  const c10::cuda::CUDAGuard device_guard(W_in.device());  // otherwise the kernel launches on the current device
+  const DenseSolveTensors t(W_in, c_in, z_in, grad_z_in);
+  const int64_t batch = t.batch(), d = t.d();
+  TORCH_CHECK(d <= 1 << 20, "deqkern.fixed_point_dense_anderson: d too large for the CUDA kernel: ", d);
+  if (batch == 0) return t.outputs();
+  at::Tensor hist = at::empty({batch, 2, m, d}, t.W.options());
+  const at::Tensor Wt = t.W.t().contiguous();
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    SolveParams<T> p;
+    t.fill(p, act, tol, max_iter);
+    set_anderson_options(p, m, beta, lam);
+    p.M = t.adjoint() ? t.W.const_data_ptr<T>() : Wt.const_data_ptr<T>();
+    p.Wt = Wt.const_data_ptr<T>();
+    p.hist = hist.mutable_data_ptr<T>();
+    const size_t smem = size_t(3) * d * sizeof(T);
+    // The dynamic shared memory must be opted in whenever the block's total (dynamic plus the kernel's static
+    // arrays) exceeds 48 KB; setting the attribute to exactly the dynamic size is always valid.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(anderson_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern.fixed_point_dense_anderson: batch too large: ", batch);
+    anderson_kernel<T><<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (t.W.scalar_type() == at::kFloat) {
+    run(float(0));
+  } else {
+    run(double(0));
+  }
+  return t.outputs();
+}
+
+SolveOutputs fixed_point_dense_anderson_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
+                                             c10::string_view activation, int64_t m, double beta, double lam,
+                                             double tol, int64_t max_iter) {
+  check_dense_solve_args("fixed_point_dense_anderson", W, {c, z0}, tol, max_iter);
+  check_anderson_options("fixed_point_dense_anderson", m, beta, lam);
+  const ActivationId act = parse_activation(std::string(activation));
+  return anderson_solve(W, c, z0, at::Tensor(), act, m, beta, lam, tol, max_iter);
+}
+
+SolveOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                                      const at::Tensor& grad_z, c10::string_view activation,
+                                                      int64_t m, double beta, double lam, double tol,
+                                                      int64_t max_iter) {
+  check_dense_solve_args("fixed_point_dense_anderson_backward", W, {c, z, grad_z}, tol, max_iter);
+  check_anderson_options("fixed_point_dense_anderson_backward", m, beta, lam);
+  const ActivationId act = parse_activation(std::string(activation));
+  return anderson_solve(W, c, z, grad_z, act, m, beta, lam, tol, max_iter);
+}
+
+}  // namespace
+}  // namespace deqkern
+
+TORCH_LIBRARY_IMPL(deqkern, CUDA, m) {
+  m.impl("fixed_point_dense_anderson", &deqkern::fixed_point_dense_anderson_cuda);
+  m.impl("fixed_point_dense_anderson_backward", &deqkern::fixed_point_dense_anderson_backward_cuda);
+}

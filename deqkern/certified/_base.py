@@ -1,0 +1,31 @@
+"""CertifiedDEQ: the state every certified layer holds (the injection, the unconstrained recurrent weight, the
+solver options and the statistics of the latest solve), built in one place; each layer adds its
+parameterisation, its `certificate()` and its forward."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.info import SolverInfo
+from ._options import solver_options
+
+
+class CertifiedDEQ(nn.Module):
+    """Base of the certified layers: x (batch, in) -> z* (batch, hidden) by one fixed_point_dense solve.
+
+    injection: nn.Linear(in_features, hidden_features), x -> x U^T + b; weight_raw: the unconstrained
+    (hidden, hidden) parameter the layer maps to its certified W (left uninitialised here: the layer's
+    reset_parameters fills it); solver_options: the keyword arguments of its fixed_point_dense call (alpha = 1:
+    plain iteration; LinfContractiveDEQ passes its own alpha per call); last_info: the SolverInfo of the latest forward.
+    """
+
+    def __init__(self, in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
+                 backward_tol, backward_max_iter, device, dtype):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.activation = activation
+        self.solver_options = solver_options(activation, 1.0, tol, max_iter, backend, on_nonconvergence,
+                                             backward_tol, backward_max_iter)
+        self.injection = nn.Linear(in_features, hidden_features, **factory)
+        self.weight_raw = nn.Parameter(torch.empty(hidden_features, hidden_features, **factory))
+        self.last_info: Optional[SolverInfo] = None

@@ -1,0 +1,56 @@
+"""The per-sample contract of every fixed-point solve, stated once (csrc/common/stop_rule.h and
+triton_kernels/common.py are its kernel twins):
+
+- iterate x <- update(x, T(x)), one evaluation of T per iteration;
+- per-sample relative residual r = ||T(x) - x|| / (||T(x)|| + RESIDUAL_EPS) of the iterate T was applied to;
+- a sample keeps iterating while r > tol and r is finite; once it stops (converged, or NaN/Inf) it is frozen, so its
+  result does not depend on the other samples of the batch;
+- the returned x is the last update, `iterations` counts evaluations of T, `residual` is the last r,
+  `converged` is r <= tol;
+- a sample whose inputs are not all finite (its rows of the batch inputs, or any entry of W) is never iterated:
+  x stays its start, iterations 0, residual NaN, converged False. So bad input is flagged per sample by the
+  kernels themselves, even where an activation would hide it (tanh(inf) = 1).
+"""
+import torch
+
+from ..core.constants import RESIDUAL_EPS
+
+
+def finite_rows(W, *batch_tensors):
+    """(batch,) bool: W is all finite and so is the sample's row of every batch tensor."""
+    valid = torch.isfinite(W).all().expand(batch_tensors[0].shape[0])
+    for t in batch_tensors:
+        valid = valid & torch.isfinite(t).all(dim=1)
+    return valid
+
+
+def relative_residual(tx, x):
+    """(batch,) ||tx - x|| / (||tx|| + RESIDUAL_EPS) per row."""
+    return (tx - x).norm(dim=1) / (tx.norm(dim=1) + RESIDUAL_EPS)
+
+
+def keeps_iterating(r, tol):
+    return (r > tol) & torch.isfinite(r)
+
+
+def iterate_per_sample(step, update, x0, valid, tol, max_iter):
+    """Solve x = step(x) for the rows where `valid` under the contract above.
+
+    update(k, x, tx) gives the next iterate of every row from x and tx = step(x) at evaluation k (1-based); rows that
+    have stopped keep x. Returns (x, iterations int32, residual, converged bool).
+    """
+    x = x0.clone()
+    batch = x.shape[0]
+    iterations = torch.zeros(batch, dtype=torch.int32, device=x.device)
+    residual = torch.full((batch,), float("nan"), dtype=x.dtype, device=x.device)
+    active = valid.clone()
+    for k in range(1, max_iter + 1):
+        tx = step(x)
+        r = relative_residual(tx, x)
+        x = torch.where(active[:, None], update(k, x, tx), x)
+        residual = torch.where(active, r, residual)
+        iterations = torch.where(active, torch.full_like(iterations, k), iterations)
+        active = active & keeps_iterating(r, tol)
+        if not active.any():
+            break
+    return x, iterations, residual, residual <= tol

@@ -1,0 +1,150 @@
+"""What every deqkern Triton kernel shares: the residual eps, row loads and stores, the finiteness tests, the
+per-sample contract (deqkern/reference/common.py states it; csrc/common/stop_rule.h is the C++ twin), the pieces of
+the dense solves (operator tiles, the prologue, the map T) and the device guard of the launchers.
+
+Inside kernels: p_ pointers, b_ register blocks, m_ masks, o_ offsets; compile-time switches are UPPER_CASE.
+"""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deqkern.core.constants import RESIDUAL_EPS
+
+from .activations import activation_derivative, apply_activation
+
+# TRITON_INTERPRET is read when the kernels are decorated: the launchers skip autotuning under the interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+EPS: tl.constexpr = tl.constexpr(RESIDUAL_EPS)
+INF: tl.constexpr = tl.constexpr(float("inf"))
+NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (otherwise the kernel runs on cuda:0)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- rows and finiteness
+@triton.jit
+def load_rows(p_base, o_b, o_d, m_b, m_d, stride_b, stride_d):
+    """Tile x[o_b, o_d] of a (B, d) tensor, 0 outside the masks."""
+    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
+    return tl.load(p, mask=m_b[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(p_base, value, o_b, o_d, m_b, m_d, stride_b, stride_d):
+    p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
+    tl.store(p, value, mask=m_b[:, None] & m_d[None, :])
+
+
+@triton.jit
+def nonfinite_rows(b):
+    """(BLOCK_B,) int32: 1 where the row of the tile b holds a NaN or an Inf, else 0 (|NaN| < inf is False)."""
+    return tl.max(tl.where(tl.abs(b) < INF, 0, 1), axis=1)
+
+
+@triton.jit
+def any_nonfinite(b):
+    """int32 scalar: 1 if the 2-D tile b holds a NaN or an Inf, else 0."""
+    return tl.max(nonfinite_rows(b), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- the per-sample contract
+@triton.jit
+def relative_residual(sq_diff, sq_t):
+    """||T(x) - x|| / (||T(x)|| + eps) from the squared norms, correctly rounded (fp32 sqrt and / are not)."""
+    if sq_diff.dtype == tl.float32:
+        return tl.div_rn(tl.sqrt_rn(sq_diff), tl.sqrt_rn(sq_t) + EPS)
+    else:
+        return tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + EPS)
+
+
+@triton.jit
+def keeps_iterating(r, tol):
+    """r > tol and finite (r >= 0, so r < inf also stops NaN)."""
+    return (r > tol) & (r < INF)
+
+
+@triton.jit
+def record_step(active, r, residual, iters, k, tol):
+    """After evaluation k: the active rows take r and k, and go on while keeps_iterating. Returns (residual, iters,
+    active)."""
+    residual = tl.where(active, r, residual)
+    iters = tl.where(active, k, iters)
+    return residual, iters, active & keeps_iterating(r, tol)
+
+
+# ---------------------------------------------------------------------------------------------- dense solves
+@triton.jit
+def load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
+    """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
+    p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out
+    return tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0)
+
+
+@triton.jit
+def matmul(b_x, b_mt, USE_DOT: tl.constexpr):
+    """(BLOCK_B, K) @ (K, N) accumulated in the input dtype."""
+    if USE_DOT:
+        return tl.dot(b_x, b_mt, input_precision="ieee")
+    else:
+        return tl.sum(b_x[:, :, None] * b_mt[None, :, :], axis=1)
+
+
+@triton.jit
+def register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
+                      stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION: tl.constexpr,
+                      ADJOINT: tl.constexpr, USE_DOT: tl.constexpr):
+    """Start of a dense solve whose rows fit in one tile: the operator tile M^T, the bias rows, s (adjoint; the bias
+    otherwise), the start x (z0, or 0 in the adjoint) and the active rows: valid batch rows whose inputs are all
+    finite (the padding loads as 0), none at all if W (the whole of the tile) has a NaN or an Inf."""
+    m_bd = m_b[:, None] & m_d[None, :]
+    b_mt = load_operator(W_ptr, o_d, o_d, D, stride_w_out, stride_w_in)
+    b_bias = load_rows(p_bias, o_b, o_d, m_b, m_d, stride_bias_b, stride_bias_d)
+    b_z = load_rows(z_ptr, o_b, o_d, m_b, m_d, stride_z_b, stride_z_d)
+    bad = tl.maximum(nonfinite_rows(b_bias), nonfinite_rows(b_z))
+    if ADJOINT:
+        # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
+        b_u = matmul(b_z, load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
+        b_c = load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
+        bad = tl.maximum(bad, nonfinite_rows(b_c))
+        b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
+        b_x = tl.zeros_like(b_z)
+    else:
+        b_s = b_bias
+        b_x = b_z
+    active = m_b & (bad == 0) & (any_nonfinite(b_mt) == 0)
+    return b_mt, b_bias, b_s, b_x, active
+
+
+@triton.jit
+def apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
+    """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""
+    if ADJOINT:
+        t = b_s * (acc + b_bias)
+    else:
+        t = apply_activation(acc + b_bias, ACTIVATION)
+    return tl.where(m_bd, t, 0.0)
+
+
+def check_dense_inputs(W: torch.Tensor, rows) -> None:
+    """W (d, d) float32/float64 and the (batch, d) row tensors of one dtype and device (the ops' argument checks)."""
+    torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: f"W must be (d, d), got {tuple(W.shape)}")
+    torch._check(W.dtype in (torch.float32, torch.float64), lambda: f"unsupported dtype {W.dtype}")
+    for x in rows:
+        torch._check(x.dim() == 2 and x.shape == rows[0].shape and x.shape[1] == W.shape[0],
+                     lambda: f"expected (batch, {W.shape[0]}) inputs, got {[tuple(r.shape) for r in rows]}")
+        torch._check(x.dtype == W.dtype and x.device == W.device, lambda: "inputs must share dtype and device")
+
+
+def empty_solve_outputs(like: torch.Tensor):
+    """(x, iterations int32, residual, converged bool) of a dense solve with like's batch."""
+    batch = like.shape[0]
+    return (torch.empty_like(like, memory_format=torch.contiguous_format),
+            like.new_empty((batch,), dtype=torch.int32),
+            like.new_empty((batch,), dtype=like.dtype),
+            like.new_empty((batch,), dtype=torch.bool))
