@@ -80,6 +80,15 @@ def record_step(active, r, residual, iters, k, tol):
 
 # ---------------------------------------------------------------------------------------------- dense solves
 @triton.jit
+def bias_of(c_ptr, gz_ptr, stride_c_b, stride_c_d, stride_gz_b, stride_gz_d, ADJOINT: tl.constexpr):
+    """The bias of the map T and its strides: c (forward) or grad_z (adjoint)."""
+    if ADJOINT:
+        return gz_ptr, stride_gz_b, stride_gz_d
+    else:
+        return c_ptr, stride_c_b, stride_c_d
+
+
+@triton.jit
 def load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
     """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
     p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out

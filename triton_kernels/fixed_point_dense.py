@@ -32,6 +32,7 @@ from .common import (
     NAN,
     any_nonfinite,
     apply_map,
+    bias_of,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
@@ -83,15 +84,8 @@ def _fixed_point_dense_kernel(
     i_b = tl.program_id(0).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_b = o_b < B
-    # The bias of T: c (forward) or grad_z (adjoint).
-    if ADJOINT:
-        p_bias = gz_ptr
-        stride_bias_b = stride_gz_b
-        stride_bias_d = stride_gz_d
-    else:
-        p_bias = c_ptr
-        stride_bias_b = stride_c_b
-        stride_bias_d = stride_c_d
+    p_bias, stride_bias_b, stride_bias_d = bias_of(c_ptr, gz_ptr, stride_c_b, stride_c_d, stride_gz_b, stride_gz_d,
+                                                   ADJOINT)
     b_alpha = tl.full([BLOCK_B, BLOCK_N], alpha, dtype)
     b_one_minus_alpha = tl.full([BLOCK_B, BLOCK_N], one_minus_alpha, dtype)
     b_tol = tl.full([BLOCK_B], tol, dtype)

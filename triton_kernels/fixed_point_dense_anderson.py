@@ -27,6 +27,7 @@ from .anderson_weights import anderson_weights
 from .common import (
     NAN,
     apply_map,
+    bias_of,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
@@ -61,14 +62,8 @@ def _anderson_kernel(
     m_d = o_d < D
     m_bd = m_b[:, None] & m_d[None, :]
     o_m = tl.arange(0, MP)
-    if ADJOINT:
-        p_bias = gz_ptr
-        stride_bias_b = stride_gz_b
-        stride_bias_d = stride_gz_d
-    else:
-        p_bias = c_ptr
-        stride_bias_b = stride_c_b
-        stride_bias_d = stride_c_d
+    p_bias, stride_bias_b, stride_bias_d = bias_of(c_ptr, gz_ptr, stride_c_b, stride_c_d, stride_gz_b, stride_gz_d,
+                                                   ADJOINT)
     b_mt, b_bias, b_s, b_x, active = register_prologue(
         W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b, stride_bias_d,
         stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import INF, device_guard
+from .common import INF, device_guard, load_rows
 
 
 @triton.jit
@@ -69,8 +69,7 @@ def _power_iteration_kernel(
             for j0 in range(0, N, BLOCK_N):
                 o_n = j0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < N
-                b_w = tl.load(W_ptr + o_m[:, None] * stride_w_m + o_n[None, :] * stride_w_n,
-                              mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_w = load_rows(W_ptr, o_m, o_n, m_m, m_n, stride_w_m, stride_w_n)
                 b_v = tl.load(p_v + o_n, mask=m_n, other=0.0)
                 acc += tl.sum(b_w * b_v[None, :], axis=1)
             if HAS_SCALE:
@@ -95,8 +94,7 @@ def _power_iteration_kernel(
             for i0 in range(0, M, BLOCK_M):
                 o_m = i0 + tl.arange(0, BLOCK_M)
                 m_m = o_m < M
-                b_w = tl.load(W_ptr + o_m[:, None] * stride_w_m + o_n[None, :] * stride_w_n,
-                              mask=m_m[:, None] & m_n[None, :], other=0.0)
+                b_w = load_rows(W_ptr, o_m, o_n, m_m, m_n, stride_w_m, stride_w_n)
                 if SYMMETRIC:
                     b_coef = tl.load(p_v + o_m, mask=m_m, other=0.0)
                     if HAS_SCALE:

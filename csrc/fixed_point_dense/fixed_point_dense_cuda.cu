@@ -3,6 +3,7 @@
 // solve, keeps its iterate in shared memory and stops when all of its rows have stopped; no host
 // synchronisation and no allocation between iterations. A row whose inputs are not all finite (any entry of
 // W, or of the row's c, z0 / z, grad_z) is flagged by its block in the prologue and never iterated.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -293,20 +294,15 @@ SolveOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, const a
   // Both modes read their iteration matrix by columns (coalesced): the forward needs W^T, the adjoint W
   // itself plus W^T once for s.
   const at::Tensor Wt = t.W.t().contiguous();
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
+  AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_cuda", [&] {
+    using T = scalar_t;
     SolveParams<T> p;
     t.fill(p, act, tol, max_iter);
     set_picard_options(p, alpha);
     p.M = MODE == Mode::Forward ? Wt.const_data_ptr<T>() : t.W.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
     launch_dense_solve<T, MODE>(p, t.W.get_device());
-  };
-  if (t.W.scalar_type() == at::kFloat) {
-    run(float(0));
-  } else {
-    run(double(0));
-  }
+  });
   return t.outputs();
 }
 

@@ -6,6 +6,7 @@
 // float64 (common/anderson_weights.h, the one Anderson weight solve of deqkern), and the mixing.
 // A row whose inputs are not all finite (any entry of W, or of its c, z0 / z, grad_z) is never iterated.
 // Compiles in CI; never run on a GPU yet.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -153,8 +154,8 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
   if (batch == 0) return t.outputs();
   at::Tensor hist = at::empty({batch, 2, m, d}, t.W.options());
   const at::Tensor Wt = t.W.t().contiguous();
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
+  AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_anderson_cuda", [&] {
+    using T = scalar_t;
     SolveParams<T> p;
     t.fill(p, act, tol, max_iter);
     set_anderson_options(p, m, beta, lam);
@@ -168,12 +169,7 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
     TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern.fixed_point_dense_anderson: batch too large: ", batch);
     anderson_kernel<T><<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (t.W.scalar_type() == at::kFloat) {
-    run(float(0));
-  } else {
-    run(double(0));
-  }
+  });
   return t.outputs();
 }
 

@@ -6,6 +6,7 @@
 //   pass 2, a thread per column j:     gram: z_j = sum_i W_ij s_i y_i;  symmetric: z_j = (y_j + sum_i W_ij s_i v_i) / 2
 //                                      + shift v_j           (coalesced across the threads of a row)
 //   pass 3:                            v = z / ||z|| unless ||z|| = 0
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -159,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(
   at::Tensor iterations = at::empty({batch}, W.options().dtype(at::kInt));
   at::Tensor converged = at::empty({batch}, W.options().dtype(at::kBool));
   if (batch == 0) return {value, u, iterations, converged};
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "deqkern_power_iteration_cuda", [&] {
+    using T = scalar_t;
     const auto p = power_iteration_params<T>(W, row_scale, u0, value, u, iterations, converged, W.size(0), W.size(1),
                                              symmetric, shift, max_iter, tol);
     if (symmetric) {
@@ -168,12 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(
     } else {
       launch<T, false>(p, batch, W.get_device());
     }
-  };
-  if (W.scalar_type() == at::kFloat) {
-    run(float(0));
-  } else {
-    run(double(0));
-  }
+  });
   return {value, u, iterations, converged};
 }
 
