@@ -9,7 +9,8 @@ try:
 except ImportError as error:  # pragma: no cover - only without a build
     raise ImportError(
         "deqkern's C++ extension (deqkern._C) is not built or does not match this torch. "
-        "Install with `pip install --no-build-isolation -e .` from the repository root."
+        "Install with `pip install --no-build-isolation --use-pep517 -e .` from the repository root (pip before 24 "
+        "needs --use-pep517 there)."
     ) from error
 
 try:

@@ -95,21 +95,37 @@ def train_one_backend(backend, args, train, test, device, dtype):
     }
 
 
+def _positive(kind):
+    """An argparse type: a number of `kind` that must be > 0 (an epoch count of 0 is an error, not a division by 0)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m deqkern demo", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--epochs", type=_positive(int), default=5)
+    parser.add_argument("--hidden", type=_positive(int), default=128)
+    parser.add_argument("--batch-size", type=_positive(int), default=64)
+    parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--max-weight-norm", type=float, default=0.95,
                         help="project ||W||_2 to at most this after each step (0: off)")
-    parser.add_argument("--tol", type=float, default=1e-4)
-    parser.add_argument("--max-iter", type=int, default=100)
+    parser.add_argument("--tol", type=_positive(float), default=1e-4)
+    parser.add_argument("--max-iter", type=_positive(int), default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--backends", nargs="+", help="default: every backend available on the device")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only this many training samples")
+    parser.add_argument("--threads", type=_positive(int), default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--train-limit", type=_positive(int), default=None,
+                        help="use only this many training samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (there is none either when the output is not a terminal)")

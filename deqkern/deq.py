@@ -18,21 +18,23 @@ Construction of the graph (all three backward modes):
 
 Double backward (create_graph=True through the IFT backward) is not supported.
 """
-import math
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .core.info import SolverInfo
-from .core.policy import NONCONVERGENCE_POLICIES
+from .core import validation
+from .core.autograd import single_backward
+from .core.policy import check_policy
 from .solvers import solve
 
 SOLVER_METHODS = ("anderson", "picard", "broyden")
 BACKWARD_MODES = ("ift", "phantom", "one_step")
 # keywords of deqkern.solve that DEQ forwards (the solve's own defaults apply to whatever is not given)
 SOLVE_OPTIONS = frozenset(
-    ("m", "beta", "alpha", "lam", "tol", "max_iter", "check_every", "return_trace", "on_nonconvergence", "backend")
+    ("m", "beta", "alpha", "lam", "tol", "max_iter", "check_every", "return_trace", "on_nonconvergence", "backend",
+     "process_group")
 )
 DEFAULT_BACKWARD_OPTIONS = dict(solver="anderson", tol=1e-6, max_iter=100)
 
@@ -49,21 +51,40 @@ def _check_options(options, what):
             f"DEQ: unknown {what} key(s) {unknown}; valid keys: {sorted(SOLVE_OPTIONS)}"
             + (" and 'solver'" if what == "backward_options" else "")
         )
-    policy = options.get("on_nonconvergence", "warn")
-    if policy not in NONCONVERGENCE_POLICIES:
-        raise ValueError(f"DEQ: {what}['on_nonconvergence'] must be one of {NONCONVERGENCE_POLICIES}, got {policy!r}")
-    tol = options.get("tol", 1e-4)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (tol > 0) or not math.isfinite(tol):
-        raise ValueError(f"DEQ: {what}['tol'] must be a finite number > 0, got {tol!r}")
-    max_iter = options.get("max_iter", 1)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"DEQ: {what}['max_iter'] must be an integer >= 1, got {max_iter!r}")
+    check_policy("DEQ", options.get("on_nonconvergence", "warn"), name=f"{what}['on_nonconvergence']")
+    validation.check_positive("DEQ", f"{what}['tol']", options.get("tol", 1e-4))
+    validation.check_int("DEQ", f"{what}['max_iter']", options.get("max_iter", 1), 1)
     return options
 
 
 def _check_method(method, what):
     if method not in SOLVER_METHODS:
         raise ValueError(f"DEQ: unknown {what} {method!r}; choose one of {SOLVER_METHODS}")
+
+
+_STATE_HINT = "pass z0=... to forward or z_shape=... to DEQ to set the state's shape"
+
+
+def _add_state_note(exc, z, guessed):
+    """Adds (Python >= 3.11) which state f was called on to an exception raised inside f."""
+    note = (f"deqkern.DEQ: raised by f(z, x) on a state z of shape {tuple(z.shape)}, dtype {z.dtype}, device "
+            f"{z.device}" + (f" (the default state zeros_like(x): {_STATE_HINT})" if guessed else ""))
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def _check_map_output(out, z, guessed):
+    """f(z, x) must return a tensor of z's shape, dtype and device: checked at every evaluation (metadata only, no
+    synchronisation), so an f that changes its output later is caught when it does."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"deqkern.DEQ: f(z, x) must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != z.shape:
+        raise ValueError(f"deqkern.DEQ: f(z, x) returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}; "
+                         f"f must map z to z's shape" + (f" ({_STATE_HINT})" if guessed else ""))
+    if out.dtype != z.dtype or out.device != z.device:
+        raise TypeError(f"deqkern.DEQ: f(z, x) returned {out.dtype} on {out.device} for a state z of {z.dtype} on "
+                        f"{z.device}: f must keep the state's dtype and device (the default state has x's; pass z0=... "
+                        "to set them)")
 
 
 class _IFTGrad(torch.autograd.Function):
@@ -76,6 +97,7 @@ class _IFTGrad(torch.autograd.Function):
         return z.view_as(z)
 
     @staticmethod
+    @single_backward("DEQ")  # the adjoint solve is not differentiable: double backward raises instead of being wrong
     def backward(ctx, grad):
         (z_star,) = ctx.saved_tensors
         deq, x, info = ctx.deq, ctx.x, ctx.info
@@ -105,7 +127,9 @@ class DEQ(nn.Module):
         solver: forward solve method of deqkern.solve: "anderson", "picard" or "broyden".
         backward: "ift" (implicit function theorem, default), "phantom" or "one_step".
         solver_options: keywords of deqkern.solve for the forward solve (m, beta, alpha, lam, tol, max_iter,
-            check_every, return_trace, on_nonconvergence, backend). Unknown keys raise TypeError.
+            check_every, return_trace, on_nonconvergence, backend, process_group). Unknown keys raise TypeError.
+            When f contains a collective (SyncBatchNorm, a tensor-parallel layer, an all_reduce), pass the
+            process_group in both solver_options and backward_options (see deqkern.solve).
         backward_options: the IFT adjoint solve: "solver" (method, default "anderson") plus the same keys
             (defaults tol=1e-6, max_iter=100). Unknown keys raise TypeError.
         phantom_steps, phantom_damping: k and tau of backward="phantom".
@@ -181,22 +205,12 @@ class DEQ(nn.Module):
         guessed = z0 is None and self.z_shape is None
 
         def fixed_point_map(z):
-            if guessed:
-                try:
-                    out = self.f(z, x_const)
-                except RuntimeError as exc:
-                    raise ValueError(
-                        f"DEQ: f(z, x) failed on the default state zeros_like(x) of shape {tuple(z.shape)}; pass "
-                        "z0=... to forward or z_shape=... to DEQ to set the state's shape"
-                    ) from exc
-            else:
+            try:
                 out = self.f(z, x_const)
-            if not isinstance(out, torch.Tensor) or out.shape != z.shape:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"DEQ: f(z, x) returned {shape} for z of shape {tuple(z.shape)}; f must map z to z's shape "
-                    "(pass z0=... to forward or z_shape=... to DEQ to set the state's shape)"
-                )
+            except Exception as exc:  # the user's error stays the user's: context is added, nothing is replaced
+                _add_state_note(exc, z, guessed)
+                raise
+            _check_map_output(out, z, guessed)
             return out
 
         with torch.no_grad():

@@ -7,7 +7,8 @@ iteration, CPU C++, CUDA and Triton kernels); `one_sided_linf` and `linf_norm` a
 plain torch ops are the right tool.
 """
 import functools
-from dataclasses import dataclass
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -19,12 +20,12 @@ from .ops import power_iteration as _power_iteration_op  # noqa: F401  (register
 from .reference.power_iteration import POWER_ITERATION_MODES as MODES
 
 
-@dataclass
-class PowerIterationResult:
-    """value: () or (B,); u: (n,) or (B, n) last unit iterate (pass it back as u0 to warm-start);
+class PowerIterationResult(NamedTuple):
+    """The result of a power iteration, a named tuple as PyTorch's own (torch.linalg.eigh):
+    value: () or (B,); u: (n,) or (B, n) the last unit iterate (pass it back as u0 to warm-start);
     iterations: int32; converged: bool; shift: the shift used (mode "symmetric").
 
-    Unpacks as `value, u = result`.
+    Unpacks as `value, u = result` (iteration yields those two); float(result) is float(result.value).
     """
 
     value: torch.Tensor
@@ -35,6 +36,9 @@ class PowerIterationResult:
 
     def __iter__(self):
         return iter((self.value, self.u))
+
+    def __float__(self):
+        return float(self.value)
 
 
 # ---------------------------------------------------------------- checks
@@ -71,6 +75,10 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     Each sample stops once |value_k - value_{k-1}| <= tol |value_k|. NaN/Inf inputs raise ValueError; samples that
     do not settle within max_iter warn (PowerIterationWarning), raise (NonConvergenceError) or are left to the
     caller ("ignore": no host synchronisation after the solve). The value of an unconverged sample is a lower bound.
+    W (and row_scale) are scaled by powers of two, exactly, so that their largest entries lie in [0.5, 1) before the
+    iteration: no squared norm in it overflows or underflows whatever the size of ||W|| (float32 ||W|| from ~1e-30
+    to ~1e30), and the value is scaled back exactly. The value is 0 only for a zero J_b: a start vector that J_b maps
+    to 0 is replaced by the default one (unless "ignore", which does not look at the result).
     Returns PowerIterationResult(value (B,), u (B, n), iterations int32 (B,), converged bool (B,)).
     """
     what = "lipschitz.power_iteration"
@@ -91,13 +99,54 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     checks = checks_enabled(on_nonconvergence)
     if checks and not _trusted_start and u0.shape[0] and not bool((u0 != 0).any(dim=1).all()):
         raise ValueError(f"deqkern.{what}: u0 has an all-zero row: every start vector must be nonzero")
-    value, u, iterations, converged = kernel("power_iteration", backend)(W, row_scale, u0, mode, float(shift),
-                                                                         int(max_iter), float(tol))
+    op = kernel("power_iteration", backend)
+    value, u, iterations, converged = _scaled_power_iteration(op, W, row_scale, u0, mode, float(shift), int(max_iter),
+                                                              float(tol))
+    if checks and u0.shape[0]:
+        zero = (value == 0) & _nonzero_rows_scaled(W, row_scale, u0.shape[0])
+        if bool(zero.any()):  # J_b u0 = 0 for a nonzero J_b: start again from the default vector
+            start = _default_start(W.shape[1], W.dtype, W.device).expand(int(zero.sum()), -1)
+            rerun = _scaled_power_iteration(op, W, None if row_scale is None else row_scale[zero], start, mode,
+                                            float(shift), int(max_iter), float(tol))
+            for out, new in zip((value, u, iterations, converged), rerun):
+                out[zero] = new
+            converged &= (value != 0) | ~_nonzero_rows_scaled(W, row_scale, u0.shape[0])
     enforce_convergence(what, converged, value, on_nonconvergence, tol=tol, max_iter=max_iter,
                         inputs=dict(W=W, u0=u0, row_scale=row_scale), quantity=f"{mode} estimate",
                         advice="the value is a lower bound; raise n_iter / max_iter, or warm-start from the returned u",
                         warning=PowerIterationWarning)
     return PowerIterationResult(value, u, iterations, converged, float(shift))
+
+
+def _power_of_two_scale(x, dim=None):
+    """The exponents e with max|x| in [2^(e-1), 2^e) (over `dim`, or all of x): x * 2^-e is exact and its largest
+    entry lies in [0.5, 1); e = 0 for a zero (or non-finite) x."""
+    peak = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
+    exponent = torch.frexp(peak).exponent
+    return torch.where(torch.isfinite(peak) & (peak > 0), exponent, torch.zeros_like(exponent))
+
+
+def _scaled_power_iteration(op, W, row_scale, u0, mode, shift, max_iter, tol):
+    """The op on W 2^-e_W (and row_scale 2^-e_s: per sample in mode "gram", one e_s for all in "symmetric", where the
+    shift is shared), value scaled back by 2^(e_W + e_s); no host synchronisation."""
+    e_w = _power_of_two_scale(W)
+    W = torch.ldexp(W, -e_w)
+    e = e_w.expand(u0.shape[0])
+    if row_scale is not None:
+        e_s = _power_of_two_scale(row_scale, dim=1) if mode == "gram" else _power_of_two_scale(row_scale)
+        row_scale = torch.ldexp(row_scale, -(e_s[:, None] if e_s.dim() else e_s))
+        e = e + e_s
+    if mode == "symmetric":  # S + shift I scales with S: shift 2^-e (one e for the batch; the op takes a number)
+        shift = math.ldexp(shift, -int(e.flatten()[0]))
+    value, u, iterations, converged = op(W, row_scale, u0, mode, shift, max_iter, tol)
+    return torch.ldexp(value, e.to(value.device)).to(value.dtype), u, iterations, converged
+
+
+def _nonzero_rows_scaled(W, row_scale, batch):
+    """(B,) bool: J_b = diag(row_scale_b) W has a nonzero entry."""
+    if row_scale is None:
+        return (W != 0).any().expand(batch)
+    return ((row_scale != 0) & (W != 0).any(dim=1)[None, :]).any(dim=1)
 
 
 def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):

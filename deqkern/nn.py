@@ -7,6 +7,7 @@ from torch import nn
 
 from .activations import get_activation
 from .core.info import SolverInfo
+from .core.validation import check_layer_sizes
 from .ops.fixed_point_dense import fixed_point_dense
 
 
@@ -39,6 +40,7 @@ class DEQLinear(nn.Module):
         beta: float = 1.0,
     ):
         super().__init__()
+        check_layer_sizes("DEQLinear", in_features, hidden_features)
         factory = {"device": device, "dtype": dtype}
         self.activation = activation
         self.solver_options = dict(

@@ -30,16 +30,31 @@ def _accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_output(fz, z0):
+def _check_output(fz, z0, k):
+    """f's output at evaluation k + 1: checked every time (metadata only, no synchronisation; its values are checked
+    by the step op: a non-finite f(x) stops the sample with a NaN residual, reported by the policy)."""
     if not isinstance(fz, torch.Tensor):
-        raise TypeError(f"deqkern.solve: f must return a torch.Tensor, got {type(fz).__name__}")
+        raise TypeError(f"deqkern.solve: f must return a torch.Tensor, got {type(fz).__name__} at evaluation {k + 1}")
     if fz.shape != z0.shape:
         raise ValueError(
-            f"deqkern.solve: f(z) has shape {tuple(fz.shape)} but z0 has {tuple(z0.shape)}: a fixed-point map "
-            "must return a tensor of its input's shape"
+            f"deqkern.solve: f(z) has shape {tuple(fz.shape)} at evaluation {k + 1} but z0 has {tuple(z0.shape)}: a "
+            "fixed-point map must return a tensor of its input's shape"
         )
     if fz.dtype != z0.dtype or fz.device != z0.device:
-        raise TypeError(f"deqkern.solve: f(z) is {fz.dtype} on {fz.device} but z0 is {z0.dtype} on {z0.device}")
+        raise TypeError(f"deqkern.solve: f(z) is {fz.dtype} on {fz.device} at evaluation {k + 1} but z0 is {z0.dtype} "
+                        f"on {z0.device}: f must keep the state's dtype and device")
+
+
+def _all_stopped(active, process_group):
+    """True when no sample is active; with a process group, when no sample of any rank is (one all_reduce, so that
+    every rank runs f, and any collective inside it, the same number of times)."""
+    if process_group is None:
+        return not bool(active.any())
+    import torch.distributed as dist
+
+    flag = active.any().to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=process_group)
+    return not bool(flag)
 
 
 def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, policy):
@@ -49,6 +64,9 @@ def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_ever
     validation.check_tensor(what, "z0", z0, dtypes=STATE_DTYPES)
     if z0.dim() < 1:
         raise ValueError("deqkern.solve: z0 must have a batch dimension: (B, ...)")
+    if math.prod(z0.shape[1:]) == 0:
+        raise ValueError(f"deqkern.solve: a sample of z0 must have at least one entry, got z0 of shape "
+                         f"{tuple(z0.shape)}")
     validation.check_choice(what, "method", method, METHODS)
     if method == "broyden":  # no kernel: its memory m is not bounded by the Anderson cap
         validation.check_anderson_options(what, m, beta, lam, m_name="m (the Broyden memory)",
@@ -95,10 +113,10 @@ def release_cached_buffers():
     _HISTORY_CACHE.entry = None
 
 
-def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trace):
+def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trace, process_group):
     """The driver loop shared by Anderson and Picard (Anderson with m = 1): f, then one fused op, per iteration."""
     batch, shape = z0.shape[0], z0.shape
-    n = z0[0].numel() if batch else 0
+    n = math.prod(shape[1:])
     acc = _accumulation_dtype(z0.dtype)
     history_key = _history_key(z0, batch, m, n)
     X_hist, G_hist = _take_history(history_key, z0, batch, m, n)
@@ -110,28 +128,43 @@ def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trac
     residual = torch.full_like(residual_best, math.nan)
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     iterations = torch.zeros(batch, dtype=torch.int32, device=z0.device)
-    trace = torch.full((max_iter, batch), math.nan, dtype=acc, device=z0.device) if return_trace else None
+    trace = [] if return_trace else None  # grows with the iterations actually run
     steps = 0
     flat = z0.dim() == 2  # (B, n) states go to f as they are: a view per iteration costs ~2 us, a sixth of the loop
     beta, lam, tol = float(beta), float(lam), float(tol)
     for k in range(max_iter):
         fx = f(x if flat else x.view(shape))
-        if k == 0:
-            _check_output(fx, z0)
+        _check_output(fx, z0, k)
         step(X_hist, G_hist, H, x, fx if flat else fx.reshape(batch, n), x_next, z_best, residual_best, residual,
              active, iterations, k, beta, lam, tol)
         x, x_next = x_next, x
         steps = k + 1
         if trace is not None:  # the samples that were active in this step are those with iterations == k + 1
-            trace[k] = torch.where(iterations == steps, residual, math.nan)
-        if steps % check_every == 0 and not bool(active.any()):
+            trace.append(torch.where(iterations == steps, residual, math.nan))
+        if steps % check_every == 0 and _all_stopped(active, process_group):
             break
     if history_key is not None:
         _HISTORY_CACHE.entry = (history_key, (X_hist, G_hist))
-    return z_best.view(shape), iterations, residual_best, residual, None if trace is None else trace[:steps]
+    return z_best.view(shape), iterations, residual_best, residual, _stack_trace(trace, batch, acc, z0.device)
 
 
-def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
+def _empty_solve(z0, return_trace):
+    """The result of a solve of no samples: z0 itself and empty statistics."""
+    acc = _accumulation_dtype(z0.dtype)
+    residual = torch.empty(0, dtype=acc, device=z0.device)
+    return z0.clone(), SolverInfo(iterations=torch.empty(0, dtype=torch.int32, device=z0.device), residual=residual,
+                                  converged=torch.empty(0, dtype=torch.bool, device=z0.device),
+                                  trace=torch.empty(0, 0, dtype=acc, device=z0.device) if return_trace else None)
+
+
+def _stack_trace(trace, batch, dtype, device):
+    """(iterations run, B) from the per-iteration rows, or None when no trace was asked for."""
+    if trace is None:
+        return None
+    return torch.stack(trace) if trace else torch.empty(0, batch, dtype=dtype, device=device)
+
+
+def _broyden(f, z0, m, tol, max_iter, check_every, return_trace, process_group):
     """Limited-memory "good" Broyden as in torchdeq / the DEQ reference code, in plain PyTorch (no kernel).
 
     The inverse Jacobian of g(x) = f(x) - x is approximated by -I + sum_i u_i v_i^T (Sherman-Morrison rank-one
@@ -141,7 +174,7 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
     float32 (float64 for float64 z0); per-sample stopping and freezing as for Anderson.
     """
     batch, shape, dtype = z0.shape[0], z0.shape, z0.dtype
-    n = z0[0].numel() if batch else 0
+    n = math.prod(shape[1:])
     acc = _accumulation_dtype(dtype)
     x = z0.reshape(batch, n).to(acc)
     U = x.new_zeros(batch, m, n)
@@ -151,7 +184,7 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
     residual = torch.full_like(residual_best, math.nan)
     active = torch.ones(batch, dtype=torch.bool, device=z0.device)
     iterations = torch.zeros(batch, dtype=torch.int32, device=z0.device)
-    trace = torch.full((max_iter, batch), math.nan, dtype=acc, device=z0.device) if return_trace else None
+    trace = [] if return_trace else None
 
     def matvec(v):  # (-I + U^T V) v, per sample
         return -v + torch.einsum("bjn,bj->bn", U, torch.einsum("bjn,bn->bj", V, v))
@@ -163,8 +196,7 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
     steps = 0
     for k in range(max_iter):
         fx = f(x.to(dtype).view(shape))
-        if k == 0:
-            _check_output(fx, z0)
+        _check_output(fx, z0, k)
         fx = fx.reshape(batch, n)
         fa = fx.to(acc)
         g = fa - x
@@ -175,26 +207,26 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace):
         residual_best = torch.where(better, r, residual_best)
         z_best = torch.where(better[:, None], fx, z_best)
         if trace is not None:
-            trace[k] = torch.where(active, r, math.nan)
+            trace.append(torch.where(active, r, math.nan))
         active = active & (r > tol) & torch.isfinite(r)
         steps = k + 1
-        if steps % check_every == 0 and not bool(active.any()):
+        if steps % check_every == 0 and _all_stopped(active, process_group):
             break
         if k > 0:
+            slot = (k - 1) % m
+            if slot == 0 and k > 1:  # memory full: restart from -I (overwriting the oldest pair diverges); the new
+                U.zero_()           # pair is then an update of -I, so the restart comes before it is computed
+                V.zero_()
             dx, dg = x - x_prev, g - g_prev
             vT = rmatvec(dx)
             u = (dx - matvec(dg)) / torch.einsum("bn,bn->b", vT, dg)[:, None]
             keep = active[:, None] & torch.isfinite(u).all(dim=1, keepdim=True) & torch.isfinite(vT).all(
                 dim=1, keepdim=True)
-            slot = (k - 1) % m
-            if slot == 0 and k > 1:  # memory full: restart from -I (overwriting the oldest pair diverges)
-                U.zero_()
-                V.zero_()
             U[:, slot] = torch.where(keep, u, 0.0)
             V[:, slot] = torch.where(keep, vT, 0.0)
         x_prev, g_prev = x, g
         x = torch.where(active[:, None], x - matvec(g), x)
-    return z_best.view(shape), iterations, residual_best, residual, None if trace is None else trace[:steps]
+    return z_best.view(shape), iterations, residual_best, residual, _stack_trace(trace, batch, acc, z0.device)
 
 
 @torch.no_grad()
@@ -213,6 +245,7 @@ def solve(
     return_trace: bool = False,
     on_nonconvergence: str = "warn",
     backend: str = "auto",
+    process_group=None,
 ):
     """Fixed point z* = f(z*) of any map f: (B, ...) -> (B, ...) of the shape of z0. Returns (z, SolverInfo).
 
@@ -242,18 +275,26 @@ def solve(
     on_nonconvergence: "warn" / "raise" / "ignore", as fixed_point_dense: NaN/Inf in z0 raise ValueError, a
     residual that turns NaN/Inf raises FloatingPointError, an unconverged sample warns or raises.
     Not differentiable (runs under no_grad); backend: "auto", "cpu", "cuda", "triton", "reference".
+    process_group: a torch.distributed process group (e.g. torch.distributed.group.WORLD) when f contains a
+    collective (SyncBatchNorm, a tensor-parallel layer, an all_reduce): every "all stopped?" check is then agreed
+    across its ranks with one all_reduce, so every rank evaluates f the same number of times (a rank whose samples
+    converged earlier keeps them frozen) and no rank waits forever in a collective the others no longer call.
+    Every rank must call solve with the same max_iter and check_every. None (default): each process stops alone.
+    An empty batch (B = 0) returns at once, without calling f.
     """
     _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
     resolved = resolve_backend(backend, z0.device, "solve")
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CPU if z0.device.type == "cpu" else DEFAULT_CHECK_EVERY_GPU
+    if z0.shape[0] == 0 and process_group is None:
+        return _empty_solve(z0, return_trace)
     if method == "broyden":
-        out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace)
+        out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace, process_group)
     else:
         if method == "picard":
             m, beta = 1, alpha
         out = _anderson(f, z0, kernel("anderson_step", resolved), m, beta, lam, tol, max_iter, check_every,
-                        return_trace)
+                        return_trace, process_group)
     z, iterations, residual_best, residual_last, trace = out
     converged = residual_best <= tol
     # The policy sees the last residual, so that an overflow is reported as such (converged is the same).

@@ -455,3 +455,34 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(loss, (z_ref**2).sum())
     torch.testing.assert_close(W.grad, W_ref.grad, rtol=1e-4, atol=1e-5)
     assert iterations.shape == (8,)
+
+
+# ---------------------------------------------------------------- reproducibility (CPU)
+@pytest.mark.parametrize("op", ["fixed_point_dense", "fixed_point_dense_backward", "fixed_point_dense_anderson",
+                                "fixed_point_dense_anderson_backward"])
+def test_cpu_results_do_not_depend_on_threads_or_batch(op):
+    """Bitwise: the same sample gives the same result with 1 and 2 threads and in any batch (every row's products
+    run the same micro-kernel in the same order; the backward's act'(z W^T + c) too, not a BLAS call whose blocking
+    follows the thread count: 4 of 39 float64 cases differed before)."""
+    options = ((5, 1.0, 1e-4) if "anderson" in op else (0.7,)) + (1e-10, 300)
+    backward_op = op.endswith("backward")
+    problems = []  # made once: the SVD that scales W depends on the thread count itself
+    for batch, d in ((7, 300), (37, 300), (130, 129), (37, 33)):
+        W, c, z0 = kit.dense_problem(batch, d, seed=5)
+        problems.append((W, c, z0, kit.random_like(z0)) if backward_op else (W, c, z0))
+    results = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for inputs in problems:
+                W = inputs[0]
+                whole = kernel(op, "cpu")(*inputs, "tanh", *options)
+                alone = kernel(op, "cpu")(W, *(t[3:4] for t in inputs[1:]), "tanh", *options)
+                assert torch.equal(whole[0][3:4], alone[0]) and torch.equal(whole[1][3:4], alone[1])
+                results.append(whole)
+        finally:
+            torch.set_num_threads(previous)
+    for one, two in zip(results[:4], results[4:]):
+        for a, b in zip(one, two):
+            assert torch.equal(a, b)

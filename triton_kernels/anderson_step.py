@@ -55,9 +55,10 @@ def _anderson_step_kernel(
     b_lam = tl.full([], lam, acc)
     b_tol = tl.full([], tol, acc)
     if active:
-        sq_g = tl.zeros([], dtype=acc)
-        sq_f = tl.zeros([], dtype=acc)
-        dots = tl.zeros([M_PAD], dtype=acc)
+        # Sums in float64 (no finite float32 state overflows them), rounded to the accumulation type after.
+        sq_g = tl.zeros([], dtype=tl.float64)
+        sq_f = tl.zeros([], dtype=tl.float64)
+        dots = tl.zeros([M_PAD], dtype=tl.float64)
         for n0 in range(0, N, BLOCK_N):
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < N
@@ -68,13 +69,16 @@ def _anderson_step_kernel(
             b_g = b_ga.to(dtype)
             tl.store(p_X + slot * N + o_n, b_x, mask=m_n)
             tl.store(p_G + slot * N + o_n, b_g, mask=m_n)
-            sq_g += tl.sum(b_ga * b_ga, axis=0)
-            sq_f += tl.sum(b_fa * b_fa, axis=0)
+            b_f64 = b_f.to(tl.float64)
+            b_g64 = b_f64 - b_x.to(tl.float64)
+            sq_g += tl.sum(b_g64 * b_g64, axis=0)
+            sq_f += tl.sum(b_f64 * b_f64, axis=0)
             m_in = m_h[:, None] & m_n[None, :]
             b_G = tl.load(p_G + o_i[:, None] * N + o_n[None, :], mask=m_in, other=0.0)
             b_G = tl.where(o_i[:, None] == slot, b_g[None, :], b_G)  # the slot from registers, not memory
-            dots += tl.sum(b_G.to(acc) * b_g.to(acc)[None, :], axis=1)
-        r = relative_residual(sq_g, sq_f)
+            dots += tl.sum(b_G.to(tl.float64) * b_g.to(tl.float64)[None, :], axis=1)
+        r = relative_residual(sq_g, sq_f).to(acc)
+        dots = dots.to(acc)  # H is kept in the accumulation type
         tl.store(r_ptr + i_b, r)
         tl.store(it_ptr + i_b, (k + 1).to(tl.int32))
         r_best = tl.load(rb_ptr + i_b)

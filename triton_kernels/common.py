@@ -55,12 +55,19 @@ def any_nonfinite(b):
 
 # ---------------------------------------------------------------------------------------------- the per-sample contract
 @triton.jit
+def squared_norms(b_t, b_x):
+    """(||t - x||^2, ||t||^2) per row of the tiles, summed in float64: no finite float32 row overflows them."""
+    b_t64 = b_t.to(tl.float64)
+    b_d64 = b_t64 - b_x.to(tl.float64)
+    return tl.sum(b_d64 * b_d64, axis=1), tl.sum(b_t64 * b_t64, axis=1)
+
+
+@triton.jit
 def relative_residual(sq_diff, sq_t):
-    """||T(x) - x|| / (||T(x)|| + eps) from the squared norms, correctly rounded (fp32 sqrt and / are not)."""
-    if sq_diff.dtype == tl.float32:
-        return tl.div_rn(tl.sqrt_rn(sq_diff), tl.sqrt_rn(sq_t) + EPS)
-    else:
-        return tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + EPS)
+    """||T(x) - x|| / (||T(x)|| + eps) from float64 squared norms (sqrt and / correctly rounded); NaN where a squared
+    norm is not finite (an overflow, or a non-finite entry), so an overflow is never read as success."""
+    r = tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + EPS)
+    return tl.where((sq_diff < INF) & (sq_t < INF), r, NAN)
 
 
 @triton.jit

@@ -43,6 +43,7 @@ from .common import (
     record_step,
     register_prologue,
     relative_residual,
+    squared_norms,
     store_rows,
 )
 
@@ -105,8 +106,8 @@ def _fixed_point_dense_kernel(
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
             b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
-            b_diff = b_t - b_x
-            r = relative_residual(tl.sum(b_diff * b_diff, axis=1), tl.sum(b_t * b_t, axis=1))
+            sq_diff, sq_t = squared_norms(b_t, b_x)
+            r = relative_residual(sq_diff, sq_t).to(dtype)
             b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
             residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
         store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
@@ -142,8 +143,8 @@ def _fixed_point_dense_kernel(
             k += 1
             p_src = scratch_ptr + ((k - 1) % 2).to(tl.int64) * stride_s_buf
             p_dst = scratch_ptr + (k % 2).to(tl.int64) * stride_s_buf
-            sq_diff = tl.zeros([BLOCK_B], dtype=dtype)
-            sq_t = tl.zeros([BLOCK_B], dtype=dtype)
+            sq_diff = tl.zeros([BLOCK_B], dtype=tl.float64)
+            sq_t = tl.zeros([BLOCK_B], dtype=tl.float64)
             for n0 in range(0, D, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < D
@@ -158,12 +159,13 @@ def _fixed_point_dense_kernel(
                 b_t = apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
                 b_x = load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
                 b_diff = b_t - b_x
-                sq_diff += tl.sum(b_diff * b_diff, axis=1)
-                sq_t += tl.sum(b_t * b_t, axis=1)
+                block_diff, block_t = squared_norms(b_t, b_x)
+                sq_diff += block_diff
+                sq_t += block_t
                 # Frozen rows are copied too: the next iteration reads the other buffer.
                 b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
                 store_rows(p_dst, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
-            r = relative_residual(sq_diff, sq_t)
+            r = relative_residual(sq_diff, sq_t).to(dtype)
             residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
             # The next iteration reads what this one wrote, from other threads of the program.
             tl.debug_barrier()

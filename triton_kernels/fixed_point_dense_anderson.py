@@ -36,6 +36,7 @@ from .common import (
     record_step,
     register_prologue,
     relative_residual,
+    squared_norms,
     store_rows,
 )
 
@@ -81,19 +82,21 @@ def _anderson_kernel(
         n = tl.minimum(k, m)
         b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
         b_g = b_t - b_x
-        sq_g = tl.sum(b_g * b_g, axis=1)
-        r = relative_residual(sq_g, tl.sum(b_t * b_t, axis=1))
+        sq_g, sq_t = squared_norms(b_t, b_x)
+        r = relative_residual(sq_g, sq_t).to(dtype)
+        b_g64 = b_g.to(tl.float64)
         # The new row of the Gram matrix; older slots come from the scratch, this one from registers.
         gram_row = tl.zeros([BLOCK_B, MP], dtype=tl.float64)
         mixed = tl.zeros([BLOCK_B, BLOCK_D], dtype=dtype)
         for j in tl.static_range(MP):
             if j < n:
+                # <g_slot, g_j> of the stored (rounded) g, summed in float64, as the reference's Gram matrix.
                 if j == slot:
-                    dot_j = sq_g
+                    dot_j = tl.sum(b_g64 * b_g64, axis=1)
                 else:
                     b_gj = load_rows(p_hg + j * stride_h_slot, o_b, o_d, m_b, m_d, stride_h_b, 1)
-                    dot_j = tl.sum(b_g * b_gj, axis=1)
-                gram_row = tl.where(o_m[None, :] == j, dot_j.to(tl.float64)[:, None], gram_row)
+                    dot_j = tl.sum(b_g64 * b_gj.to(tl.float64), axis=1)
+                gram_row = tl.where(o_m[None, :] == j, dot_j[:, None], gram_row)
         is_slot_i = o_m[None, :, None] == slot
         is_slot_j = o_m[None, None, :] == slot
         H = tl.where(is_slot_i, gram_row[:, None, :], H)

@@ -133,7 +133,9 @@ DEQKERN_ALWAYS_INLINE void step_rows(const StepArgs<T, A>& p, int64_t begin, int
     T* G = p.G + b * m * n;
     A sq_g, sq_f;
     store_and_norms<T, A, BYTES>(x, fx, X + slot * n, G + slot * n, n, sq_g, sq_f);
-    const A r = relative_residual(sq_g, sq_f);
+    A r = relative_residual(sq_g, sq_f);
+    if (!(std::isfinite(sq_g) && std::isfinite(sq_f)))  // overflowed (or a non-finite entry): redo in float64
+      r = static_cast<A>(wide_relative_residual(fx, x, n));
     p.residual[b] = r;
     p.iterations[b] = static_cast<int32_t>(p.k + 1);
     if (std::isnan(p.residual_best[b]) || r < p.residual_best[b]) {

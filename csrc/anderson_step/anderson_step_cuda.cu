@@ -37,7 +37,7 @@ __device__ void copy_row(const T* src, int64_t stride, T* dst, int64_t n) {
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonStepParams<T, A> p) {
-  __shared__ A scratch[(kThreads / 32) * kSums];
+  __shared__ double scratch[(kThreads / 32) * kSums];
   __shared__ A coef[kMaxHistory];
   __shared__ int state;  // bit 0: mix (else x_next = x), bit 1: fx is the best so far
   const int64_t b = blockIdx.x;
@@ -55,24 +55,24 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonS
   T* X = p.X + b * m * n;
   T* G = p.G + b * m * n;
   // Pass 1: acc[j] = <g, g_j> (j < nh; slot: ||g||^2 of the rounded g), acc[kMaxHistory] = ||g||^2,
-  // acc[kMaxHistory + 1] = ||fx||^2.
-  A acc[kSums];
-  for (int j = 0; j < kSums; ++j) acc[j] = A(0);
+  // acc[kMaxHistory + 1] = ||fx||^2, summed in float64 (stop_rule.h: no finite float32 state overflows them).
+  double acc[kSums];
+  for (int j = 0; j < kSums; ++j) acc[j] = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const T xv = x[i * p.stride_x_n], fv = fx[i * p.stride_f_n];
-    const A fa = A(fv), ga = fa - A(xv);
-    const T gs = T(ga);
+    const double fa = double(fv), ga = fa - double(xv);
+    const T gs = T(A(fv) - A(xv));  // rounded as the reference's g = (fx - x) in the accumulation type
     X[slot * n + i] = xv;
     G[slot * n + i] = gs;
     acc[kMaxHistory] += ga * ga;
     acc[kMaxHistory + 1] += fa * fa;
-    const A gr = A(gs);
+    const double gr = double(gs);
 #pragma unroll 4
-    for (int j = 0; j < nh; ++j) acc[j] += gr * (j == slot ? gr : A(G[j * n + i]));
+    for (int j = 0; j < nh; ++j) acc[j] += gr * (j == slot ? gr : double(G[j * n + i]));
   }
-  cuda::block_sum<A, kSums>(acc, scratch);
+  cuda::block_sum<double, kSums>(acc, scratch);
   if (threadIdx.x == 0) {
-    const A r = relative_residual(acc[kMaxHistory], acc[kMaxHistory + 1]);
+    const A r = A(relative_residual(acc[kMaxHistory], acc[kMaxHistory + 1]));
     p.residual[b] = r;
     p.iterations[b] = static_cast<int32_t>(p.k + 1);
     const A best = p.residual_best[b];
@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonS
     if (keeps_iterating(r, p.tol)) {
       A* H = p.H + b * m * m;
       for (int j = 0; j < nh; ++j) {
-        H[slot * m + j] = acc[j];
-        H[j * m + slot] = acc[j];
+        H[slot * m + j] = A(acc[j]);
+        H[j * m + slot] = A(acc[j]);
       }
       A a[kMaxHistory];
       const bool ok = anderson_weights<A, kMaxHistory>(H, static_cast<int>(m), nh, double(p.lam), a);

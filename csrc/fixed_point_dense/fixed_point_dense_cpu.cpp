@@ -47,12 +47,15 @@ struct PicardMethod {
       diff_sq += (t[i] - x[i]) * (t[i] - x[i]);
       t_sq += t[i] * t[i];
     }
+    T r = relative_residual(diff_sq, t_sq);
+    if (!(std::isfinite(diff_sq) && std::isfinite(t_sq)))  // overflowed (or a non-finite entry): redo in float64
+      r = static_cast<T>(wide_relative_residual(t, x, a.d));
     if (a.alpha == T(1)) {
       for (i = 0; i < a.d; ++i) x[i] = t[i];
     } else {
       for (i = 0; i < a.d; ++i) x[i] = a.one_minus_alpha * x[i] + a.alpha * t[i];
     }
-    return relative_residual(diff_sq, t_sq);
+    return r;
   }
 
   template <typename TILE, typename ARGS>

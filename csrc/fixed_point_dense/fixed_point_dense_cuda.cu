@@ -70,13 +70,13 @@ __device__ __forceinline__ void column_matvec(const T* M_col, const T* xs, int d
 using cuda::kFullWarpMask;
 using cuda::warp_sum;
 
-// Shared memory, in elements of T: [x, x_next (ROWS*d each, laid out [i][r])] [s (ROWS*d) if adjoint]
-// [per-warp sums (kMaxWarps*2*ROWS)] [M (d*d) if W_SMEM], then ints: [active (ROWS)] [any_active (1)].
-// The tiles come first so that x[k][0..ROWS) stays 16-byte aligned (vector loads).
+// Dynamic shared memory, in elements of T: [x, x_next (ROWS*d each, laid out [i][r])] [s (ROWS*d) if adjoint]
+// [M (d*d) if W_SMEM], then ints: [active (ROWS)] [any_active (1)]. The tiles come first so that x[k][0..ROWS) stays
+// 16-byte aligned (vector loads). The per-warp residual sums are a static array of doubles (stop_rule.h).
 template <typename T, Mode MODE, int ROWS>
 size_t tile_smem_bytes(int d) {
   const size_t tiles = MODE == Mode::Adjoint ? 3 : 2;
-  return (tiles * ROWS * d + size_t(kMaxWarps) * 2 * ROWS) * sizeof(T) + (ROWS + 1) * sizeof(int);
+  return tiles * ROWS * d * sizeof(T) + (ROWS + 1) * sizeof(int);
 }
 
 // One block per tile of ROWS batch rows, blockDim.x a multiple of 32 (at most kMaxThreads). Thread tid owns
@@ -97,8 +97,9 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   T* x = reinterpret_cast<T*>(smem_raw);
   T* x_next = x + ROWS * d;
   T* s = x_next + ROWS * d;  // adjoint only
-  T* warp_sums = s + (MODE == Mode::Adjoint ? ROWS * d : 0);
-  T* M_smem = warp_sums + kMaxWarps * 2 * ROWS;
+  T* M_smem = s + (MODE == Mode::Adjoint ? ROWS * d : 0);
+  // ||t - x||^2 and ||t||^2 per warp and row, summed in float64 so that no finite float32 iterate overflows them.
+  __shared__ double warp_sums[kMaxWarps * 2 * ROWS];
   int* active = reinterpret_cast<int*>(M_smem + (W_SMEM ? int64_t(d) * d : 0));
   int* any_active = active + ROWS;
   const T* M = p.M;
@@ -169,13 +170,13 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   for (int64_t k = 1; k <= max_iter; ++k) {
     // Phase 1: t = T(x) for my outputs, x_next = damped update (frozen rows copy x), partial sums.
     bool row_active[ROWS];
-    T sq_diff[ROWS];
-    T sq_t[ROWS];
+    double sq_diff[ROWS];
+    double sq_t[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       row_active[r] = active[r] != 0;
-      sq_diff[r] = T(0);
-      sq_t[r] = T(0);
+      sq_diff[r] = 0.0;
+      sq_t[r] = 0.0;
     }
     for (int i = tid; i < d; i += nthreads) {
       T acc[ROWS];
@@ -192,9 +193,9 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
           } else {
             t = s[i * ROWS + r] * (acc[r] + __ldg(p.grad_z + g));
           }
-          const T diff = t - x_old;
+          const double diff = double(t) - double(x_old);
           sq_diff[r] += diff * diff;
-          sq_t[r] += t * t;
+          sq_t[r] += double(t) * double(t);
           x_new = p.one_minus_alpha * x_old + p.alpha * t;
         }
         x_next[i * ROWS + r] = x_new;
@@ -203,8 +204,8 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
     // Phase 2: block sums of ||t - x||^2 and ||t||^2 per row.
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const T a = warp_sum(sq_diff[r]);
-      const T b = warp_sum(sq_t[r]);
+      const double a = warp_sum(sq_diff[r]);
+      const double b = warp_sum(sq_t[r]);
       if (lane == 0) {
         warp_sums[(warp * ROWS + r) * 2] = a;
         warp_sums[(warp * ROWS + r) * 2 + 1] = b;
@@ -215,12 +216,12 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
     if (warp == 0) {
       bool keep_going = false;
       if (lane < ROWS && active[lane]) {
-        T a = T(0), b = T(0);
+        double a = 0.0, b = 0.0;
         for (int w = 0; w < nwarps; ++w) {
           a += warp_sums[(w * ROWS + lane) * 2];
           b += warp_sums[(w * ROWS + lane) * 2 + 1];
         }
-        res = relative_residual(a, b);
+        res = T(relative_residual(a, b));
         iters = int32_t(k);
         keep_going = keeps_iterating(res, p.tol);
         active[lane] = keep_going;

@@ -207,6 +207,8 @@ struct AndersonMethod {
         gram[j * m + slot] = value;
       }
     }
+    if (!(std::isfinite(diff_sq) && std::isfinite(t_sq)))  // overflowed (or a non-finite entry): redo in float64
+      return static_cast<T>(wide_relative_residual(a.y + row * a.ld, a.x + row * a.ld, a.d));
     return relative_residual(diff_sq, t_sq);
   }
 

@@ -100,23 +100,23 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
         t[i] = ti;
         hx[slot * int64_t(d) + i] = x[i];
         hg[slot * int64_t(d) + i] = gi;
-        sums[kMaxHistory] += double(gi * gi);
-        sums[kMaxHistory + 1] += double(ti * ti);
+        // The residual's squared norms in float64 (stop_rule.h): no finite float32 iterate overflows them.
+        const double gd = double(ti) - double(x[i]);
+        sums[kMaxHistory] += gd * gd;
+        sums[kMaxHistory + 1] += double(ti) * double(ti);
       }
       __syncthreads();  // x is read by every thread above before anyone overwrites it below
       // One new Gram row: <g_slot, g_j>, each thread over its own elements (written by itself above).
       for (int i = tid; i < d; i += kThreads) {
         const T gi = hg[slot * int64_t(d) + i];
-        for (int j = 0; j < n; ++j) sums[j] += double(gi * hg[j * int64_t(d) + i]);
+        for (int j = 0; j < n; ++j) sums[j] += double(gi) * double(hg[j * int64_t(d) + i]);
       }
       block_sum<double, kMaxHistory + 2>(sums, scratch);
-      const T diff_sq = T(sums[kMaxHistory]), t_sq = T(sums[kMaxHistory + 1]);
-      res = relative_residual(diff_sq, t_sq);
+      res = T(relative_residual(sums[kMaxHistory], sums[kMaxHistory + 1]));
       if (tid == 0) {
-        for (int j = 0; j < n; ++j) {
-          const double v = j == slot ? double(diff_sq) : sums[j];
-          gram[slot * m + j] = v;
-          gram[j * m + slot] = v;
+        for (int j = 0; j < n; ++j) {  // <g_slot, g_j> of the stored g, as the reference's Gram matrix
+          gram[slot * m + j] = sums[j];
+          gram[j * m + slot] = sums[j];
         }
         if (!anderson_weights<double, kMaxHistory>(gram, m, n, p.lam, weights))
           for (int j = 0; j < n; ++j) weights[j] = j == slot ? 1.0 : 0.0;  // the plain mixed Picard step

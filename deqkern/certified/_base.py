@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..core.info import SolverInfo
+from ..core.validation import check_layer_sizes
 from ._options import solver_options
 
 
@@ -22,6 +23,7 @@ class CertifiedDEQ(nn.Module):
     def __init__(self, in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
                  backward_tol, backward_max_iter, device, dtype):
         super().__init__()
+        check_layer_sizes(type(self).__name__, in_features, hidden_features)
         factory = {"device": device, "dtype": dtype}
         self.activation = activation
         self.solver_options = solver_options(activation, 1.0, tol, max_iter, backend, on_nonconvergence,

@@ -87,7 +87,7 @@ class LipschitzDEQ(CertifiedDEQ):
 
     @torch.no_grad()
     def reset_parameters(self):
-        nn.init.normal_(self.weight_raw, std=self.init_scale / math.sqrt(self.weight_raw.shape[0]))
+        nn.init.normal_(self.weight_raw, std=self.init_scale / math.sqrt(max(1, self.weight_raw.shape[0])))
         u = torch.randn_like(self.power_u)
         self.power_u.copy_(u / u.norm().clamp_min(1e-30))
         self.reset_power_iteration()
@@ -96,8 +96,18 @@ class LipschitzDEQ(CertifiedDEQ):
     @torch.no_grad()
     def reset_power_iteration(self):
         """Runs the power iteration to convergence and stores its vector: call it after changing `weight_raw` by
-        hand (the training-mode forward only takes `n_power_iterations` warm-started steps)."""
+        hand (the training-mode forward only takes `n_power_iterations` warm-started steps). A layer built on the
+        meta device has no values to iterate on: the vector is left for `to_empty` and a later call."""
+        if self.weight_raw.is_meta:
+            return
         self._sigma(self.weight_raw, converged=True, update=True)
+
+    def __getstate__(self):
+        """Pickling, torch.save and deepcopy drop the converged power-iteration cache (weak references)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_converged_cache"] = None
+        return state
 
     def _power_tol(self) -> float:
         return 1e-10 if self.power_tol is None else float(self.power_tol)

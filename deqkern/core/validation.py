@@ -57,6 +57,12 @@ def check_int(what, name, value, low, high=MAX_INT32) -> int:
     return int(value)
 
 
+def check_layer_sizes(what, in_features, hidden_features):
+    """The widths of a dense implicit layer: integers >= 1 (a width of 0 has no fixed point to speak of)."""
+    check_int(what, "in_features", in_features, 1)
+    check_int(what, "hidden_features", hidden_features, 1)
+
+
 def check_choice(what, name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"deqkern.{what}: unknown {name} {value!r}; choose one of {tuple(choices)}")

@@ -11,6 +11,7 @@ import torch
 
 from ..activations import get_activation
 from ..core import validation
+from ..core.autograd import single_backward
 from ..core.backends import kernel, register_kernel_backends, resolve_backend
 from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M
 from ..core.info import SolverInfo
@@ -76,6 +77,9 @@ def check_dense_inputs(what, W, c, z0=None):
     validation.check_tensor(what, "W", W)
     if W.dim() != 2 or W.shape[0] != W.shape[1]:
         raise ValueError(f"deqkern.{what}: W must be a square (d, d) matrix, got shape {tuple(W.shape)}")
+    if W.shape[0] == 0:
+        raise ValueError(f"deqkern.{what}: the width d must be >= 1 (a state of no entries has no fixed point to solve "
+                         "for), got W of shape (0, 0)")
     for name, t in (("c", c), ("z0", z0)):
         if t is None:
             continue
@@ -111,6 +115,7 @@ class _FixedPointDense(torch.autograd.Function):
         return z, iterations, residual, converged
 
     @staticmethod
+    @single_backward("fixed_point_dense")  # double backward raises instead of missing the solve's contribution
     def backward(ctx, grad_z, *unused_grads):
         W, c, z = ctx.saved_tensors
         activation, alpha, backend, tol, max_iter, policy, info, (method, m, beta, lam) = ctx.options

@@ -2,7 +2,9 @@
 triton_kernels/common.py are its kernel twins):
 
 - iterate x <- update(x, T(x)), one evaluation of T per iteration;
-- per-sample relative residual r = ||T(x) - x|| / (||T(x)|| + RESIDUAL_EPS) of the iterate T was applied to;
+- per-sample relative residual r = ||T(x) - x|| / (||T(x)|| + RESIDUAL_EPS) of the iterate T was applied to, its
+  norms computed in float64 (so no finite float32 or half iterate overflows them), and NaN where a norm is not
+  finite (float64 iterates beyond ~1e154, or a non-finite entry): an overflow is never read as convergence;
 - a sample keeps iterating while r > tol and r is finite; once it stops (converged, or NaN/Inf) it is frozen, so its
   result does not depend on the other samples of the batch;
 - the returned x is the last update, `iterations` counts evaluations of T, `residual` is the last r,
@@ -25,8 +27,12 @@ def finite_rows(W, *batch_tensors):
 
 
 def relative_residual(tx, x):
-    """(batch,) ||tx - x|| / (||tx|| + RESIDUAL_EPS) per row."""
-    return (tx - x).norm(dim=1) / (tx.norm(dim=1) + RESIDUAL_EPS)
+    """(batch,) ||tx - x|| / (||tx|| + RESIDUAL_EPS) per row, in x's dtype (see the contract above)."""
+    t = tx.to(torch.float64)
+    difference_norm, value_norm = (t - x.to(torch.float64)).norm(dim=1), t.norm(dim=1)
+    r = difference_norm / (value_norm + RESIDUAL_EPS)
+    finite = torch.isfinite(difference_norm) & torch.isfinite(value_norm)
+    return torch.where(finite, r, torch.full_like(r, float("nan"))).to(x.dtype)
 
 
 def keeps_iterating(r, tol):

@@ -16,7 +16,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -109,6 +108,51 @@ DEQKERN_ALWAYS_INLINE void solve_rows(const ARGS& a) {
   }
 }
 
+// The adjoint's s = act'(z W^T + c) for rows [row_begin, row_end), with the solve's own micro-kernel on W^T packed in
+// `packed_forward`: each row's products are the same however the rows are split between threads (a BLAS call's
+// are not), so the backward's result does not depend on the thread count. x and y are the solve's scratch, free
+// until the solve starts.
+template <typename TILE, typename ARGS>
+DEQKERN_ALWAYS_INLINE void adjoint_scale_rows(const ARGS& solve_args, const typename ARGS::T* packed_forward,
+                                              typename ARGS::T* scale) {
+  using T = typename ARGS::T;
+  ARGS a = solve_args;
+  a.packed = packed_forward;
+  int64_t* rows = a.active + a.row_begin;
+  int64_t n_rows = 0;
+  for (int64_t row = a.row_begin; row < a.row_end; ++row) {
+    T* x = a.x + row * a.ld;
+    std::memcpy(x, a.z + row * a.d, a.d * sizeof(T));
+    std::memset(x + a.d, 0, (a.ld - a.d) * sizeof(T));
+    rows[n_rows++] = row;
+  }
+  multiply_active_rows<T, TILE>(a, rows, n_rows);
+  for (int64_t row = a.row_begin; row < a.row_end; ++row)
+    for (int64_t i = 0; i < a.d; ++i)
+      scale[row * a.d + i] = activation_derivative(a.activation, a.y[row * a.ld + i] + a.c[row * a.d + i]);
+}
+
+#ifdef DEQKERN_X86_DISPATCH
+template <typename ARGS>
+DEQKERN_TARGET_AVX512 void adjoint_scale_avx512(const ARGS& a, const typename ARGS::T* p, typename ARGS::T* s) {
+  adjoint_scale_rows<TileAvx512>(a, p, s);
+}
+template <typename ARGS>
+DEQKERN_TARGET_AVX2 void adjoint_scale_avx2(const ARGS& a, const typename ARGS::T* p, typename ARGS::T* s) {
+  adjoint_scale_rows<TileAvx2>(a, p, s);
+}
+#endif
+
+template <typename ARGS>
+void adjoint_scale_dispatch(const ARGS& a, const typename ARGS::T* packed_forward, typename ARGS::T* scale) {
+#ifdef DEQKERN_X86_DISPATCH
+  const int isa = cpu_isa();
+  if (isa == 2) return adjoint_scale_avx512(a, packed_forward, scale);
+  if (isa == 1) return adjoint_scale_avx2(a, packed_forward, scale);
+#endif
+  adjoint_scale_rows<TileBaseline>(a, packed_forward, scale);
+}
+
 #ifdef DEQKERN_X86_DISPATCH
 template <typename METHOD, typename ARGS>
 DEQKERN_TARGET_AVX512 void solve_rows_avx512(const ARGS& a) { solve_rows<TileAvx512, METHOD>(a); }
@@ -127,6 +171,15 @@ void solve_rows_dispatch(const ARGS& a) {
 }
 
 // One dense solve. `args` has been filled from `t` (DenseSolveTensors::fill) and carries the method's options.
+// Row ranges of the batch, one per thread task: enough rows per thread to fill micro-tiles; each range is then an
+// independent solve.
+template <typename FN>
+void for_row_ranges(int64_t batch, FN&& fn) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(4, (batch + threads - 1) / threads);
+  at::parallel_for(0, batch, grain, fn);
+}
+
 template <typename METHOD, typename ARGS>
 SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
   using T = typename ARGS::T;
@@ -135,6 +188,7 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
   const int64_t ld = padded_width<T>(d);
   int64_t bytes = 0;  // the shared scratch in one allocation, before the first iteration
   const int64_t packed_at = carve(bytes, d * ld * sizeof(T));
+  const int64_t packed_forward_at = carve(bytes, args.adjoint ? d * ld * sizeof(T) : 0);
   const int64_t x_at = carve(bytes, batch * ld * sizeof(T));
   const int64_t y_at = carve(bytes, batch * ld * sizeof(T));
   const int64_t active_at = carve(bytes, batch * sizeof(int64_t));
@@ -144,19 +198,9 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
   // y = x @ packed: the forward multiplies by W^T, the adjoint by W.
   const at::Tensor matrix = args.adjoint ? t.W : t.W.t();
   args.matrix_finite = pack_matrix(matrix.const_data_ptr<T>(), matrix.stride(0), matrix.stride(1), d, ld, packed);
-  at::Tensor scale;
-  if (args.adjoint) {  // s = act'(z W^T + c), once per solve
-    scale = at::addmm(t.c, t.z, t.W.t());
-    T* s = scale.mutable_data_ptr<T>();
-    const ActivationId id = args.activation;
-    at::parallel_for(0, scale.numel(), 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) s[i] = activation_derivative(id, s[i]);
-    });
-  }
   args.packed = packed;
   args.x0 = args.adjoint ? nullptr : args.z;
   args.bias = args.adjoint ? args.grad_z : args.c;
-  args.scale = args.adjoint ? scale.const_data_ptr<T>() : nullptr;
   args.x = reinterpret_cast<T*>(base + x_at);
   args.y = reinterpret_cast<T*>(base + y_at);
   args.active = reinterpret_cast<int64_t*>(base + active_at);
@@ -165,11 +209,23 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
   args.inputs[args.n_inputs++] = args.z;
   args.inputs[args.n_inputs++] = args.c;
   args.ld = ld;
+  at::Tensor scale;
+  if (args.adjoint) {  // s = act'(z W^T + c), once per solve, with W^T packed as the forward packs it
+    T* packed_forward = reinterpret_cast<T*>(base + packed_forward_at);
+    const at::Tensor W_t = t.W.t();
+    pack_matrix(W_t.const_data_ptr<T>(), W_t.stride(0), W_t.stride(1), d, ld, packed_forward);
+    scale = at::empty({batch, d}, options);
+    T* s = scale.mutable_data_ptr<T>();
+    for_row_ranges(batch, [&](int64_t begin, int64_t end) {
+      ARGS chunk = args;
+      chunk.row_begin = begin;
+      chunk.row_end = end;
+      adjoint_scale_dispatch(chunk, packed_forward, s);
+    });
+    args.scale = s;
+  }
   const at::Tensor method_scratch = METHOD::allocate(args);
-  // Enough rows per thread to fill micro-tiles; each thread's range is then an independent solve.
-  const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(4, (batch + threads - 1) / threads);
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  for_row_ranges(batch, [&](int64_t begin, int64_t end) {
     ARGS chunk = args;
     const int64_t block = METHOD::kRowsPerBlock > 0 ? METHOD::kRowsPerBlock : end - begin;
     for (int64_t b0 = begin; b0 < end; b0 += block) {
