@@ -18,6 +18,8 @@ import deqkern
 from deqkern import jacobian, lipschitz
 from deqkern.certified import positive_concave_fixed_point
 
+import kit
+
 NAN = float("nan")
 W4 = 0.5 * torch.eye(4)
 C2 = torch.ones(2, 4)
@@ -181,6 +183,19 @@ def test_empty_batches_return_empty_results_everywhere():
                 z.sum().backward()
                 assert z.shape == (0, 4)
     assert lipschitz.power_iteration(torch.eye(3), torch.ones(0, 3)).value.shape == (0,)
+
+
+def test_empty_batches_on_every_backend(backend):
+    device = kit.device_of(backend)
+    for method in ("picard", "anderson"):
+        W = (0.5 * torch.eye(4)).to(device).requires_grad_(True)
+        z, info = deqkern.fixed_point_dense(W, torch.ones(0, 4, device=device), method=method, backend=backend)
+        z.sum().backward()
+        assert z.shape == (0, 4) and info.converged.shape == (0,) and W.grad.shape == (4, 4)
+    z, info = deqkern.solve(tanh_f, torch.ones(0, 3, device=device), backend=backend)
+    assert z.shape == (0, 3)
+    assert lipschitz.power_iteration(torch.eye(3, device=device), torch.ones(0, 3, device=device),
+                                     backend=backend).value.shape == (0,)
 
 
 def test_the_trace_grows_with_the_iterations_actually_run():

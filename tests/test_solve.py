@@ -186,3 +186,15 @@ def test_anderson_slowly_contracting_layer(B, d):
     z, info = deqkern.solve(f, torch.zeros(B, d), tol=1e-4, max_iter=100)
     assert info.converged.all()
     assert int(info.iterations.max()) <= 16, info.iterations
+
+
+def test_broyden_with_memory_one_solves_a_one_dimensional_contraction():
+    """Issue: B=16, d=1, q=0.82, m=1 did not converge where Picard does: a restart of the memory came after the new
+    pair had been computed as an update of the old approximation. Now each pair updates what it is stored into."""
+    c = torch.randn(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f = lambda z: 0.82 * torch.tanh(z) + c  # noqa: E731
+    picard, _ = deqkern.solve(f, torch.zeros_like(c), "picard", tol=1e-10, max_iter=300)
+    for m in (1, 2, 5):
+        z, info = deqkern.solve(f, torch.zeros_like(c), "broyden", m=m, tol=1e-10, max_iter=100)
+        assert info.converged.all() and int(info.iterations.max()) < 20, (m, info.iterations)
+        torch.testing.assert_close(z, picard, rtol=1e-8, atol=1e-9)
