@@ -8,6 +8,7 @@ import deqkern
 from deqkern.activations import ACTIVATIONS
 from deqkern.core.backends import kernel
 from deqkern.core.constants import ANDERSON_DEFAULT_LAM as LAM
+from deqkern.core.constants import TRITON_DENSE_ANDERSON_MAX_WIDTH
 from deqkern.reference import (
     fixed_point_dense_anderson_backward_ref,
     fixed_point_dense_anderson_ref,
@@ -41,7 +42,11 @@ def case_id(case):
     return f"B{b}-D{d}-{a}-{kit.dtype_id(t)}"
 
 
-CASES = kit.backend_params([(case_id(c), c) for c in dict.fromkeys(GRID + SMALL)], small={case_id(c) for c in SMALL})
+# The Triton kernel serves d <= TRITON_DENSE_ANDERSON_MAX_WIDTH (test_triton_refuses_wider_operators); the wider
+# cases run on the other backends.
+CASES = [p for p in kit.backend_params([(case_id(c), c) for c in dict.fromkeys(GRID + SMALL)],
+                                       small={case_id(c) for c in SMALL})
+         if not (p.values[0] == "triton" and p.values[2] > TRITON_DENSE_ANDERSON_MAX_WIDTH)]
 
 
 @pytest.mark.parametrize("backend,batch,d,activation,dtype", CASES)
@@ -140,6 +145,25 @@ def test_empty_batch(backend):
     for out in (forward(backend)(W, c, z0, "tanh", 5, 1.0, LAM, 1e-6, 10),
                 backward(backend)(W, c, z0, z0, "tanh", 5, 1.0, LAM, 1e-6, 10)):
         assert [tuple(t.shape) for t in out] == [(0, 4), (0,), (0,), (0,)]
+
+
+@pytest.mark.parametrize("d", [TRITON_DENSE_ANDERSON_MAX_WIDTH, TRITON_DENSE_ANDERSON_MAX_WIDTH + 1])
+@pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
+def test_triton_refuses_wider_operators(d, adjoint):
+    """The widest operator the Triton kernel holds in registers is served; one more is refused with the alternatives
+    named, before anything runs (the interpreter would take minutes on either)."""
+    reason = kit.unavailable("triton")
+    if reason:
+        pytest.skip(reason)
+    W, c, z0 = kit.dense_problem(2, d, torch.float32, kit.device_of("triton"))
+    args = ("tanh", 5, 1.0, LAM, 1e-4, 1 if d <= TRITON_DENSE_ANDERSON_MAX_WIDTH else 10)
+    call = (lambda: backward("triton")(W, c, z0, z0, *args)) if adjoint else (lambda: forward("triton")(W, c, z0, *args))
+    if d > TRITON_DENSE_ANDERSON_MAX_WIDTH:
+        with pytest.raises(ValueError, match=r"serves d <= 64, got d = 65; use backend='cuda'"):
+            call()
+    else:
+        out = call()
+        assert out[1].tolist() == [1, 1]
 
 
 @pytest.mark.parametrize(

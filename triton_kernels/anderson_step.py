@@ -127,15 +127,9 @@ def _check(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, ac
         torch._check(t.shape == (B,), lambda: "residual_best, residual, active, iterations: (B,)")
 
 
-@torch.library.custom_op(
-    "deqkern::anderson_step_triton",
-    mutates_args=("X_hist", "G_hist", "H", "x_next", "z_best", "residual_best", "residual", "active", "iterations"),
-)
-def anderson_step_triton(X_hist: Tensor, G_hist: Tensor, H: Tensor, x: Tensor, fx: Tensor, x_next: Tensor,
-                         z_best: Tensor, residual_best: Tensor, residual: Tensor, active: Tensor, iterations: Tensor,
-                         k: int, beta: float, lam: float, tol: float) -> None:
-    """deqkern::anderson_step (csrc/anderson_step/anderson_step.cpp) in Triton; x and fx may be strided, the state it
-    updates in place must be contiguous (the one contiguity rule of every backend)."""
+def launch(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations, k, beta, lam,
+           tol) -> None:
+    """Checks the state and launches one Anderson step, one program per batch row."""
     _check(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations)
     for name, t in (("X_hist", X_hist), ("G_hist", G_hist), ("H", H), ("x_next", x_next), ("z_best", z_best),
                     ("residual_best", residual_best), ("residual", residual), ("active", active),
@@ -154,6 +148,18 @@ def anderson_step_triton(X_hist: Tensor, G_hist: Tensor, H: Tensor, x: Tensor, f
             x.stride(0), x.stride(1), fx.stride(0), fx.stride(1),
             M_PAD=m_pad, BLOCK_N=block_n,
         )
+
+
+@torch.library.custom_op(
+    "deqkern::anderson_step_triton",
+    mutates_args=("X_hist", "G_hist", "H", "x_next", "z_best", "residual_best", "residual", "active", "iterations"),
+)
+def anderson_step_triton(X_hist: Tensor, G_hist: Tensor, H: Tensor, x: Tensor, fx: Tensor, x_next: Tensor,
+                         z_best: Tensor, residual_best: Tensor, residual: Tensor, active: Tensor, iterations: Tensor,
+                         k: int, beta: float, lam: float, tol: float) -> None:
+    """deqkern::anderson_step (csrc/anderson_step/anderson_step.cpp) in Triton; x and fx may be strided, the state it
+    updates in place must be contiguous (the one contiguity rule of every backend)."""
+    launch(X_hist, G_hist, H, x, fx, x_next, z_best, residual_best, residual, active, iterations, k, beta, lam, tol)
 
 
 @anderson_step_triton.register_fake

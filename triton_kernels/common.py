@@ -19,7 +19,6 @@ from .activations import activation_derivative, apply_activation
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 EPS: tl.constexpr = tl.constexpr(RESIDUAL_EPS)
 INF: tl.constexpr = tl.constexpr(float("inf"))
-NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 
 def device_guard(t: torch.Tensor):
@@ -67,7 +66,14 @@ def relative_residual(sq_diff, sq_t):
     """||T(x) - x|| / (||T(x)|| + eps) from float64 squared norms (sqrt and / correctly rounded); NaN where a squared
     norm is not finite (an overflow, or a non-finite entry), so an overflow is never read as success."""
     r = tl.sqrt(sq_diff) / (tl.sqrt(sq_t) + EPS)
-    return tl.where((sq_diff < INF) & (sq_t < INF), r, NAN)
+    return tl.where((sq_diff < INF) & (sq_t < INF), r, not_iterated_residual(r))
+
+
+@triton.jit
+def not_iterated_residual(like):
+    """NaN of like's shape and dtype. (No NaN global: Triton checks that a global keeps its value between the kernels
+    that read it, by !=, and NaN != NaN fails that check when the kernel is compiled for a GPU.)"""
+    return tl.zeros_like(like) + (INF - INF)
 
 
 @triton.jit

@@ -29,7 +29,6 @@ from deqkern.activations import get_activation
 from .activations import activation_derivative
 from .common import (
     INTERPRET,
-    NAN,
     any_nonfinite,
     apply_map,
     bias_of,
@@ -38,6 +37,7 @@ from .common import (
     empty_solve_outputs,
     load_operator,
     load_rows,
+    not_iterated_residual,
     matmul,
     nonfinite_rows,
     record_step,
@@ -92,7 +92,7 @@ def _fixed_point_dense_kernel(
     b_tol = tl.full([BLOCK_B], tol, dtype)
 
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
-    residual = tl.full([BLOCK_B], NAN, dtype)  # kept by rows that are never iterated
+    residual = not_iterated_residual(tl.zeros([BLOCK_B], dtype=dtype))  # kept by rows that are never iterated
     k = tl.full([], 0, tl.int32)
 
     if IN_REGISTERS:
@@ -202,7 +202,8 @@ def _default_config(dtype: torch.dtype, d: int) -> dict:
         # tl.dot needs every dimension >= 16. Beyond 64 the operator tile held across the loop spills (ptxas, sm_90).
         if block_d <= 64:
             return dict(IN_REGISTERS=True, BLOCK_B=16, BLOCK_N=block_d, BLOCK_K=block_d)
-        return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=32)
+        # BLOCK_K = 32 spilled 44 bytes in the adjoint (bench/compile_check.py); 16 spills nothing.
+        return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
     # float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N) product: keep it at <= 8192 elements.
     if block_d <= 32:
         return dict(IN_REGISTERS=True, BLOCK_B=min(32, 8192 // block_d**2), BLOCK_N=block_d, BLOCK_K=block_d)

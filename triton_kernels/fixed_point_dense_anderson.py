@@ -6,8 +6,10 @@ is the one of fixed_point_dense.py (forward act(x W^T + c), adjoint s * (h W + g
 a (sum a = 1) minimising ||sum a_i g_i||^2 + lam sum a_i^2 ||g_i||^2, and moves to x <- sum_i a_i (x_i + beta g_i).
 
 Each program owns BLOCK_B rows and whole rows of d (BLOCK_D >= d) and runs the entire solve:
-- the iterate, the bias, s and the operator tile live in registers (so this kernel is for small to moderate d: the
-  (BLOCK_D, BLOCK_D) operator tile spills beyond that; it has only run under TRITON_INTERPRET=1);
+- the iterate, the bias, s and the operator tile live in registers, so this kernel serves d <= MAX_WIDTH = 64 and
+  the launcher refuses wider solves with a clear error (compiled for sm_90, BLOCK_D = 128 spills kilobytes of
+  registers in every configuration tried, up to 16 warps: bench/results/compile_check_sm90.md); it has only run
+  under TRITON_INTERPRET=1;
 - the history (x_i, g_i) lives in a launcher-allocated scratch (2, MP, B, d); the slot written in this step is used
   from registers, older slots are read back after the barrier that closes every iteration;
 - the Gram matrix (BLOCK_B, MP, MP) and the small solve run in float64 in registers (MP = next power of two >= m).
@@ -21,17 +23,17 @@ import triton.language as tl
 from torch import Tensor
 
 from deqkern.activations import get_activation
-from deqkern.core.constants import ANDERSON_MAX_HISTORY
+from deqkern.core.constants import ANDERSON_MAX_HISTORY, TRITON_DENSE_ANDERSON_MAX_WIDTH
 
 from .anderson_weights import anderson_weights
 from .common import (
-    NAN,
     apply_map,
     bias_of,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
     load_rows,
+    not_iterated_residual,
     matmul,
     record_step,
     register_prologue,
@@ -39,6 +41,14 @@ from .common import (
     squared_norms,
     store_rows,
 )
+
+
+MAX_WIDTH = TRITON_DENSE_ANDERSON_MAX_WIDTH
+
+
+def _num_warps(block_d: int) -> int:
+    """4 warps up to BLOCK_D = 32; 8 at 64, where 4 warps spill in the adjoint (compile check for sm_90)."""
+    return 4 if block_d <= 32 else 8
 
 
 @triton.jit
@@ -71,7 +81,7 @@ def _anderson_kernel(
     b_tol = tl.full([BLOCK_B], tol, dtype)
     b_beta = tl.full([BLOCK_B, BLOCK_D], beta, dtype)
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
-    residual = tl.full([BLOCK_B], NAN, dtype)
+    residual = not_iterated_residual(tl.zeros([BLOCK_B], dtype=dtype))
     H = tl.zeros([BLOCK_B, MP, MP], dtype=tl.float64)
     p_hx = hist_ptr
     p_hg = hist_ptr + stride_h_kind
@@ -126,12 +136,18 @@ def _anderson_kernel(
     tl.store(conv_ptr + o_b, (residual <= b_tol).to(tl.uint8), mask=m_b)
 
 
-def _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bool):
+def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bool):
+    """Runs one solve (the forward, or the adjoint with grad_z)."""
     act_id = get_activation(activation).id
     check_dense_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
     torch._check(1 <= m <= ANDERSON_MAX_HISTORY, lambda: f"m must be in [1, {ANDERSON_MAX_HISTORY}], got {m}")
     torch._check(0 < beta <= 1, lambda: f"beta must be in (0, 1], got {beta}")
     torch._check(lam >= 0, lambda: f"lam must be >= 0, got {lam}")
+    if W.shape[0] > MAX_WIDTH:
+        raise ValueError(
+            f"deqkern: the Triton dense Anderson solve holds W in registers and serves d <= {MAX_WIDTH}, got "
+            f"d = {W.shape[0]}; use backend='cuda', method='fixed_point', or deqkern.solve(f, z0, method='anderson') "
+            "with f(z) = act(z @ W.T + c) (the Triton Anderson step, any width)")
     W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
     grad_z = c if grad_z is None else grad_z.contiguous()
     out, iters, residual, converged = empty_solve_outputs(z)
@@ -152,7 +168,7 @@ def _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: b
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             hist.stride(0), hist.stride(1), hist.stride(2),
             ACTIVATION=act_id, ADJOINT=adjoint, USE_DOT=W.dtype == torch.float32, MP=mp,
-            BLOCK_B=block_b, BLOCK_D=block_d,
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
     return out, iters, residual, converged
 
@@ -160,7 +176,7 @@ def _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: b
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_triton", mutates_args=())
 def _anderson_op(W: Tensor, c: Tensor, z0: Tensor, activation: str, m: int, beta: float, lam: float, tol: float,
                  max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch(W, c, z0, None, activation, m, beta, lam, tol, max_iter, adjoint=False)
+    return launch(W, c, z0, None, activation, m, beta, lam, tol, max_iter, adjoint=False)
 
 
 @_anderson_op.register_fake
@@ -172,7 +188,7 @@ def _(W, c, z0, activation, m, beta, lam, tol, max_iter):
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_backward_triton", mutates_args=())
 def _anderson_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str, m: int, beta: float,
                           lam: float, tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint=True)
+    return launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint=True)
 
 
 @_anderson_backward_op.register_fake

@@ -157,7 +157,7 @@ def _empty_outputs(W: Tensor, u0: Tensor):
             u0.new_empty((batch,), dtype=torch.int32), u0.new_empty((batch,), dtype=torch.bool))
 
 
-def _launch(W, row_scale, u0, mode, shift, max_iter, tol, block_m=None, block_n=None):
+def launch(W, row_scale, u0, mode, shift, max_iter, tol, block_m=None, block_n=None):
     """Runs the iteration; block_m / block_n override the defaults (tests use them to cross tile edges)."""
     _check_inputs(W, row_scale, u0, mode)
     W, u0 = W.contiguous(), u0.contiguous()
@@ -184,7 +184,7 @@ def _launch(W, row_scale, u0, mode, shift, max_iter, tol, block_m=None, block_n=
 @torch.library.custom_op("deqkern::power_iteration_triton", mutates_args=())
 def _power_iteration_op(W: Tensor, row_scale: Optional[Tensor], u0: Tensor, mode: str, shift: float, max_iter: int,
                         tol: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch(W, row_scale, u0, mode, shift, max_iter, tol)
+    return launch(W, row_scale, u0, mode, shift, max_iter, tol)
 
 
 @_power_iteration_op.register_fake

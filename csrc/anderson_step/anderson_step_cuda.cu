@@ -39,6 +39,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonStepParams<T, A> p) {
   __shared__ double scratch[(kThreads / 32) * kSums];
   __shared__ A coef[kMaxHistory];
+  __shared__ AndersonWorkspace<A, kMaxHistory> workspace;
   __shared__ int state;  // bit 0: mix (else x_next = x), bit 1: fx is the best so far
   const int64_t b = blockIdx.x;
   const int64_t n = p.n, m = p.m;
@@ -67,8 +68,10 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonS
     acc[kMaxHistory] += ga * ga;
     acc[kMaxHistory + 1] += fa * fa;
     const double gr = double(gs);
-#pragma unroll 4
-    for (int j = 0; j < nh; ++j) acc[j] += gr * (j == slot ? gr : double(G[j * n + i]));
+    // Unrolled over the cap so that acc is indexed by constants and stays in registers (not local memory).
+#pragma unroll
+    for (int j = 0; j < kMaxHistory; ++j)
+      if (j < nh) acc[j] += gr * (j == slot ? gr : double(G[j * n + i]));
   }
   cuda::block_sum<double, kSums>(acc, scratch);
   if (threadIdx.x == 0) {
@@ -81,13 +84,15 @@ __global__ void __launch_bounds__(kThreads) anderson_step_kernel(const AndersonS
     state = better ? 2 : 0;
     if (keeps_iterating(r, p.tol)) {
       A* H = p.H + b * m * m;
-      for (int j = 0; j < nh; ++j) {
-        H[slot * m + j] = A(acc[j]);
-        H[j * m + slot] = A(acc[j]);
+#pragma unroll
+      for (int j = 0; j < kMaxHistory; ++j) {  // constant indices: acc stays in registers
+        if (j < nh) {
+          H[slot * m + j] = A(acc[j]);
+          H[j * m + slot] = A(acc[j]);
+        }
       }
-      A a[kMaxHistory];
-      const bool ok = anderson_weights<A, kMaxHistory>(H, static_cast<int>(m), nh, double(p.lam), a);
-      for (int i = 0; i < nh; ++i) coef[i] = ok ? a[i] : (i == slot ? A(1) : A(0));  // else the plain damped step
+      if (!anderson_weights<A, kMaxHistory>(H, static_cast<int>(m), nh, double(p.lam), coef, workspace))
+        for (int i = 0; i < nh; ++i) coef[i] = i == slot ? A(1) : A(0);  // the plain damped step
       state |= 1;
     } else {
       p.active[b] = false;

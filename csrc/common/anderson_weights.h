@@ -53,21 +53,39 @@ DEQKERN_HOST_DEVICE void anderson_ldlt_solve(V (&l)[CAP][CAP], int n, V lam, V (
   }
 }
 
+// The arrays of one scalar weight solve. A CUDA kernel keeps them in shared memory (one solve per block, by one
+// thread): as a local array of the solving thread, the runtime-indexed factor lives in local memory, and the driver
+// reserves that stack (2.3 KB in float64) for every thread the GPU can hold, not only for the one that solves.
+template <typename A, int CAP>
+struct AndersonWorkspace {
+  A l[CAP][CAP];
+  A y[CAP];
+  A pivot[CAP];
+};
+
 // The weights of one sample in scalar arithmetic A (float or double). gram: its (n, n) Gram matrix with row stride
 // ld (only the lower triangle is read); a: the n weights. Returns false where the caller must take a = e_slot.
 template <typename A, int CAP>
-DEQKERN_HOST_DEVICE bool anderson_weights(const A* gram, int ld, int n, double lam, A* a) {
-  A l[CAP][CAP], y[CAP], pivot[CAP], sum;
+DEQKERN_HOST_DEVICE bool anderson_weights(const A* gram, int ld, int n, double lam, A* a,
+                                          AndersonWorkspace<A, CAP>& w) {
+  A sum;
   for (int i = 0; i < n; ++i)
-    for (int j = 0; j <= i; ++j) l[i][j] = gram[i * ld + j];
-  anderson_ldlt_solve<A, CAP>(l, n, A(lam), y, pivot, sum);
+    for (int j = 0; j <= i; ++j) w.l[i][j] = gram[i * ld + j];
+  anderson_ldlt_solve<A, CAP>(w.l, n, A(lam), w.y, w.pivot, sum);
   bool ok = sum != A(0) && isfinite(sum);
-  for (int j = 0; j < n; ++j) ok = ok && pivot[j] > A(0) && isfinite(pivot[j]);
+  for (int j = 0; j < n; ++j) ok = ok && w.pivot[j] > A(0) && isfinite(w.pivot[j]);
   for (int i = 0; i < n; ++i) {
-    a[i] = y[i] / sum;
+    a[i] = w.y[i] / sum;
     ok = ok && isfinite(a[i]);
   }
   return ok;
+}
+
+// The same with the arrays on the caller's stack (the CPU kernels).
+template <typename A, int CAP>
+DEQKERN_HOST_DEVICE bool anderson_weights(const A* gram, int ld, int n, double lam, A* a) {
+  AndersonWorkspace<A, CAP> w;
+  return anderson_weights<A, CAP>(gram, ld, n, lam, a, w);
 }
 
 }  // namespace deqkern

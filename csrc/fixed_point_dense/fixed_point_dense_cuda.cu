@@ -21,6 +21,7 @@
 #include "common/activations.h"
 #include "common/checks.h"
 #include "common/cuda/reduce.cuh"
+#include "common/cuda/shared_memory.cuh"
 #include "common/params.h"
 #include "common/params_from_tensors.h"
 #include "common/stop_rule.h"
@@ -148,7 +149,8 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   if (tid < ROWS) active[tid] = int((valid >> tid) & 1u);
   __syncthreads();
   // A tile without a valid row neither computes s nor iterates (uniform: `valid` is the same in every thread).
-  const int64_t max_iter = valid != 0u ? p.max_iter : 0;
+  // int32 (max_iter <= 2^31 - 1 is checked on the host): a 64-bit bound was spilled around the division slow path.
+  const int32_t max_iter = valid != 0u ? int32_t(p.max_iter) : 0;
   if constexpr (MODE == Mode::Adjoint) {
     if (valid != 0u) {
       for (int i = tid; i < d; i += nthreads) {
@@ -167,7 +169,8 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   // until the row's first iteration, so for good in a row that is never iterated.
   T res = not_iterated_residual<T>();
   int32_t iters = 0;
-  for (int64_t k = 1; k <= max_iter; ++k) {
+  for (int32_t done = 0; done < max_iter; ++done) {  // `done` never overflows, even at max_iter = 2^31 - 1
+    const int32_t k = done + 1;
     // Phase 1: t = T(x) for my outputs, x_next = damped update (frozen rows copy x), partial sums.
     bool row_active[ROWS];
     double sq_diff[ROWS];
@@ -251,8 +254,7 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
 template <typename T, Mode MODE, int ROWS, bool W_SMEM>
 void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream) {
   auto kernel = dense_solve_kernel<T, MODE, ROWS, W_SMEM>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  cuda::allow_dynamic_shared_memory(kernel, smem);
   const int64_t blocks = (p.batch + ROWS - 1) / ROWS;
   TORCH_CHECK(blocks <= int64_t(INT32_MAX), "deqkern: batch too large: ", p.batch);
   const int threads = int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (p.d + 31) / 32 * 32)));
@@ -260,27 +262,25 @@ void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Picks the tile height and whether M fits in shared memory next to the tile (the opt-in limit of the device).
+// Picks the tile height and whether M fits in shared memory next to the tile, each variant against what it may use
+// (the device's opt-in limit less its static shared memory).
 template <typename T, Mode MODE>
 void launch_dense_solve(const SolveParams<T>& p, int device) {
-  int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t limit = size_t(smem_limit);
-  const size_t w_bytes = size_t(p.d) * p.d * sizeof(T);
+  const int d = int(p.d);
+  const size_t w_bytes = size_t(d) * d * sizeof(T);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  size_t tile = tile_smem_bytes<T, MODE, kTileRows>(int(p.d));
-  if (tile <= limit) {
-    if (tile + w_bytes <= limit) {
-      launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream);
-    } else {
-      launch_kernel<T, MODE, kTileRows, false>(p, tile, stream);
-    }
-    return;
+  const size_t tile = tile_smem_bytes<T, MODE, kTileRows>(d);
+  if (tile + w_bytes <= cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, kTileRows, true>, device)) {
+    launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream);
+  } else if (tile <= cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, kTileRows, false>, device)) {
+    launch_kernel<T, MODE, kTileRows, false>(p, tile, stream);
+  } else {
+    const size_t row = tile_smem_bytes<T, MODE, 1>(d);
+    const size_t limit = cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, 1, false>, device);
+    TORCH_CHECK(row <= limit, "deqkern: d = ", p.d, " is too large for the CUDA dense solver (needs ", row,
+                " bytes of shared memory per block, the device allows ", limit, "); use backend='triton'");
+    launch_kernel<T, MODE, 1, false>(p, row, stream);
   }
-  tile = tile_smem_bytes<T, MODE, 1>(int(p.d));
-  TORCH_CHECK(tile <= limit, "deqkern: d = ", p.d, " is too large for the CUDA dense solver (needs ", tile,
-              " bytes of shared memory per block, the device allows ", limit, ")");
-  launch_kernel<T, MODE, 1, false>(p, tile, stream);
 }
 
 // z is z0 (forward) or the fixed point (adjoint); grad_z is undefined in the forward.

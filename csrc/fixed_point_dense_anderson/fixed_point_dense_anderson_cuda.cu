@@ -25,6 +25,7 @@
 #include "common/anderson_weights.h"
 #include "common/checks.h"
 #include "common/cuda/reduce.cuh"
+#include "common/cuda/shared_memory.cuh"
 #include "common/params.h"
 #include "common/params_from_tensors.h"
 #include "common/stop_rule.h"
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
   T* s = t + p.d;
   __shared__ double gram[kMaxHistory * kMaxHistory];
   __shared__ double weights[kMaxHistory];
+  __shared__ AndersonWorkspace<double, kMaxHistory> workspace;
   __shared__ double scratch[kWarps * (kMaxHistory + 2)];
   __shared__ int keep_going;
   const int64_t row = blockIdx.x;
@@ -109,16 +111,22 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
       // One new Gram row: <g_slot, g_j>, each thread over its own elements (written by itself above).
       for (int i = tid; i < d; i += kThreads) {
         const T gi = hg[slot * int64_t(d) + i];
-        for (int j = 0; j < n; ++j) sums[j] += double(gi) * double(hg[j * int64_t(d) + i]);
+        // Unrolled over the cap so that sums is indexed by constants and stays in registers (not local memory).
+#pragma unroll
+        for (int j = 0; j < kMaxHistory; ++j)
+          if (j < n) sums[j] += double(gi) * double(hg[j * int64_t(d) + i]);
       }
       block_sum<double, kMaxHistory + 2>(sums, scratch);
       res = T(relative_residual(sums[kMaxHistory], sums[kMaxHistory + 1]));
       if (tid == 0) {
-        for (int j = 0; j < n; ++j) {  // <g_slot, g_j> of the stored g, as the reference's Gram matrix
-          gram[slot * m + j] = sums[j];
-          gram[j * m + slot] = sums[j];
+#pragma unroll
+        for (int j = 0; j < kMaxHistory; ++j) {  // <g_slot, g_j> of the stored g, as the reference's Gram matrix
+          if (j < n) {
+            gram[slot * m + j] = sums[j];
+            gram[j * m + slot] = sums[j];
+          }
         }
-        if (!anderson_weights<double, kMaxHistory>(gram, m, n, p.lam, weights))
+        if (!anderson_weights<double, kMaxHistory>(gram, m, n, p.lam, weights, workspace))
           for (int j = 0; j < n; ++j) weights[j] = j == slot ? 1.0 : 0.0;  // the plain mixed Picard step
         keep_going = keeps_iterating(res, p.tol);
       }
@@ -150,7 +158,6 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
   const c10::cuda::CUDAGuard device_guard(W_in.device());  // otherwise the kernel launches on the current device
   const DenseSolveTensors t(W_in, c_in, z_in, grad_z_in);
   const int64_t batch = t.batch(), d = t.d();
-  TORCH_CHECK(d <= 1 << 20, "deqkern.fixed_point_dense_anderson: d too large for the CUDA kernel: ", d);
   if (batch == 0) return t.outputs();
   at::Tensor hist = at::empty({batch, 2, m, d}, t.W.options());
   const at::Tensor Wt = t.W.t().contiguous();
@@ -163,9 +170,10 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
     p.Wt = Wt.const_data_ptr<T>();
     p.hist = hist.mutable_data_ptr<T>();
     const size_t smem = size_t(3) * d * sizeof(T);
-    // The dynamic shared memory must be opted in whenever the block's total (dynamic plus the kernel's static
-    // arrays) exceeds 48 KB; setting the attribute to exactly the dynamic size is always valid.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(anderson_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    const size_t limit = cuda::max_dynamic_shared_memory(anderson_kernel<T>, t.W.get_device());
+    TORCH_CHECK(smem <= limit, "deqkern.fixed_point_dense_anderson: d = ", d, " is too large for the CUDA kernel "
+                "(needs ", smem, " bytes of shared memory per block, the device allows ", limit, ")");
+    cuda::allow_dynamic_shared_memory(anderson_kernel<T>, smem);
     TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern.fixed_point_dense_anderson: batch too large: ", batch);
     anderson_kernel<T><<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -22,6 +22,7 @@
 
 #include "common/checks.h"
 #include "common/cuda/reduce.cuh"
+#include "common/cuda/shared_memory.cuh"
 #include "common/params.h"
 #include "common/params_from_tensors.h"
 
@@ -128,16 +129,14 @@ __global__ void __launch_bounds__(kThreads) power_iteration_kernel(const PowerIt
 
 template <typename T, bool SYMMETRIC>
 void launch(const PowerIterationParams<T>& p, int64_t batch, int device) {
-  int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t smem = power_smem_bytes<T>(int(p.m), int(p.n));
-  TORCH_CHECK(smem <= size_t(smem_limit), "deqkern: W of shape (", p.m, ", ", p.n,
-              ") is too large for the CUDA power iteration (needs ", smem, " bytes of shared memory per block, the "
-              "device allows ", smem_limit, ")");
-  TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern: batch too large: ", batch);
   auto kernel = power_iteration_kernel<T, SYMMETRIC>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const size_t smem = power_smem_bytes<T>(int(p.m), int(p.n));
+  const size_t limit = cuda::max_dynamic_shared_memory(kernel, device);
+  TORCH_CHECK(smem <= limit, "deqkern: W of shape (", p.m, ", ", p.n,
+              ") is too large for the CUDA power iteration (needs ", smem, " bytes of shared memory per block, the "
+              "device allows ", limit, "); use backend='triton'");
+  TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern: batch too large: ", batch);
+  cuda::allow_dynamic_shared_memory(kernel, smem);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   kernel<<<dim3(unsigned(batch)), dim3(kThreads), smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
