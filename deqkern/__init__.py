@@ -4,7 +4,7 @@ from . import core, reference
 from . import ops  # noqa: F401  (fake kernels and backends of every registered op)
 from .activations import ACTIVATIONS
 from .core.backends import BACKENDS
-from .core.errors import NonConvergenceError, NonConvergenceWarning, PowerIterationWarning
+from .core.errors import NonConvergenceError, NonConvergenceWarning, PowerIterationWarning, SkippedGradientWarning
 from .core.info import SolverInfo
 from .ops.fixed_point_dense import fixed_point_dense
 from . import lipschitz, nn, jacobian  # noqa: E402
@@ -19,6 +19,7 @@ __all__ = [
     "NonConvergenceError",
     "NonConvergenceWarning",
     "PowerIterationWarning",
+    "SkippedGradientWarning",
     "SolverInfo",
     "core",
     "fixed_point_dense",

@@ -4,7 +4,7 @@ The integer id is the contract with the kernels: `csrc/activations.h` (CPU and C
 `triton_kernels/activations.py` switch on it. Adding an activation is one row here, one `case` there
 and one branch in the Triton helper; the solver kernels themselves do not change.
 """
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Tuple
 
 import torch
 
@@ -14,6 +14,9 @@ class Activation(NamedTuple):
     fn: Callable[[torch.Tensor], torch.Tensor]          # act(u)
     derivative: Callable[[torch.Tensor], torch.Tensor]  # act'(u), elementwise
     lipschitz: float                                    # sup |act'|
+    # (act'(u), act''(u)) from one evaluation: the Jacobian penalty's gradient needs both (0 where act is
+    # piecewise linear)
+    derivatives: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _sigmoid_derivative(u):
@@ -21,13 +24,39 @@ def _sigmoid_derivative(u):
     return s * (1 - s)
 
 
+def _tanh_derivatives(u):
+    t = torch.tanh(u)
+    s = 1 - t * t
+    return s, -2 * t * s
+
+
+def _sigmoid_derivatives(u):
+    g = torch.sigmoid(u)
+    s = g * (1 - g)
+    return s, s * (1 - 2 * g)
+
+
+def _softsign_derivatives(u):
+    r = 1 / (1 + u.abs())
+    s = r * r
+    return s, -2 * torch.sign(u) * s * r
+
+
+def _piecewise_linear(derivative):
+    return lambda u: (derivative(u), torch.zeros_like(u))
+
+
+_RELU_DERIVATIVE = lambda u: (u > 0).to(u.dtype)  # noqa: E731
+_RELU6_DERIVATIVE = lambda u: ((u > 0) & (u < 6)).to(u.dtype)  # noqa: E731
+
 ACTIVATIONS = {
-    "identity": Activation(0, lambda u: u, torch.ones_like, 1.0),
-    "relu": Activation(1, torch.relu, lambda u: (u > 0).to(u.dtype), 1.0),
-    "tanh": Activation(2, torch.tanh, lambda u: 1 - torch.tanh(u) ** 2, 1.0),
-    "sigmoid": Activation(3, torch.sigmoid, _sigmoid_derivative, 0.25),
-    "softsign": Activation(4, lambda u: u / (1 + u.abs()), lambda u: 1 / (1 + u.abs()) ** 2, 1.0),
-    "relu6": Activation(5, lambda u: u.clamp(0, 6), lambda u: ((u > 0) & (u < 6)).to(u.dtype), 1.0),
+    "identity": Activation(0, lambda u: u, torch.ones_like, 1.0, _piecewise_linear(torch.ones_like)),
+    "relu": Activation(1, torch.relu, _RELU_DERIVATIVE, 1.0, _piecewise_linear(_RELU_DERIVATIVE)),
+    "tanh": Activation(2, torch.tanh, lambda u: 1 - torch.tanh(u) ** 2, 1.0, _tanh_derivatives),
+    "sigmoid": Activation(3, torch.sigmoid, _sigmoid_derivative, 0.25, _sigmoid_derivatives),
+    "softsign": Activation(4, lambda u: u / (1 + u.abs()), lambda u: 1 / (1 + u.abs()) ** 2, 1.0,
+                           _softsign_derivatives),
+    "relu6": Activation(5, lambda u: u.clamp(0, 6), _RELU6_DERIVATIVE, 1.0, _piecewise_linear(_RELU6_DERIVATIVE)),
 }
 
 

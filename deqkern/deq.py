@@ -27,6 +27,8 @@ from .core.info import SolverInfo
 from .core import validation
 from .core.autograd import single_backward
 from .core.policy import check_policy
+from .dense_layer import add_penalty_gradient, parse_jac_reg
+from .jacobian.regularization import jacobian_reg
 from .solvers import solve
 
 SOLVER_METHODS = ("anderson", "picard", "broyden")
@@ -132,6 +134,11 @@ class DEQ(nn.Module):
             process_group in both solver_options and backward_options (see deqkern.solve).
         backward_options: the IFT adjoint solve: "solver" (method, default "anderson") plus the same keys
             (defaults tol=1e-6, max_iter=100). Unknown keys raise TypeError.
+        jac_reg: Jacobian regularisation (Bai, Koltun and Kolter 2021), a weight w or (w, probability per forward):
+            in training mode w times the Hutchinson estimate of ||J_f(z*)||_F^2 / z*.numel() (one Rademacher probe,
+            z* held constant) is added to the gradient of the loss backpropagated through the output (the loss
+            value is unchanged; the estimate is `last_jac_loss`). A generic f needs one double-backward product;
+            the dense layers' `jac_reg=` computes the exact penalty in closed form instead.
         phantom_steps, phantom_damping: k and tau of backward="phantom".
         z_shape: per-sample shape of z (e.g. (hidden,)), used for the default z0 = zeros(B, *z_shape) with x's dtype
             and device; or a callable x -> z0. When neither z_shape nor z0 (in forward) is given, z0 = zeros_like(x)
@@ -153,6 +160,7 @@ class DEQ(nn.Module):
         phantom_steps: int = 5,
         phantom_damping: float = 0.8,
         z_shape=None,
+        jac_reg=None,
     ):
         super().__init__()
         if not callable(f):
@@ -175,6 +183,8 @@ class DEQ(nn.Module):
         self.phantom_steps = phantom_steps
         self.phantom_damping = float(phantom_damping)
         self.z_shape = z_shape
+        self.jac_reg_weight, self.jac_reg_probability = parse_jac_reg("DEQ", jac_reg)
+        self.last_jac_loss: Optional[torch.Tensor] = None
         self.last_info: Optional[SolverInfo] = None
         self.last_backward_info: Optional[SolverInfo] = None
 
@@ -230,7 +240,21 @@ class DEQ(nn.Module):
             z, tau = z_star, self.phantom_damping
             for _ in range(self.phantom_steps):
                 z = self.f(z, x) if tau == 1.0 else (1 - tau) * z + tau * self.f(z, x)
-        return z, info
+        return self._with_jacobian_penalty(z, z_star, x), info
+
+    def _with_jacobian_penalty(self, z, z_star, x):
+        """z carrying the gradient of jac_reg's weight times the Hutchinson estimate of ||J_f(z*)||_F^2 / numel
+        (one probe, z* held constant as in Bai et al.'s code: one double-backward vector-Jacobian product)."""
+        self.last_jac_loss = None
+        if self.jac_reg_weight == 0.0 or not self.training or not z.requires_grad:
+            return z
+        if self.jac_reg_probability < 1.0 and float(torch.rand(())) >= self.jac_reg_probability:
+            return z
+        penalty = jacobian_reg(self.f, z_star.detach(), x)
+        self.last_jac_loss = penalty.detach()
+        if not penalty.requires_grad:
+            return z
+        return add_penalty_gradient(z, self.jac_reg_weight * penalty)
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, backward={self.backward_mode!r}"

@@ -4,11 +4,12 @@ A DEQ layer z = act(z W^T + c) is a contraction when its Lipschitz constant is b
 (log-norm) constant mu(J) < 0 of its Jacobian J = diag(act'(u)) W is the weaker monotone-operator condition.
 `spectral_norm` and `one_sided_l2` run `torch.ops.deqkern.power_iteration` (one registered op for the whole
 iteration, CPU C++, CUDA and Triton kernels); `one_sided_linf` and `linf_norm` are single reductions, for which
-plain torch ops are the right tool.
+plain torch ops are the right tool. A power iteration only bounds ||W||_2 from below; `spectral_norm_upper_bound`
+(module spectral_bound) turns its estimate into a proven upper bound. `conv_operator_norm` and
+`conv_operator_norm_upper_bound` (module conv_norm) are the same two bounds for a convolution as the linear map it
+is on a given input shape.
 """
-import functools
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -16,29 +17,12 @@ from .core import validation
 from .core.backends import kernel, resolve_backend
 from .core.errors import PowerIterationWarning  # noqa: F401  (public here since the first release)
 from .core.policy import check_policy, checks_enabled, enforce_convergence
+from .core.power_iteration_common import (PowerIterationResult, check_iteration_options, default_start,
+                                          power_of_two_exponent)
 from .ops import power_iteration as _power_iteration_op  # noqa: F401  (registers the power_iteration backends)
+from .conv_norm import conv_operator_norm, conv_operator_norm_upper_bound  # noqa: F401  (public here)
 from .reference.power_iteration import POWER_ITERATION_MODES as MODES
-
-
-class PowerIterationResult(NamedTuple):
-    """The result of a power iteration, a named tuple as PyTorch's own (torch.linalg.eigh):
-    value: () or (B,); u: (n,) or (B, n) the last unit iterate (pass it back as u0 to warm-start);
-    iterations: int32; converged: bool; shift: the shift used (mode "symmetric").
-
-    Unpacks as `value, u = result` (iteration yields those two); float(result) is float(result.value).
-    """
-
-    value: torch.Tensor
-    u: torch.Tensor
-    iterations: torch.Tensor
-    converged: torch.Tensor
-    shift: float = 0.0
-
-    def __iter__(self):
-        return iter((self.value, self.u))
-
-    def __float__(self):
-        return float(self.value)
+from .spectral_bound import SpectralBound, spectral_norm_upper_bound  # noqa: F401  (public here)
 
 
 # ---------------------------------------------------------------- checks
@@ -48,20 +32,6 @@ def _check_matrix(what, W, square=False):
         raise ValueError(f"deqkern.{what}: W must be a non-empty 2-D (m, n) matrix, got shape {tuple(W.shape)}")
     if square and W.shape[0] != W.shape[1]:
         raise ValueError(f"deqkern.{what}: W must be square (d, d), got shape {tuple(W.shape)}")
-
-
-def _check_options(what, max_iter, tol, name="max_iter"):
-    validation.check_int(what, name, max_iter, 1)
-    validation.check_positive(what, "tol", tol)
-
-
-@functools.lru_cache(maxsize=64)
-def _default_start(n, dtype, device):
-    """ones / sqrt(n) plus a fixed non-constant perturbation, so that it is not orthogonal to the top vector of
-    common structured matrices (zero row sums, alternating signs); deterministic."""
-    j = torch.arange(n, dtype=torch.float64)
-    u = 1.0 + 0.5 * torch.cos(2.399963229728653 * j + 0.5)  # golden angle: no short period
-    return (u / u.norm()).to(dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- the batched op
@@ -93,7 +63,7 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
             raise ValueError(f"deqkern.{what}: row_scale must be (batch, m) = {(u0.shape[0], W.shape[0])}, got "
                              f"{tuple(row_scale.shape)}")
     validation.check_finite_number(what, "shift", shift)
-    _check_options(what, max_iter, tol)
+    check_iteration_options(what, max_iter, tol)
     check_policy(what, on_nonconvergence)
     backend = resolve_backend(backend, W.device, what)
     checks = checks_enabled(on_nonconvergence)
@@ -105,7 +75,7 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     if checks and u0.shape[0]:
         zero = (value == 0) & _nonzero_rows_scaled(W, row_scale, u0.shape[0])
         if bool(zero.any()):  # J_b u0 = 0 for a nonzero J_b: start again from the default vector
-            start = _default_start(W.shape[1], W.dtype, W.device).expand(int(zero.sum()), -1)
+            start = default_start(W.shape[1], W.dtype, W.device).expand(int(zero.sum()), -1)
             rerun = _scaled_power_iteration(op, W, None if row_scale is None else row_scale[zero], start, mode,
                                             float(shift), int(max_iter), float(tol))
             for out, new in zip((value, u, iterations, converged), rerun):
@@ -118,22 +88,14 @@ def power_iteration(W, u0, mode="gram", row_scale=None, shift=0.0, max_iter=1000
     return PowerIterationResult(value, u, iterations, converged, float(shift))
 
 
-def _power_of_two_scale(x, dim=None):
-    """The exponents e with max|x| in [2^(e-1), 2^e) (over `dim`, or all of x): x * 2^-e is exact and its largest
-    entry lies in [0.5, 1); e = 0 for a zero (or non-finite) x."""
-    peak = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
-    exponent = torch.frexp(peak).exponent
-    return torch.where(torch.isfinite(peak) & (peak > 0), exponent, torch.zeros_like(exponent))
-
-
 def _scaled_power_iteration(op, W, row_scale, u0, mode, shift, max_iter, tol):
     """The op on W 2^-e_W (and row_scale 2^-e_s: per sample in mode "gram", one e_s for all in "symmetric", where the
     shift is shared), value scaled back by 2^(e_W + e_s); no host synchronisation."""
-    e_w = _power_of_two_scale(W)
+    e_w = power_of_two_exponent(W)
     W = torch.ldexp(W, -e_w)
     e = e_w.expand(u0.shape[0])
     if row_scale is not None:
-        e_s = _power_of_two_scale(row_scale, dim=1) if mode == "gram" else _power_of_two_scale(row_scale)
+        e_s = power_of_two_exponent(row_scale, dim=1) if mode == "gram" else power_of_two_exponent(row_scale)
         row_scale = torch.ldexp(row_scale, -(e_s[:, None] if e_s.dim() else e_s))
         e = e + e_s
     if mode == "symmetric":  # S + shift I scales with S: shift 2^-e (one e for the batch; the op takes a number)
@@ -152,7 +114,7 @@ def _nonzero_rows_scaled(W, row_scale, batch):
 def _single(W, u0, mode, shift, n_iter, tol, backend, on_nonconvergence="warn"):
     trusted = u0 is None
     if u0 is None:
-        u0 = _default_start(W.shape[1], W.dtype, W.device)
+        u0 = default_start(W.shape[1], W.dtype, W.device)
     else:
         validation.check_tensor("lipschitz", "u0", u0, like=W)
         if u0.shape != (W.shape[1],):
@@ -187,7 +149,7 @@ def one_sided_l2(W, n_iter=1000, tol=1e-6, u0=None, backend="auto", shift=None):
     """
     what = "lipschitz.one_sided_l2"
     _check_matrix(what, W, square=True)
-    _check_options(what, n_iter, tol, "n_iter")
+    check_iteration_options(what, n_iter, tol, "n_iter")
     if shift is None:
         validation.check_finite(what, W=W)
         S = 0.5 * (W + W.T)

@@ -8,16 +8,18 @@ from torch import nn
 from .activations import get_activation
 from .core.info import SolverInfo
 from .core.validation import check_layer_sizes
+from .dense_layer import DenseImplicitLayer
 from .ops.fixed_point_dense import fixed_point_dense
 
 
-class DEQLinear(nn.Module):
+class DEQLinear(DenseImplicitLayer):
     """Dense implicit layer: x (batch, in_features) -> z* (batch, hidden_features), z* = act(z* W^T + x U^T + b).
 
     The fixed point is found by one fused solve and differentiated implicitly (constant memory in the number of
     iterations). Solver statistics of the latest call are in `last_info` (`last_info.backward` after backward).
     `weight` is initialised with spectral norm `init_scale` / Lip(act) so that the iteration starts contractive;
-    nothing keeps it there during training: watch `last_info.converged` (or use on_nonconvergence="raise").
+    nothing keeps it there during training: watch `last_info.converged` (or use on_nonconvergence="raise"), or
+    regularise the Jacobian: jac_reg=w or (w, probability) (see `DenseImplicitLayer.set_jac_reg`).
     """
 
     def __init__(
@@ -38,15 +40,18 @@ class DEQLinear(nn.Module):
         method: str = "picard",
         m: int = 5,
         beta: float = 1.0,
+        jac_reg=None,
+        on_backward_overflow: str = "raise",
     ):
         super().__init__()
         check_layer_sizes("DEQLinear", in_features, hidden_features)
+        self.set_jac_reg(jac_reg)
         factory = {"device": device, "dtype": dtype}
         self.activation = activation
         self.solver_options = dict(
             activation=activation, alpha=alpha, tol=tol, max_iter=max_iter, backend=backend,
             on_nonconvergence=on_nonconvergence, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
-            method=method, m=m, beta=beta,
+            method=method, m=m, beta=beta, on_backward_overflow=on_backward_overflow,
         )
         self.injection = nn.Linear(in_features, hidden_features, **factory)
         self.weight = nn.Parameter(torch.empty(hidden_features, hidden_features, **factory))
@@ -61,7 +66,9 @@ class DEQLinear(nn.Module):
         self.injection.reset_parameters()
 
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z, self.last_info = fixed_point_dense(self.weight, self.injection(x), z0=z0, **self.solver_options)
+        penalty = self.jacobian_penalty_weight()
+        z, self.last_info = fixed_point_dense(self.weight, self.injection_values(x), z0=z0, jacobian_penalty=penalty,
+                                              **self.solver_options)
         return z
 
     def extra_repr(self) -> str:
@@ -70,4 +77,5 @@ class DEQLinear(nn.Module):
 
 
 from .certified import PositiveConcaveDEQ, LinfContractiveDEQ, LipschitzDEQ  # noqa: E402,F401
+from .certified import PositiveConcaveConvDEQ, LinfContractiveConvDEQ, LipschitzConvDEQ  # noqa: E402,F401
 from .deq import DEQ  # noqa: E402,F401

@@ -192,3 +192,16 @@ def strided(x):
 
 def to_device(device, *tensors):
     return tuple(t.to(device) for t in tensors)
+
+
+def gradcheck_layer(layer, x):
+    """torch.autograd.gradcheck of a layer's output in x and in every parameter (functional_call), float64."""
+    from torch.func import functional_call
+
+    names = [name for name, _ in layer.named_parameters()]
+
+    def f(x, *params):
+        return functional_call(layer, dict(zip(names, params)), (x,))
+
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters())
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), *params), eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -256,3 +256,36 @@ def test_torchdeq_adapter_contract():
         solver(func, z0, max_iter=3, tol=1e-14)
     with pytest.raises(TypeError):
         deqkern.register_torchdeq_solvers(tol=1e-3)
+
+
+def test_jac_reg_option_adds_the_hutchinson_penalty_gradient():
+    """nn.DEQ(jac_reg=w): the gradient is that of loss + w * jacobian_reg(f, z*, x) with the same probe."""
+    import deqkern.jacobian as jac
+
+    torch.manual_seed(40)
+    cell = torch.nn.Sequential(torch.nn.Linear(4, 4, dtype=torch.float64), torch.nn.Tanh())
+
+    def f(z, x):
+        return 0.5 * cell(z) + x
+
+    deq_plain = deqkern.nn.DEQ(f, solver_options=dict(tol=1e-10, max_iter=200))
+    deq_reg = deqkern.nn.DEQ(f, solver_options=dict(tol=1e-10, max_iter=200), jac_reg=0.3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    z, _ = deq_reg(x)
+    z.sum().backward()
+    got = [p.grad.clone() for p in cell.parameters()]
+    penalty = deq_reg.last_jac_loss
+    cell.zero_grad()
+    z_plain, _ = deq_plain(x)
+    torch.manual_seed(1)  # the same Rademacher probe as the layer drew
+    expected = jac.jacobian_reg(f, z_plain.detach(), x)
+    (z_plain.sum() + 0.3 * expected).backward()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-12)
+    for a, b in zip(got, (p.grad for p in cell.parameters())):
+        torch.testing.assert_close(a, b)
+    deq_reg.eval()
+    deq_reg(x)
+    assert deq_reg.last_jac_loss is None
+    with pytest.raises(ValueError, match="jac_reg must be"):
+        deqkern.nn.DEQ(f, jac_reg=(1.0, 2.0))

@@ -152,3 +152,52 @@ def test_power_iteration_result_is_a_named_tuple():
     result = lipschitz.spectral_norm(torch.eye(3) * 2)
     assert float(result) == pytest.approx(2.0) and value.item() == pytest.approx(2.0) and u.shape == (3,)
     assert result._fields[:4] == ("value", "u", "iterations", "converged") and result[2] == result.iterations
+
+
+# ---------------------------------------------------------------- a backward that overflows: raise, or skip the batch
+def _unstable_fixed_point(on_backward_overflow):
+    """z = 3 z + c: the forward starts at its fixed point -c / 2 (converged at once), the adjoint g = 3 g + v
+    overflows (Picard, float32)."""
+    W = (3.0 * torch.eye(4)).requires_grad_(True)
+    c = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    z, info = deqkern.fixed_point_dense(W, c, activation="identity", z0=-c.detach() / 2, tol=1e-6, max_iter=1000,
+                                        on_backward_overflow=on_backward_overflow)
+    assert info.converged.all()
+    return W, c, z, info
+
+
+def test_backward_overflow_raises_by_default():
+    W, c, z, info = _unstable_fixed_point("raise")
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        z.sum().backward()
+
+
+def test_backward_overflow_can_skip_the_batch():
+    W, c, z, info = _unstable_fixed_point("skip")
+    with pytest.warns(deqkern.SkippedGradientWarning, match="zero gradients"):
+        z.sum().backward()
+    assert info.backward.gradient_skipped
+    assert torch.equal(W.grad, torch.zeros_like(W)) and torch.equal(c.grad, torch.zeros_like(c))
+    # NaN arriving from upstream: named under "raise", skipped under "skip"
+    for policy, expectation in (("raise", pytest.raises(ValueError, match="grad_z")),
+                                ("skip", pytest.warns(deqkern.SkippedGradientWarning))):
+        W = torch.eye(3, requires_grad=True).mul(0.5).detach().requires_grad_(True)
+        c = torch.ones(2, 3, requires_grad=True)
+        z, info = deqkern.fixed_point_dense(W, c, on_backward_overflow=policy)
+        with expectation:
+            (z * torch.tensor(float("nan"))).sum().backward()
+    assert info.backward.gradient_skipped and torch.equal(W.grad, torch.zeros_like(W))
+    # a healthy backward under "skip" is the ordinary one
+    W = (0.5 * torch.eye(3)).requires_grad_(True)
+    z, info = deqkern.fixed_point_dense(W, torch.ones(2, 3), on_backward_overflow="skip")
+    z.sum().backward()
+    assert not info.backward.gradient_skipped and W.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="on_backward_overflow"):
+        deqkern.fixed_point_dense(W, torch.ones(2, 3), on_backward_overflow="ignore")
+
+
+def test_layers_take_the_backward_overflow_policy():
+    layer = deqkern.nn.DEQLinear(3, 4, on_backward_overflow="skip")
+    assert layer.solver_options["on_backward_overflow"] == "skip"
+    for cls in (deqkern.nn.PositiveConcaveDEQ, deqkern.nn.LinfContractiveDEQ, deqkern.nn.LipschitzDEQ):
+        assert cls(3, 4, on_backward_overflow="skip").solver_options["on_backward_overflow"] == "skip"

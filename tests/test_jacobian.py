@@ -372,3 +372,135 @@ def test_bad_inputs():
         jac.jacobian_norm(layer, z, None)
     with pytest.raises(ValueError, match="contradicts"):
         jac.dense_jacobian_frobenius_sq(layer, z, torch.zeros(2, 3, dtype=F64), activation="relu")
+
+
+# ================================================================ every layer's own map
+def _every_dense_layer():
+    torch.manual_seed(21)
+    return [
+        deqkern.nn.DEQLinear(3, 5, activation="tanh", tol=1e-12, max_iter=500, dtype=F64),
+        deqkern.nn.PositiveConcaveDEQ(3, 5, activation="sigmoid", tol=1e-12, max_iter=500, init_row_sum=2.0,
+                                      dtype=F64),
+        deqkern.nn.LinfContractiveDEQ(3, 5, mu=0.3, activation="tanh", tol=1e-12, max_iter=500, dtype=F64),
+        deqkern.nn.LipschitzDEQ(3, 5, gamma=0.9, activation="tanh", tol=1e-12, max_iter=500, init_scale=3.0,
+                                dtype=F64).eval(),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["DEQLinear", "PositiveConcaveDEQ", "LinfContractiveDEQ",
+                                                 "LipschitzDEQ"])
+def test_tools_use_each_layers_own_map(index):
+    """layer.f is the map the forward solves (f(z*, x) = z*), and every Jacobian tool agrees with the Jacobian of
+    layer.f built explicitly (a pcDEQ's injection is softplus(x U^T + b) + eps: the tools once used x U^T + b)."""
+    layer = _every_dense_layer()[index]
+    x = torch.randn(4, 3, dtype=F64)
+    with torch.no_grad():
+        z = layer(x)
+        assert torch.allclose(layer.f(z, x), z, rtol=0, atol=1e-10)
+    J = explicit_blocks(lambda zz, xx: layer.f(zz, xx), z, x)
+    fro = jac.dense_jacobian_frobenius_sq(layer, z, x)
+    assert fro.item() == pytest.approx(J.pow(2).sum().item() / z.numel(), rel=1e-10)
+    radius = jac.jacobian_norm(layer, z, x, kind="radius")
+    torch.testing.assert_close(radius, torch.linalg.eigvals(J).abs().amax(dim=-1), rtol=1e-9, atol=1e-12)
+    spectral = jac.jacobian_norm(layer, z, x, kind="spectral", tol=1e-12, n_iter=5000)
+    torch.testing.assert_close(spectral, torch.linalg.matrix_norm(J, ord=2), rtol=1e-5, atol=1e-12)
+    g = torch.Generator().manual_seed(0)
+    reg = jac.jacobian_reg(layer, z, x, n_samples=4000, generator=g)  # the layer itself: its map is used
+    assert reg.item() == pytest.approx(fro.item(), rel=0.1)
+
+
+def test_tools_take_an_nn_deq_by_its_map():
+    torch.manual_seed(22)
+    cell = MLPCell()
+    deq = deqkern.nn.DEQ(cell, solver_options=dict(tol=1e-10, max_iter=300), z_shape=(3, 4)).double()
+    x = torch.randn(2, 5, dtype=F64)
+    z, _ = deq(x)
+    expected = jac.jacobian_norm(cell, z.detach(), x, kind="spectral")
+    torch.testing.assert_close(jac.jacobian_norm(deq, z.detach(), x, kind="spectral"), expected)
+
+
+def test_look_alike_modules_are_not_read_as_dense_layers():
+    class LookAlike(nn.Module):  # weight, injection and activation, but not a deqkern layer: no guessing
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.eye(3, dtype=F64))
+            self.injection = nn.Linear(3, 3, dtype=F64)
+            self.activation = "tanh"
+
+    with pytest.raises(TypeError, match="deqkern dense layer or a"):
+        jac.dense_jacobian_frobenius_sq(LookAlike(), torch.zeros(2, 3, dtype=F64), torch.zeros(2, 3, dtype=F64))
+    with pytest.raises(TypeError, match="expected a layer"):
+        jac.jacobian_reg(42, torch.zeros(2, 3))
+
+
+# ================================================================ jac_reg= on the dense layers
+@pytest.mark.parametrize("index", range(4), ids=["DEQLinear", "PositiveConcaveDEQ", "LinfContractiveDEQ",
+                                                 "LipschitzDEQ"])
+def test_jac_reg_option_adds_the_exact_penalty_gradient(index):
+    """jac_reg=w: the parameters' gradient is that of loss + w ||J_f(z*)||_F^2 / numel (z* held constant), the
+    loss value is unchanged and the penalty is reported after the backward; eval mode adds nothing."""
+    weight = 0.7
+    plain = _every_dense_layer()[index].train()
+    regularised = _every_dense_layer()[index].train()
+    regularised.set_jac_reg(weight)
+    if isinstance(plain, deqkern.nn.LipschitzDEQ):  # its training forward takes a few power steps; the penalty
+        plain.n_power_iterations = regularised.n_power_iterations = 2000  # below is built on the converged W
+    x = torch.randn(4, 3, dtype=F64)
+    probe = torch.linspace(-1, 1, 4 * 5, dtype=F64).reshape(4, 5)
+
+    z_plain = plain(x)
+    expected_penalty = jac.dense_jacobian_frobenius_sq(plain, z_plain.detach(), x)
+    ((z_plain * probe).sum() + weight * expected_penalty).backward()
+    z = regularised(x)
+    (z * probe).sum().backward()
+    torch.testing.assert_close(z, z_plain)
+    assert regularised.last_jac_loss.item() == pytest.approx(expected_penalty.item(), rel=1e-12)
+    for (name, p), (_, q) in zip(regularised.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+    regularised.eval()
+    regularised(x)
+    assert regularised.last_jac_loss is None
+
+
+def test_jac_reg_probability_and_bad_values():
+    torch.manual_seed(23)
+    layer = deqkern.nn.DEQLinear(3, 5, jac_reg=(0.1, 0.5), dtype=F64)
+    drawn = 0
+    for _ in range(200):
+        layer(torch.randn(2, 3, dtype=F64)).sum().backward()
+        drawn += layer.last_jac_loss is not None
+    assert 60 < drawn < 140
+    with torch.no_grad():
+        layer(torch.randn(2, 3, dtype=F64))
+    assert layer.last_jac_loss is None
+    for bad in (-1.0, float("nan"), (0.1, 0.0), (0.1, 1.5), "big", True):
+        with pytest.raises(ValueError, match="jac_reg must be"):
+            deqkern.nn.DEQLinear(3, 5, jac_reg=bad)
+
+
+def test_jac_reg_lowers_the_jacobian_and_the_iterations_when_training():
+    """The paper's direction on digits: the same short training with the penalty ends with a smaller Jacobian
+    and fewer forward iterations."""
+    from deqkern.demo import load_digits_split
+
+    (x_all, y_all), _ = load_digits_split("cpu", torch.float32)
+    result = {}
+    for weight in (None, 2.0):
+        torch.manual_seed(24)
+        layer = deqkern.nn.DEQLinear(64, 64, tol=1e-4, max_iter=200, jac_reg=weight, init_scale=0.95)
+        head = torch.nn.Linear(64, 10)
+        opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=3e-3)
+        for step in range(60):
+            i = (step * 128) % 1024
+            x, y = x_all[i:i + 128], y_all[i:i + 128]
+            loss = torch.nn.functional.cross_entropy(head(layer(x)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        layer.eval()
+        with torch.no_grad():
+            z = layer(x_all[:256])
+        result[weight] = (jac.dense_jacobian_frobenius_sq(layer, z, x_all[:256]).item(),
+                          layer.last_info.iterations.double().mean().item())
+    assert result[2.0][0] < 0.8 * result[None][0]
+    assert result[2.0][1] < result[None][1]

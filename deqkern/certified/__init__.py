@@ -8,16 +8,24 @@ is reached by the iteration deqkern runs, each with a `certificate()` that state
 - `LinfContractiveDEQ` (Jafarpour, Davydov, Proskurnikov and Bullo 2021): x = Phi(A x + B u + b) with
   mu_inf(A) <= mu < 1 by construction; the averaged iteration with alpha* = 1 / (1 - min(min_i a_ii, 0)) is an
   l-infinity contraction and u -> x* is ||B||_inf / (1 - mu_+) Lipschitz in the l-infinity norm.
-- `LipschitzDEQ`: z = act(W z + U x + b) with ||W||_2 <= gamma / Lip(act), gamma < 1, kept by rescaling with a
-  warm-started power iteration: a 2-norm contraction with explicit forward and backward iteration bounds.
+- `LipschitzDEQ`: z = act(W z + U x + b) with ||W||_2 <= gamma / Lip(act), gamma < 1, kept at every forward by
+  rescaling with a proven upper bound of ||W||_2 (`deqkern.lipschitz.spectral_norm_upper_bound`, from a
+  warm-started power iteration's estimate): a 2-norm contraction with explicit forward and backward iteration
+  bounds.
+- Their convolutional versions (`conv`): `LipschitzConvDEQ`, `PositiveConcaveConvDEQ`, `LinfContractiveConvDEQ`,
+  whose guarantees hold for the convolution as the linear map it is on the input's shape.
 
-Every layer solves with one fused `deqkern.fixed_point_dense` call (forward) and its implicit backward. The
-certificates use `deqkern.lipschitz` (power iteration, one-sided l-infinity measure, l-infinity norm).
+Every dense layer solves with one fused `deqkern.fixed_point_dense` call (forward; Picard, or Anderson where the
+guarantee allows it) and its implicit backward, exposes its map `f(z, x)` and takes `jac_reg=`. The certificates
+use `deqkern.lipschitz` (power iteration and proven bounds, one-sided l-infinity measure, l-infinity norm) and hold
+at every training step.
 
-One module per layer (positive_concave, linf_contractive, lipschitz_deq); bounds holds the iteration-count maths
-of the certificates, _base the state every layer holds (CertifiedDEQ), _options the solver options dict.
+One module per layer (positive_concave, linf_contractive, lipschitz_deq; the package conv for the convolutional
+ones); bounds holds the iteration-count maths of the certificates, positive_concave_rates the proven rates of a
+positive concave map, _base the state every dense layer holds (CertifiedDEQ), _options the solver options dict.
 """
 from .bounds import picard_iteration_bound
+from .conv import LinfContractiveConvDEQ, LipschitzConvDEQ, PositiveConcaveConvDEQ
 from .linf_contractive import LinfContractionCertificate, LinfContractiveDEQ
 from .lipschitz_deq import LipschitzCertificate, LipschitzDEQ
 from .positive_concave import (
@@ -28,6 +36,9 @@ from .positive_concave import (
 )
 
 __all__ = [
+    "LinfContractiveConvDEQ",
+    "LipschitzConvDEQ",
+    "PositiveConcaveConvDEQ",
     "POSITIVE_CONCAVE_ACTIVATIONS",
     "PositiveConcaveCertificate",
     "PositiveConcaveDEQ",

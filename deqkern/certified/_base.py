@@ -7,11 +7,15 @@ import torch
 from torch import nn
 
 from ..core.info import SolverInfo
+from ..core import validation
+from ..core.constants import ANDERSON_DEFAULT_LAM
 from ..core.validation import check_layer_sizes
+from ..ops.fixed_point_dense import METHODS
+from ..dense_layer import DenseImplicitLayer
 from ._options import solver_options
 
 
-class CertifiedDEQ(nn.Module):
+class CertifiedDEQ(DenseImplicitLayer):
     """Base of the certified layers: x (batch, in) -> z* (batch, hidden) by one fixed_point_dense solve.
 
     injection: nn.Linear(in_features, hidden_features), x -> x U^T + b; weight_raw: the unconstrained
@@ -21,13 +25,19 @@ class CertifiedDEQ(nn.Module):
     """
 
     def __init__(self, in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
-                 backward_tol, backward_max_iter, device, dtype):
+                 backward_tol, backward_max_iter, device, dtype, method="picard", m=5, beta=1.0, jac_reg=None,
+                 on_backward_overflow="raise"):
         super().__init__()
-        check_layer_sizes(type(self).__name__, in_features, hidden_features)
+        what = type(self).__name__
+        self.set_jac_reg(jac_reg)
+        check_layer_sizes(what, in_features, hidden_features)
+        validation.check_choice(what, "method", method, METHODS)
+        if method == "anderson":
+            validation.check_anderson_options(what, m, beta, ANDERSON_DEFAULT_LAM)
         factory = {"device": device, "dtype": dtype}
         self.activation = activation
         self.solver_options = solver_options(activation, 1.0, tol, max_iter, backend, on_nonconvergence,
-                                             backward_tol, backward_max_iter)
+                                             backward_tol, backward_max_iter, method, m, beta, on_backward_overflow)
         self.injection = nn.Linear(in_features, hidden_features, **factory)
         self.weight_raw = nn.Parameter(torch.empty(hidden_features, hidden_features, **factory))
         self.last_info: Optional[SolverInfo] = None

@@ -14,7 +14,7 @@ from ..activations import get_activation
 from ..ops.fixed_point_dense import check_dense_inputs, fixed_point_dense
 from ._base import CertifiedDEQ
 from ._options import solver_options, without
-from .bounds import geometric_steps_to_tol
+from .positive_concave_rates import positive_concave_rates
 
 POSITIVE_CONCAVE_ACTIVATIONS = ("tanh", "softsign", "relu6", "sigmoid")
 # sup of the activation on [0, inf): every fixed point satisfies z* <= sup componentwise.
@@ -70,13 +70,16 @@ def positive_concave_fixed_point(
     on_nonconvergence: str = "warn",
     backward_tol: Optional[float] = None,
     backward_max_iter: Optional[int] = None,
+    jacobian_penalty: float = 0.0,
+    on_backward_overflow: str = "raise",
 ):
     """Fixed point of the positive concave mapping z = act(z W^T + c): plain iteration (alpha = 1), differentiable.
 
     W (d, d) must be elementwise >= 0; c (batch, d) must be > 0 for tanh, softsign, relu6 and >= 0 for sigmoid;
     z0 (default 0) must be >= 0 for tanh and softsign. Then the fixed point in the nonnegative orthant exists, is
     unique and the iteration converges geometrically from z0, whatever the size of W (ValueError otherwise).
-    Checking the signs costs one host synchronisation. Returns (z, SolverInfo) as `deqkern.fixed_point_dense`.
+    Checking the signs costs one host synchronisation. Returns (z, SolverInfo) as `deqkern.fixed_point_dense`
+    (jacobian_penalty, on_backward_overflow: as there).
     """
     _check_positive_concave_activation(activation)
     check_dense_inputs("positive_concave_fixed_point", W, c, z0)
@@ -101,20 +104,30 @@ def positive_concave_fixed_point(
             f"positive_concave_fixed_point: z0 must be >= 0 for activation {activation!r} (the fixed point is "
             "unique in the nonnegative orthant only)"
         )
-    return fixed_point_dense(W, c, z0=z0, **solver_options(
-        activation, 1.0, tol, max_iter, backend, on_nonconvergence, backward_tol, backward_max_iter))
+    return fixed_point_dense(W, c, z0=z0, jacobian_penalty=jacobian_penalty, **solver_options(
+        activation, 1.0, tol, max_iter, backend, on_nonconvergence, backward_tol, backward_max_iter,
+        on_backward_overflow=on_backward_overflow))
+
 
 
 @dataclass
 class PositiveConcaveCertificate:
-    """What a PositiveConcaveDEQ guarantees (see `guarantee`).
+    """What a PositiveConcaveDEQ guarantees (see `guarantee`). Every rate and bound here is proven, not estimated
+    (the theorems and proofs: deqkern/certified/positive_concave_rates.py).
 
-    rate_bound: q = 1 - act(injection_lower_bound) / sup(act), valid for every input: with
-    delta = min_i act(c_i) / z*_i >= 1 - q, concavity gives T(lambda z*) >= (lambda + (1 - lambda) delta) z*, so
-    from z0 = 0: 0 <= z* - z_k <= q^k z* componentwise. With an input x, the per-sample fields are filled:
-    `sample_rate_bound` (same bound with the sample's own min_i act(c_i)), `sample_rate` (1 - delta at the computed
-    fixed point, sharper; also bounds the spectral radius of the Jacobian, so of the backward iteration) and
-    `forward_iterations_bound` (smallest k with q^(k-1) (1 + tol q) <= tol, from the monotone error bound).
+    - rate_bound: valid for every input, from z* <= sup(act) and T(0)_i >= act(injection_eps):
+      q = 1 - act(injection_eps) / sup(act) (loose: it knows nothing of the layer's weights).
+    With an input x, per sample:
+    - sample_rate_bound: the rate 1 - min_i act(c_i) / z*_i of the geometric convergence theorem for positive
+      concave mappings (Piotrowski and Cavalcante 2022), z* replaced by the iteration from above, which bounds it;
+      0 <= z* - z_k <= q^k z* from z0 = 0.
+    - tail_rate_bound, tail_rate_from_step: a proven rate q_j of the error from step j on, in a weighted max norm
+      (the Collatz-Wielandt bound of the Jacobian at the j-th iterate, which dominates every later one); it tends
+      to the spectral radius of the Jacobian at z*, often far below the theorem's rate.
+    - forward_iterations_bound: a proven bound on the evaluations of the plain iteration from 0 at the layer's tol
+      (the smaller of the two rates' bounds; -1 where neither proves anything).
+    - measured_rate: the geometric mean contraction of the error of the plain iteration from 0 (float64), beside
+      the bounds; forward_iterations: the evaluations the layer's own solve took (its method, its dtype).
     """
 
     activation: str
@@ -125,8 +138,11 @@ class PositiveConcaveCertificate:
     rate_bound: float
     guarantee: str
     sample_rate_bound: Optional[torch.Tensor] = None
-    sample_rate: Optional[torch.Tensor] = None
+    tail_rate_bound: Optional[torch.Tensor] = None
+    tail_rate_from_step: Optional[torch.Tensor] = None
     forward_iterations_bound: Optional[torch.Tensor] = None
+    measured_rate: Optional[torch.Tensor] = None
+    forward_iterations: Optional[torch.Tensor] = None
 
 
 class PositiveConcaveDEQ(CertifiedDEQ):
@@ -135,16 +151,27 @@ class PositiveConcaveDEQ(CertifiedDEQ):
     W = softplus(V) is elementwise >= 0 for every V (never NaN: no normalisation by a row sum; a row of very negative
     V is a zero row, which is fine), s(x) = softplus(x U^T + b) + injection_eps > 0, activation one of tanh, softsign,
     relu6, sigmoid. Plain iteration (alpha = 1) from z0 = 0. No bound on W is needed: see `certificate()`.
+    method="anderson" (m, beta) is allowed with relu6 and sigmoid only (their fixed point is unique in the whole
+    space); the certificate's rate and iteration bound are those of the plain iteration.
     """
 
     def __init__(self, in_features: int, hidden_features: int, activation: str = "tanh", tol: float = 1e-4,
                  max_iter: int = 100, backend: str = "auto", on_nonconvergence: str = "warn",
                  backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
-                 injection_eps: float = 1e-3, init_row_sum: float = 0.5, device=None, dtype=None):
+                 injection_eps: float = 1e-3, init_row_sum: float = 0.5, method: str = "picard", m: int = 5,
+                 beta: float = 1.0, jac_reg=None, on_backward_overflow: str = "raise",
+                 device=None, dtype=None):
         _check_positive_concave_activation(activation)
         injection_eps = _check_injection_eps(injection_eps, activation)
+        if method == "anderson" and activation not in _NONNEGATIVE_RANGE:
+            raise ValueError(
+                f"PositiveConcaveDEQ: method='anderson' needs an activation with a nonnegative range "
+                f"{_NONNEGATIVE_RANGE}: with {activation!r} the fixed point is unique only in the nonnegative "
+                "orthant, and Anderson's extrapolated iterates may leave it and reach another one; use "
+                "method='picard' (monotone from 0, never leaves it)")
         super().__init__(in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
-                         backward_tol, backward_max_iter, device, dtype)
+                         backward_tol, backward_max_iter, device, dtype, method=method, m=m, beta=beta,
+                         jac_reg=jac_reg, on_backward_overflow=on_backward_overflow)
         self.injection_eps = injection_eps
         self.init_row_sum = float(init_row_sum)
         self.reset_parameters()
@@ -167,12 +194,13 @@ class PositiveConcaveDEQ(CertifiedDEQ):
         return F.softplus(self.injection(x)) + self.injection_eps
 
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        c = self.injection_values(x)
-        if z0 is not None:  # the parameterisation guarantees W >= 0 and c > 0; only a given start needs a check
-            options = without(self.solver_options, "alpha")  # the functional takes no alpha: it runs alpha = 1
-            z, self.last_info = positive_concave_fixed_point(self.weight, c, z0=z0, **options)
-        else:
-            z, self.last_info = fixed_point_dense(self.weight, c, **self.solver_options)
+        W, c, penalty = self.weight, self.injection_values(x), self.jacobian_penalty_weight()
+        if z0 is not None and self.solver_options["method"] == "picard":
+            # the parameterisation guarantees W >= 0 and c > 0; only a given start needs a check
+            options = without(self.solver_options, "alpha", "method", "m", "beta")  # the functional runs Picard
+            z, self.last_info = positive_concave_fixed_point(W, c, z0=z0, jacobian_penalty=penalty, **options)
+        else:  # Anderson only with a nonnegative-range activation: every fixed point is then the one, any start
+            z, self.last_info = fixed_point_dense(W, c, z0=z0, jacobian_penalty=penalty, **self.solver_options)
         return z
 
     @torch.no_grad()
@@ -192,19 +220,20 @@ class PositiveConcaveDEQ(CertifiedDEQ):
             guarantee=_positive_concave_guarantee(self.activation),
         )
         if x is not None:
-            c = self.injection_values(x).double()
-            W64 = W.double()
-            options = dict(self.solver_options, on_nonconvergence="ignore")
-            z, _ = fixed_point_dense(W64, c, **without(options, "backward_tol", "backward_max_iter"))
-            t0 = act(c)
-            cert.sample_rate_bound = 1.0 - t0.min(dim=1).values / sup
-            cert.sample_rate = (1.0 - (t0 / z.clamp_min(torch.finfo(z.dtype).tiny)).min(dim=1).values).clamp(0, 1)
-            tol = self.solver_options["tol"]
-            cert.forward_iterations_bound = torch.tensor(
-                [geometric_steps_to_tol(q, 1.0 + tol * q, tol) if q < 1 else -1
-                 for q in cert.sample_rate_bound.tolist()],
-                dtype=torch.int64)
+            self._fill_sample_rates(cert, x)
         return cert
+
+    def _fill_sample_rates(self, cert, x):
+        W = self.weight.double()
+        rates = positive_concave_rates(lambda z: z @ W.T, self.injection_values(x).double(), self.activation,
+                                       _ACTIVATION_SUP[self.activation], self.solver_options["tol"],
+                                       self.solver_options["max_iter"])
+        cert.sample_rate_bound, cert.tail_rate_bound, cert.tail_rate_from_step = rates[:3]
+        cert.forward_iterations_bound, cert.measured_rate = rates.forward_iterations_bound, rates.measured_rate
+        options = dict(self.solver_options, on_nonconvergence="ignore")
+        _, info = fixed_point_dense(self.weight, self.injection_values(x),
+                                    **without(options, "backward_tol", "backward_max_iter"))
+        cert.forward_iterations = info.iterations.cpu()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.injection.in_features}, hidden_features={self.weight_raw.shape[0]}, "

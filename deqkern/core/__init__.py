@@ -8,8 +8,8 @@
 - backends: backend names, the "auto" rule and the registry op -> {cpu, cuda, triton, reference}.
 """
 from . import backends, constants, policy, validation
-from .errors import NonConvergenceError, NonConvergenceWarning, PowerIterationWarning
+from .errors import NonConvergenceError, NonConvergenceWarning, PowerIterationWarning, SkippedGradientWarning
 from .info import SolverInfo
 
 __all__ = ["backends", "constants", "policy", "validation", "NonConvergenceError", "NonConvergenceWarning",
-           "PowerIterationWarning", "SolverInfo"]
+           "PowerIterationWarning", "SkippedGradientWarning", "SolverInfo"]

@@ -11,3 +11,9 @@ class NonConvergenceWarning(RuntimeWarning):
 
 class PowerIterationWarning(NonConvergenceWarning):
     """A power iteration stopped at max_iter before its value settled to tol: the value is a lower bound."""
+
+
+class SkippedGradientWarning(RuntimeWarning):
+    """An implicit backward gave a non-finite adjoint (an overflow, or NaN/Inf arriving in the incoming gradient) and
+    on_backward_overflow="skip" replaced that solve's gradients by zeros (info.backward.gradient_skipped is True):
+    skip the optimiser step for this batch."""

@@ -1,9 +1,11 @@
-"""What the Jacobian tools share about their arguments: the checks of z, and recognising a dense layer
-f(z) = act(z W^T + c) (a DEQLinear, or a weight W with its injection c and activation name) to read W, c, act."""
+"""What the Jacobian tools share about their arguments: the checks of z, recognising a dense layer
+f(z) = act(z W^T + c) (a deqkern DenseImplicitLayer, or a weight W with its injection c and activation name) to
+read W, c, act from the layer itself, and the map of any other layer (its `f` attribute, e.g. an nn.DEQ's)."""
 import torch
 
 from ..activations import get_activation
 from ..core import validation
+from ..dense_layer import DenseImplicitLayer
 
 
 def check_z(what, z, dtypes=None):
@@ -19,13 +21,21 @@ def check_z(what, z, dtypes=None):
 
 
 def is_dense_layer(obj) -> bool:
-    """A DEQLinear, or any module with its attributes (`weight` (d, d), `injection`, `activation` name)."""
-    return (
-        isinstance(obj, torch.nn.Module)
-        and isinstance(getattr(obj, "weight", None), torch.Tensor)
-        and callable(getattr(obj, "injection", None))
-        and isinstance(getattr(obj, "activation", None), str)
-    )
+    """A deqkern dense implicit layer (DEQLinear, PositiveConcaveDEQ, LinfContractiveDEQ, LipschitzDEQ): its
+    weight, injection_values and activation define the map. Look-alike modules are not guessed at."""
+    return isinstance(obj, DenseImplicitLayer)
+
+
+def layer_map(what, layer_or_f):
+    """The map f(z, x) of a layer for the generic (autograd) paths: a dense layer's or any module's `f` (an
+    nn.DEQ's map) when it has one, else layer_or_f itself when it is callable."""
+    f = getattr(layer_or_f, "f", None)
+    if isinstance(layer_or_f, torch.nn.Module) and callable(f):
+        return f
+    if callable(layer_or_f):
+        return layer_or_f
+    raise TypeError(f"deqkern.{what}: expected a layer (with a map f(z, x)) or a callable f(z, x), got "
+                    f"{type(layer_or_f).__name__}")
 
 
 def dense_parts(what, layer_or_W, z, c_or_x, activation):
@@ -45,7 +55,7 @@ def dense_parts(what, layer_or_W, z, c_or_x, activation):
         if c_or_x.dim() != 2 or c_or_x.shape[0] != z.shape[0]:
             raise ValueError(f"deqkern.{what}: x must be (batch={z.shape[0]}, in_features), got shape "
                              f"{tuple(c_or_x.shape)}")
-        W, c, activation = layer.weight, layer.injection(c_or_x), layer.activation
+        W, c, activation = layer.weight, layer.injection_values(c_or_x), layer.activation
         c_name = "x"
     elif isinstance(layer_or_W, torch.Tensor):
         W, c = layer_or_W, c_or_x
@@ -53,7 +63,7 @@ def dense_parts(what, layer_or_W, z, c_or_x, activation):
             raise ValueError(f"deqkern.{what}: with a weight matrix W, name the activation (activation=...)")
         c_name = "c"
     else:
-        raise TypeError(f"deqkern.{what}: expected a DEQLinear or a (d, d) weight tensor, got "
+        raise TypeError(f"deqkern.{what}: expected a deqkern dense layer or a (d, d) weight tensor, got "
                         f"{type(layer_or_W).__name__}")
     get_activation(activation)
     if W.dim() != 2 or W.shape[0] != W.shape[1]:

@@ -10,7 +10,7 @@ from ..core import validation
 from ..core.errors import NonConvergenceWarning
 from ..core.policy import check_policy, enforce_convergence
 from ..lipschitz import power_iteration
-from ._layers import check_z, dense_parts, is_dense_layer
+from ._layers import check_z, dense_parts, is_dense_layer, layer_map
 
 KINDS = ("spectral", "radius")
 # Largest per-sample size for which jacobian_norm(kind="radius") builds a generic f's Jacobian explicitly.
@@ -168,9 +168,10 @@ def jacobian_norm(
     kind="radius": rho(J_b) = max |eigenvalue| (< 1 at the fixed point: the Picard iteration converges locally).
     rho(J_b) <= ||J_b||_2.
 
-    layer_or_f: a DEQLinear (x: its input), a (d, d) weight W (x: the injection c (B, d), activation=...), or
-    any callable f(z, x) -> tensor of z's shape that treats the samples independently (checked: a batch-mixing f
-    raises ValueError).
+    layer_or_f: a deqkern dense layer (DEQLinear or a certified layer; x: its input; W, c and act are the layer's
+    own: `weight`, `injection_values(x)`, `activation`), a (d, d) weight W (x: the injection c (B, d),
+    activation=...), a module with a map `f(z, x)` (an nn.DEQ: its f is used), or any callable f(z, x) -> tensor
+    of z's shape that treats the samples independently (checked: a batch-mixing f raises ValueError).
     - dense layer, J_b = diag(act'(u_b)) W: spectral by power iteration on J_b^T J_b (the fused
       deqkern.lipschitz.power_iteration), radius exactly by torch.linalg.eigvals(J_b) in float64.
     - generic f: spectral by power iteration with Jacobian-vector products by autograd (batched over samples);
@@ -193,9 +194,7 @@ def jacobian_norm(
     validation.check_positive(what, "tol", tol)
     check_policy(what, on_nonconvergence)
     dense = is_dense_layer(layer_or_f) or isinstance(layer_or_f, torch.Tensor)
-    if not dense and not callable(layer_or_f):
-        raise TypeError(f"deqkern.{what}: expected a DEQLinear, a weight tensor or a callable f(z, x), got "
-                        f"{type(layer_or_f).__name__}")
+    f = None if dense else layer_map(what, layer_or_f)
     if not dense and activation is not None:
         raise ValueError(f"deqkern.{what}: activation=... is only for a weight tensor W, not for a callable f")
     validation.check_finite(what, z=z, x=x)
@@ -222,10 +221,10 @@ def jacobian_norm(
                         "iteration on J itself is not reliable (complex dominant eigenvalues, nilpotent J), so "
                         "none is attempted: use kind='spectral' (an upper bound of the radius) or a DEQLinear"
                     )
-                J = _generic_per_sample_jacobian(layer_or_f, z, x, what).detach()
+                J = _generic_per_sample_jacobian(f, z, x, what).detach()
                 _check_finite_result(what, J, "the Jacobian of f at z")
                 return torch.linalg.eigvals(J.double()).abs().amax(dim=-1).to(z.dtype)
-            value, converged = _generic_spectral(layer_or_f, z, x, n_iter, tol, what)
+            value, converged = _generic_spectral(f, z, x, n_iter, tol, what)
     _check_finite_result(what, value, "the power iteration")  # under every policy: a NaN norm is no bound
     enforce_convergence(what, converged, value, on_nonconvergence, tol=tol, max_iter=n_iter,
                         quantity="singular value estimate", advice=_ADVICE, warning=NonConvergenceWarning,

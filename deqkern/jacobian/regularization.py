@@ -5,9 +5,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ..activations import get_activation
 from ..core import validation
-from ._layers import check_z, dense_parts
+from ..dense_layer import dense_jacobian_penalty
+from ._layers import check_z, dense_parts, layer_map
 
 PROBES = ("rademacher", "gaussian")
 
@@ -32,7 +32,8 @@ def jacobian_reg(
 ) -> torch.Tensor:
     """Hutchinson estimate of ||J||_F^2 / z.numel(), J = d f(z, x) / d z at the given z (Bai et al. 2021).
 
-    f: callable (z, x) -> tensor of z's shape; z: (B, ...). Returns a 0-dim tensor, differentiable (the
+    f: callable (z, x) -> tensor of z's shape, or a layer with a map `f(z, x)` (a deqkern dense layer, an
+    nn.DEQ), whose map is then used; z: (B, ...). Returns a 0-dim tensor, differentiable (the
     vector-Jacobian products are taken with create_graph=True), so it can be added to a training loss:
     its gradient reaches f's parameters, x, and z itself when z requires grad (a DEQ output: then it
     flows on through the implicit backward). Pass z.detach() to hold the fixed point constant, as Bai et al.'s
@@ -49,8 +50,7 @@ def jacobian_reg(
     No host synchronisation and no NaN check (it runs in the training loop): NaN in z gives a NaN penalty.
     """
     what = "jacobian_reg"
-    if not callable(f):
-        raise TypeError(f"deqkern.{what}: f must be callable (z, x) -> tensor, got {type(f).__name__}")
+    f = layer_map(what, f)
     check_z(what, z)
     validation.check_int(what, "n_samples", n_samples, 1)
     validation.check_choice(what, "probe", probe, PROBES)
@@ -78,13 +78,12 @@ def dense_jacobian_frobenius_sq(layer_or_W, z: torch.Tensor, c=None, activation:
     """Exact ||J||_F^2 / z.numel() of the dense layer f(z) = act(z W^T + c): the expectation of jacobian_reg.
 
     J_b = diag(act'(u_b)) W with u = z W^T + c, so ||J||_F^2 = sum_b sum_i act'(u_bi)^2 ||W_i||^2 (W_i: row i).
-    Call it as (layer, z, x) with a DEQLinear (then c = layer.injection(x)) or as (W, z, c, activation) with
+    Call it as (layer, z, x) with a deqkern dense layer (then W = layer.weight, c = layer.injection_values(x): a
+    PositiveConcaveDEQ's positive injection, not its raw linear map) or as (W, z, c, activation) with
     W (d, d), c (B, d) or None (no injection). z: (B, d). Differentiable in W, c (or the layer's parameters and
     x) and z. Returns a 0-dim tensor.
     """
     what = "dense_jacobian_frobenius_sq"
     check_z(what, z)
     W, c, activation, _ = dense_parts(what, layer_or_W, z, c, activation)
-    u = z @ W.T if c is None else z @ W.T + c
-    s = get_activation(activation).derivative(u)
-    return (s.pow(2) * W.pow(2).sum(dim=1)).sum() / z.numel()
+    return dense_jacobian_penalty(W, z, torch.zeros_like(z) if c is None else c, activation)

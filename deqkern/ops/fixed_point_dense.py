@@ -5,6 +5,7 @@ csrc/fixed_point_dense/fixed_point_dense.cpp): fake kernels, backends, autograd 
 per solve); method="anderson" runs the fixed_point_dense_anderson ops instead (fixed_point_dense_anderson.py) under
 the same autograd function.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -14,11 +15,13 @@ from ..core import validation
 from ..core.autograd import single_backward
 from ..core.backends import kernel, register_kernel_backends, resolve_backend
 from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M
+from ..core.errors import SkippedGradientWarning
 from ..core.info import SolverInfo
 from ..core.policy import check_policy, enforce_convergence
 from ..reference import fixed_point_dense_backward_ref, fixed_point_dense_ref
 
 METHODS = ("picard", "anderson")
+BACKWARD_OVERFLOW_POLICIES = ("raise", "skip")
 _ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a contractive layer"
 
 
@@ -105,12 +108,14 @@ def _check_method_options(what, method, alpha, m, beta, lam):
 class _FixedPointDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, c, z0, activation, alpha, tol, max_iter, backend, bwd_tol, bwd_max_iter, policy, info,
-                solver):
+                solver, jacobian_penalty, on_backward_overflow):
         method, m, beta, lam = solver
         forward_op, _ = _solve_fns(backend, method, alpha, m, beta, lam)
         z, iterations, residual, converged = forward_op(W, c, z0, activation, tol, max_iter)
         ctx.save_for_backward(W, c, z)
         ctx.options = (activation, alpha, backend, bwd_tol, bwd_max_iter, policy, info, solver)
+        ctx.jacobian_penalty = jacobian_penalty
+        ctx.skip_overflow = on_backward_overflow == "skip"
         ctx.mark_non_differentiable(iterations, residual, converged)
         return z, iterations, residual, converged
 
@@ -124,11 +129,47 @@ class _FixedPointDense(torch.autograd.Function):
         backward_info = SolverInfo(iterations, residual, converged)
         if info is not None and not torch.compiler.is_compiling():
             info.backward = backward_info
+        if ctx.skip_overflow and not torch.compiler.is_compiling() and not bool(
+                torch.isfinite(residual).all() & torch.isfinite(grad_u).all()):
+            backward_info.gradient_skipped = True
+            warnings.warn("deqkern.fixed_point_dense backward: the adjoint is not finite (an overflow, or NaN/Inf in "
+                          "the incoming gradient); on_backward_overflow='skip' gave this solve zero gradients: skip "
+                          "the optimiser step for this batch", SkippedGradientWarning, stacklevel=2)
+            zero_W = torch.zeros_like(W) if ctx.needs_input_grad[0] else None
+            zero_c = torch.zeros_like(c) if ctx.needs_input_grad[1] else None
+            return zero_W, zero_c, *([None] * 13)
         enforce_convergence("fixed_point_dense backward", converged, residual, policy, tol=tol, max_iter=max_iter,
                             inputs={"grad_z": grad_z}, advice=_ADVICE)
-        grad_W = grad_u.T @ z if ctx.needs_input_grad[0] else None
+        row_term = None
+        if ctx.jacobian_penalty:
+            grad_u_penalty, row_term, value = _jacobian_penalty_gradient(W, c, z, activation, ctx.jacobian_penalty)
+            grad_u = grad_u + grad_u_penalty
+            if info is not None and not torch.compiler.is_compiling():
+                info.jacobian_penalty = value
+        grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_W = grad_u.T @ z
+            if row_term is not None:
+                grad_W.addcmul_(row_term[:, None], W)
         grad_c = grad_u if ctx.needs_input_grad[1] else None
-        return grad_W, grad_c, None, None, None, None, None, None, None, None, None, None, None
+        return grad_W, grad_c, *([None] * 13)
+
+
+def _jacobian_penalty_gradient(W, c, z, activation, weight):
+    """The gradient of weight * P, P = ||J||_F^2 / N = sum_b sum_i act'(u_bi)^2 ||W_i||^2 / N at the fixed point z
+    (held constant, as in Bai et al.'s code), u = z W^T + c, N = z.numel(), J_b = diag(act'(u_b)) W, written out so
+    that it joins the implicit backward's own products: dP/du = 2 act' act'' ||W_i||^2 / N (added to the adjoint's
+    grad_u, so dP/dc comes with it and dP/dW's (dP/du)^T z shares the one product grad_u^T z), plus
+    dP/dW_i = (2 / N) sum_b act'(u_bi)^2 W_i. Returns (weight dP/du, weight (2 / N) sum_b act'^2 (d,), P detached).
+    Costs one product z W^T and a few elementwise passes (in place where they can be)."""
+    s, s1 = get_activation(activation).derivatives(torch.addmm(c, z, W.T))
+    r = torch.linalg.vector_norm(W, dim=1)
+    r.mul_(r)
+    scale = 2.0 * weight / z.numel()
+    column = torch.linalg.vector_norm(s, dim=0)
+    column.mul_(column)  # sum_b act'(u_bi)^2
+    value = torch.dot(column, r).detach() / z.numel()
+    return s1.mul_(s).mul_(r.mul_(scale)), column.mul_(scale), value
 
 
 def fixed_point_dense(
@@ -147,6 +188,8 @@ def fixed_point_dense(
     m: int = ANDERSON_DEFAULT_M,
     beta: float = ANDERSON_DEFAULT_BETA,
     lam: float = ANDERSON_DEFAULT_LAM,
+    jacobian_penalty: float = 0.0,
+    on_backward_overflow: str = "raise",
 ):
     """Fixed point z* = act(z* W^T + c) of a dense implicit layer, solved by one fused kernel per solve.
 
@@ -164,6 +207,17 @@ def fixed_point_dense(
     on_nonconvergence: "warn" (NonConvergenceWarning), "raise" (NonConvergenceError) or "ignore" (no host
     synchronisation and no checks at all: read `info`). Unless "ignore", NaN/Inf in the inputs raise ValueError
     and an overflowing iteration raises FloatingPointError, in the forward and the backward solve.
+
+    jacobian_penalty: a weight w >= 0 (default 0: none). The backward then also adds the gradient (in W and c) of
+    w ||J||_F^2 / z.numel(), the exact Jacobian penalty of the layer at z* (J_b = diag(act'(u_b)) W; z* held
+    constant, as Bai, Koltun and Kolter's Jacobian regularisation does): one extra product and a few elementwise
+    passes in the backward, no double backward. The loss value is unchanged; the penalty itself is reported as
+    `info.jacobian_penalty` once the backward has run.
+
+    on_backward_overflow: "raise" (default: a non-finite adjoint raises FloatingPointError, or ValueError naming a
+    non-finite incoming gradient) or "skip": the solve's gradients to W and c are zeros instead, with a
+    SkippedGradientWarning and `info.backward.gradient_skipped` set, so that a training loop can skip the batch
+    (check it before the optimiser step) rather than die or step on NaN (costs one host synchronisation).
     Returns (z, SolverInfo).
     """
     what = "fixed_point_dense"
@@ -176,6 +230,8 @@ def fixed_point_dense(
     _check_method_options(what, method, alpha, m, beta, lam)
     solver = (method, int(m), float(beta), float(lam))
     check_policy(what, on_nonconvergence)
+    validation.check_nonnegative(what, "jacobian_penalty", jacobian_penalty)
+    validation.check_choice(what, "on_backward_overflow", on_backward_overflow, BACKWARD_OVERFLOW_POLICIES)
     backend = resolve_backend(backend, W.device, what)
 
     z0 = torch.zeros_like(c) if z0 is None else z0.detach()
@@ -183,7 +239,7 @@ def fixed_point_dense(
     if torch.is_grad_enabled() and (W.requires_grad or c.requires_grad):
         z, iterations, residual, converged = _FixedPointDense.apply(
             W, c, z0, activation, float(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
-            int(bwd_max_iter), on_nonconvergence, info, solver,
+            int(bwd_max_iter), on_nonconvergence, info, solver, float(jacobian_penalty), on_backward_overflow,
         )
     else:  # no autograd node to build: call the op directly
         forward_op, _ = _solve_fns(backend, method, float(alpha), *solver[1:])
