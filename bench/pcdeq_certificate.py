@@ -76,6 +76,31 @@ def main(argv=None):
     writers.write_markdown(out / "pcdeq_certificate.md", "PositiveConcaveDEQ certificate during training (not a "
                            "timing)", prov.lines, [table])
     writers.write_csv(out / "pcdeq_certificate.csv", prov.lines, COLUMNS, rows)
+    plot(out / "pcdeq_certificate.png", rows, prov)
+
+
+def plot(path, rows, prov):
+    """Observed iterations, the proven bound and the theorem's bound against the training step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, activation in zip(axes, ("tanh", "sigmoid")):
+        mine = [r for r in rows if r["activation"] == activation]
+        steps = [r["step"] for r in mine]
+        for key, label in (("observed_median", "observed (median)"), ("proven_bound_median", "proven bound"),
+                           ("theorem_bound_median", "bound from the theorem's rate alone")):
+            ax.plot(steps, [r[key] for r in mine], marker="o", label=label)
+        ax.set(xlabel="training step", title=f"PositiveConcaveDEQ(64, 64), {activation}", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("forward iterations (tol 1e-4)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"pcDEQ certificate during training on digits\n{prov.device_name}, {prov.date_utc} UTC", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: `python -m deqkern demo [options]` (or the `deqkern` console script)."""
+"""Command line: `python -m deqkern demo|reproduce|info [options]` (or the `deqkern` console script)."""
 import argparse
 import sys
 
@@ -6,13 +6,18 @@ import sys
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="deqkern", description="deqkern command line")
-    parser.add_argument("command", choices=["demo", "info"], help="demo: train a DEQ on sklearn digits; "
-                        "info: what is built and available")
+    parser.add_argument("command", choices=["demo", "reproduce", "info"],
+                        help="demo: train a DEQ on sklearn digits; reproduce CLAIM|all: the papers' claims as "
+                        "commands; info: what is built and available")
     known, rest = parser.parse_known_args(argv[:1])
     if known.command == "demo":
         from .demo import run
 
         run(argv[1:])
+    elif known.command == "reproduce":
+        from .reproduce import main as reproduce
+
+        reproduce(argv[1:])  # a claim that does not hold is a finding, printed and written, not an error
     else:
         import torch
 
