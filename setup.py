@@ -86,8 +86,8 @@ def main():
         install_requires=["torch>=2.11"],
         extras_require={
             "triton": ["triton>=3.6"],
-            "demo": ["scikit-learn", "tqdm"],
-            "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "numpy"],
+            "demo": ["scikit-learn", "tqdm", "matplotlib"],
+            "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "numpy", "matplotlib", "hypothesis"],
             "bench": ["torchdeq==0.1.0", "pytest-benchmark", "numpy"],
         },
         entry_points={"console_scripts": ["deqkern=deqkern.__main__:main"]},

@@ -8,7 +8,20 @@ from deqkern.__main__ import main  # noqa: E402
 from deqkern.demo import run  # noqa: E402
 
 
-def test_demo_trains_a_classifier(capsys):
+def test_demo_compares_the_layer_families(capsys, tmp_path):
+    results = run(["--epochs", "2", "--train-limit", "512", "--hidden", "32", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "certificate" in out and len(results) == 6
+    for r in results:
+        assert r["test_accuracy"] > 0.5, r  # 10 classes: chance is 0.1
+        assert 1 <= r["forward_iterations"] <= 100 and 1 <= r["backward_iterations"] <= 100
+    certified = {r["family"]: r["certificate"] for r in results}
+    assert "proven" in certified["LipschitzDEQ"] and "mu_inf" in certified["LinfContractiveDEQ"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+def test_demo_trains_a_classifier_per_backend(capsys):
     results = run(["--epochs", "2", "--train-limit", "512", "--no-progress", "--backends", "cpu", "reference"])
     out = capsys.readouterr().out
     assert "test acc" in out and len(results) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 CLAIMS = {
     "pcdeq": "pcdeq",
     "jacobian-reg": "jacobian_reg",
+    "gd-convergence": "gd_convergence",
     "linf-contractive": "linf_contractive",
     "lipschitz": "lipschitz",
 }
@@ -29,7 +30,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m deqkern reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("claim", choices=[*CLAIMS, "all"])
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the .md, .csv and .png (default ./{DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"folder for the .md, .csv and .png (default ./{DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer epochs (seconds, for tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")

@@ -102,6 +102,13 @@ def train_classifier(model: nn.Module, deq_layer: Optional[nn.Module], train, te
     return stats
 
 
+def seconds_per_epoch(stats: List[EpochStats]) -> float:
+    """The mean over the epochs after the first (which includes one-off warm-up: allocation, caches), or the first
+    when there is only one."""
+    later = stats[1:] or stats
+    return sum(s.seconds for s in later) / len(later)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data) -> float:
     model.eval()

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..jacobian import jacobian_norm
 from ..nn import DEQLinear
-from .common import ClaimResult, digits, print_table, provenance, train_classifier, write_claim
+from .common import (ClaimResult, digits, print_table, provenance, seconds_per_epoch, train_classifier,
+                     write_claim)
 
 NAME = "jacobian-reg"
 RATES = (3e-3, 2e-2)
@@ -60,7 +61,7 @@ def run(out, quick=False, show_progress=True, command=()):
                              forward_iterations_last_epoch=last.forward_iterations,
                              backward_iterations_last_epoch=last.backward_iterations,
                              unconverged_batches_last_epoch=curves[name][1][-1],
-                             seconds_per_epoch=sum(s.seconds for s in stats) / epochs, spectral_radius=radius))
+                             seconds_per_epoch=seconds_per_epoch(stats), spectral_radius=radius))
             print(f"  {name}: accuracy {last.test_accuracy:.3f}, forward iterations {last.forward_iterations:.1f}, "
                   f"radius {radius:.3f}", flush=True)
     columns = list(rows[0])

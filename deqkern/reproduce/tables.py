@@ -6,11 +6,11 @@ from typing import Dict, Iterable, List, Sequence
 
 
 def fmt(value, digits: int = 3) -> str:
-    """A table cell: None is empty, a float has `digits` significant digits (no exponent from 1e4 up)."""
+    """A table cell: None is empty, a float has `digits` significant digits (no exponent from 1e4 to 1e12)."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.{digits}g}" if not 1e4 <= abs(value) < 1e12 else f"{value:.0f}"
     return str(value)
 
 
