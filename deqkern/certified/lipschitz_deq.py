@@ -163,7 +163,14 @@ class LipschitzDEQ(CertifiedDEQ):
                 if converged and not update:
                     self._converged_cache = (weakref.ref(V), weakref.ref(self.power_u), key, u)
             # the proof is always made for the V at hand (never cached: it must hold for this very matrix)
-            bound = spectral_norm_upper_bound(V, torch.linalg.vector_norm(V.detach().double() @ u.double()))
+            # V is square: its Gram V^T V lives in u's space; the proof's Lanczos Ritz vector, when its Rayleigh
+            # quotient is the larger, replaces u (a sharper gradient direction and warm start)
+            estimate = torch.linalg.vector_norm(V.detach().double() @ u.double())
+            bound = spectral_norm_upper_bound(V, estimate, start=u)
+            if bound.vector is not None:
+                ritz = bound.vector.to(V.dtype)
+                better = torch.linalg.vector_norm(V.detach() @ ritz) > torch.linalg.vector_norm(V.detach() @ u)
+                u = torch.where(better, ritz, u)
             if update:
                 self.power_u.copy_(u)
         return torch.linalg.vector_norm(V @ u), bound
