@@ -73,9 +73,11 @@ def package_version(name: str) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with -dirty when tracked files differ from it (untracked files do not count)."""
+    """Short hash of HEAD, with -dirty when tracked files differ from it (untracked files, and the results files
+    under bench/results/ that runs rewrite, do not count)."""
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                      ":(exclude)bench/results") else "")
 
 
 def _git(*cmd) -> str:

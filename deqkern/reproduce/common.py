@@ -143,7 +143,9 @@ def _git_commit() -> str:
         run = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True,  # noqa: E731
                                           timeout=20).stdout.strip()
         commit = run("rev-parse", "--short", "HEAD")
-        return (commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+        # -dirty: tracked files differ from HEAD (the results files under bench/results/ that runs rewrite aside)
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+        return (commit + ("-dirty" if dirty else "")) or "unknown"
     except Exception:
         return "unknown (not a git checkout)"
 
