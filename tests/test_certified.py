@@ -615,3 +615,30 @@ def test_anderson_refused_where_the_guarantee_does_not_allow_it():
         LipschitzDEQ(3, 4, method="broyden")
     with pytest.raises(ValueError, match="diagonal_floor must be"):
         LinfContractiveDEQ(3, 4, mu=-0.5, diagonal_floor=0.2)
+
+
+def test_linf_bounds_gradcheck():
+    """The differentiable certificate figures (a training penalty) against finite differences."""
+    from torch.func import functional_call
+
+    torch.manual_seed(35)
+    layer = LinfContractiveDEQ(3, 5, mu=0.3, activation="tanh", weighted=True, diagonal_floor=2.0, dtype=F64)
+    with torch.no_grad():  # away from ties (equal weights: max and min have no derivative there)
+        layer.log_eta.normal_(0, 0.3)
+        layer.weight_raw.mul_(3)
+    readout = torch.randn(2, 5, dtype=F64)
+
+    class Figures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, readout):
+            b = self.layer.bounds(readout)
+            return b.contraction_factor, b.input_lipschitz_bound, b.output_lipschitz_bound
+
+    names = ["layer.weight_raw", "layer.log_eta", "layer.injection.weight"]
+    module = Figures()
+    params = tuple(dict(module.named_parameters())[n].detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(lambda *p: functional_call(module, dict(zip(names, p)), (readout,)), params,
+                                    eps=1e-7, atol=1e-6, rtol=1e-5)

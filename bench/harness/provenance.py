@@ -13,6 +13,7 @@ from typing import List
 import torch
 
 import deqkern
+from deqkern.reproduce.common import cpu_name
 
 from . import timing
 
@@ -55,13 +56,7 @@ def end_line() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or "unknown CPU"
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({os.cpu_count()} logical CPUs)"
+    return cpu_name()
 
 
 def package_version(name: str) -> str:

@@ -118,18 +118,23 @@ def accuracy(model: nn.Module, data) -> float:
     return value
 
 
-def provenance(command: Sequence[str]) -> List[str]:
-    """The header lines of a results file: device, date, commit, versions, threads, command."""
+def cpu_name() -> str:
+    """The CPU's model name and logical CPU count (the benchmarks' headers use it too)."""
     name = platform.processor() or "unknown CPU"
     try:
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def provenance(command: Sequence[str]) -> List[str]:
+    """The header lines of a results file: device, date, commit, versions, threads, command."""
     from .. import __version__
 
     return [
-        f"device: {name} ({os.cpu_count()} logical CPUs), torch.get_num_threads() = {torch.get_num_threads()}",
+        f"device: {cpu_name()}, torch.get_num_threads() = {torch.get_num_threads()}",
         f"date (UTC): {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S')}",
         f"git commit: {_git_commit()}",
         f"versions: torch {torch.__version__}, deqkern {__version__}, python {platform.python_version()}",
@@ -172,6 +177,16 @@ def write_claim(out: Path, result: ClaimResult, title: str, header: List[str], n
     plot(png)
     result.files = [md, csv_path, png]
     return result
+
+
+def finish_figure(fig, path: Path, title: str) -> None:
+    """Title, layout, write (110 dpi) and close: the end of every claim's plot."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[dict]) -> None:

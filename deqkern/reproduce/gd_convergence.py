@@ -23,7 +23,7 @@ import torch
 
 from ..core.errors import NonConvergenceWarning
 from ..nn import DEQLinear
-from .common import ClaimResult, digits, print_table, progress, provenance, write_claim
+from .common import ClaimResult, digits, finish_figure, print_table, progress, provenance, write_claim
 
 NAME = "gd-convergence"
 WIDTHS = (64, 256, 1024)
@@ -124,9 +124,7 @@ def run(out, quick=False, show_progress=True, command=()):
         ax.set(xlabel="gradient descent step", ylabel="training loss (log)",
                title="full-batch GD on a wide DEQ: linear rate with tanh, floor with identity")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        finish_figure(fig, path, "")
 
     return write_claim(out, result, "Gradient descent on wide DEQs: linear convergence", header, [__doc__.strip()],
                        plot)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..jacobian import jacobian_norm
 from ..nn import DEQLinear
-from .common import (ClaimResult, digits, print_table, provenance, seconds_per_epoch, train_classifier,
+from .common import (ClaimResult, digits, finish_figure, print_table, provenance, seconds_per_epoch, train_classifier,
                      write_claim)
 
 NAME = "jacobian-reg"
@@ -98,10 +98,7 @@ def run(out, quick=False, show_progress=True, command=()):
         axes[1].set(xlabel="epoch", ylabel="backward iterations per batch", title="implicit backward")
         axes[2].set(xlabel="epoch", ylabel="test accuracy", title="accuracy")
         axes[0].legend(fontsize=7)
-        fig.suptitle("Jacobian regularisation (Bai et al. 2021) with deqkern's jac_reg=")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        finish_figure(fig, path, "Jacobian regularisation (Bai et al. 2021) with deqkern's jac_reg=")
 
     return write_claim(out, result, "Jacobian regularisation: iterations, stability, cost", header,
                        [__doc__.strip()], plot)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..certified import LinfContractiveDEQ
 from ..lipschitz import one_sided_linf
-from .common import ClaimResult, accuracy, digits, print_table, provenance, train_classifier, write_claim
+from .common import ClaimResult, accuracy, digits, finish_figure, print_table, provenance, train_classifier, write_claim
 
 NAME = "linf-contractive"
 EPS = 0.02
@@ -143,10 +143,7 @@ def run(out, quick=False, show_progress=True, command=()):
         axes[1].set_xticks([k + 0.2 for k in range(3)], ["clean", f"PGD eps {EPS}", f"certified eps {EPS}"])
         axes[1].set(ylabel="test accuracy", title="robustness")
         axes[1].legend(fontsize=8)
-        fig.suptitle("l-infinity contractive DEQ (Jafarpour et al. 2021) with deqkern")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        finish_figure(fig, path, "l-infinity contractive DEQ (Jafarpour et al. 2021) with deqkern")
 
     return write_claim(out, result, "l-infinity contractive DEQ: certificates and certified robustness", header,
                        [__doc__.strip()], plot)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..certified import LipschitzConvDEQ, LipschitzDEQ
 from ..nn import DEQLinear
-from .common import (ClaimResult, digits, print_table, provenance, seconds_per_epoch, train_classifier,
+from .common import (ClaimResult, digits, finish_figure, print_table, provenance, seconds_per_epoch, train_classifier,
                      write_claim)
 
 NAME = "lipschitz"
@@ -112,10 +112,7 @@ def run(out, quick=False, show_progress=True, command=()):
         axes[1].barh(labels, [r["seconds_per_epoch"] for r in rows])
         axes[1].set(xlabel="seconds per epoch", title="training time")
         axes[1].set_yticks([])
-        fig.suptitle("Lipschitz-constrained DEQs (Sato and Iiduka) with deqkern")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        finish_figure(fig, path, "Lipschitz-constrained DEQs (Sato and Iiduka) with deqkern")
 
     return write_claim(out, result, "Lipschitz-constrained DEQs: iterations, bounds and speed", header,
                        [__doc__.strip()], plot)

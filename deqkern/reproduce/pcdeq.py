@@ -21,7 +21,7 @@ from ..certified import PositiveConcaveConvDEQ, PositiveConcaveDEQ
 from ..certified.positive_concave import _ACTIVATION_SUP
 from ..certified.positive_concave_rates import positive_concave_rates
 from ..nn import DEQLinear
-from .common import (ClaimResult, digits, print_table, provenance, seconds_per_epoch, train_classifier,
+from .common import (ClaimResult, digits, finish_figure, print_table, provenance, seconds_per_epoch, train_classifier,
                      write_claim)
 
 NAME = "pcdeq"
@@ -145,10 +145,7 @@ def run(out, quick=False, show_progress=True, command=()):
         axes[0].set(xlabel="epoch", ylabel="test accuracy", title="digits: accuracy")
         axes[1].set(xlabel="epoch", ylabel="forward iterations per batch", title="digits: solver iterations")
         axes[0].legend(fontsize=7)
-        fig.suptitle("pcDEQ (Gabor et al. 2024) with deqkern")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        finish_figure(fig, path, "pcDEQ (Gabor et al. 2024) with deqkern")
 
     return write_claim(out, result, "pcDEQ: unique fixed point, geometric convergence, accuracy", header,
                        [__doc__.strip()], plot)
