@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..activations import get_activation
+from ..activations import ACTIVATIONS, get_activation
+from ..core import validation
 from ..ops.fixed_point_dense import check_dense_inputs, fixed_point_dense
 from ._base import CertifiedDEQ
 from ._options import solver_options, without
@@ -23,22 +24,25 @@ _ACTIVATION_SUP = {"tanh": 1.0, "softsign": 1.0, "relu6": 6.0, "sigmoid": 1.0}
 _NONNEGATIVE_RANGE = ("relu6", "sigmoid")
 
 
-def _check_positive_concave_activation(activation):
-    get_activation(activation)
+def check_positive_concave_activation(what, activation):
+    """activation: one of POSITIVE_CONCAVE_ACTIVATIONS (an unknown name and a known but unsuitable one get their own
+    ValueError, naming `what`)."""
+    validation.check_choice(what, "activation", activation, tuple(ACTIVATIONS))
     if activation not in POSITIVE_CONCAVE_ACTIVATIONS:
         raise ValueError(
-            f"activation {activation!r} is not positive and concave on the positive orthant; a positive concave DEQ "
-            f"needs one of {POSITIVE_CONCAVE_ACTIVATIONS}"
+            f"deqkern.{what}: activation {activation!r} is not positive and concave on the positive orthant; a "
+            f"positive concave DEQ needs one of {POSITIVE_CONCAVE_ACTIVATIONS}"
         )
 
 
-def _check_injection_eps(injection_eps, activation) -> float:
+def check_injection_eps(what, injection_eps, activation) -> float:
     """The floor added to s(x): in [1e-12, 1] (the injection must be > 0), or in [0, 1] for sigmoid (>= 0 is enough
-    there). Not a rule of deqkern.core.validation: its bounds depend on the activation."""
+    there); a number, not a bool. Not a rule of deqkern.core.validation: its bounds depend on the activation."""
     min_eps = 0.0 if activation == "sigmoid" else 1e-12
-    if not isinstance(injection_eps, (int, float)) or not (injection_eps >= min_eps) or injection_eps > 1:
-        raise ValueError(f"injection_eps must be a number in [{min_eps:g}, 1] for activation {activation!r} "
-                         f"(the injection must be {'>= 0' if activation == 'sigmoid' else '> 0'}), "
+    if (isinstance(injection_eps, bool) or not isinstance(injection_eps, (int, float))
+            or not (injection_eps >= min_eps) or injection_eps > 1):
+        raise ValueError(f"deqkern.{what}: injection_eps must be a number in [{min_eps:g}, 1] for activation "
+                         f"{activation!r} (the injection must be {'>= 0' if activation == 'sigmoid' else '> 0'}), "
                          f"got {injection_eps!r}")
     return float(injection_eps)
 
@@ -81,7 +85,7 @@ def positive_concave_fixed_point(
     Checking the signs costs one host synchronisation. Returns (z, SolverInfo) as `deqkern.fixed_point_dense`
     (jacobian_penalty, on_backward_overflow: as there).
     """
-    _check_positive_concave_activation(activation)
+    check_positive_concave_activation("positive_concave_fixed_point", activation)
     check_dense_inputs("positive_concave_fixed_point", W, c, z0)
     checks = [(W >= 0).all()]
     checks.append((c >= 0).all() if activation == "sigmoid" else (c > 0).all())
@@ -144,6 +148,23 @@ class PositiveConcaveCertificate:
     measured_rate: Optional[torch.Tensor] = None
     forward_iterations: Optional[torch.Tensor] = None
 
+    @classmethod
+    def of(cls, activation: str, weight: torch.Tensor, injection_eps: float, guarantee: str):
+        """The input-free part, for a layer whose linear part has the nonnegative entries (or taps) `weight`."""
+        act = get_activation(activation).fn
+        rate = 1.0 - float(act(torch.tensor(injection_eps, dtype=torch.float64))) / _ACTIVATION_SUP[activation]
+        return cls(activation=activation, activation_class=_activation_class(activation),
+                   weight_nonnegative=bool(((weight >= 0) & torch.isfinite(weight)).all()),
+                   min_weight=float(weight.min()), injection_lower_bound=injection_eps, rate_bound=rate,
+                   guarantee=guarantee)
+
+    def add_sample_rates(self, linear, c: torch.Tensor, tol: float, max_iter: int) -> None:
+        """The per-sample fields for T(z) = act(linear(z) + c) (float64), from positive_concave_rates."""
+        rates = positive_concave_rates(linear, c.double(), self.activation, _ACTIVATION_SUP[self.activation], tol,
+                                       max_iter)
+        self.sample_rate_bound, self.tail_rate_bound, self.tail_rate_from_step = rates[:3]
+        self.forward_iterations_bound, self.measured_rate = rates.forward_iterations_bound, rates.measured_rate
+
 
 class PositiveConcaveDEQ(CertifiedDEQ):
     """Positive concave DEQ (pcDEQ): x (batch, in) -> z* (batch, hidden), z* = act(z* W^T + s(x)).
@@ -161,8 +182,8 @@ class PositiveConcaveDEQ(CertifiedDEQ):
                  injection_eps: float = 1e-3, init_row_sum: float = 0.5, method: str = "picard", m: int = 5,
                  beta: float = 1.0, jac_reg=None, on_backward_overflow: str = "raise",
                  device=None, dtype=None):
-        _check_positive_concave_activation(activation)
-        injection_eps = _check_injection_eps(injection_eps, activation)
+        check_positive_concave_activation("PositiveConcaveDEQ", activation)
+        injection_eps = check_injection_eps("PositiveConcaveDEQ", injection_eps, activation)
         if method == "anderson" and activation not in _NONNEGATIVE_RANGE:
             raise ValueError(
                 f"PositiveConcaveDEQ: method='anderson' needs an activation with a nonnegative range "
@@ -206,34 +227,16 @@ class PositiveConcaveDEQ(CertifiedDEQ):
     @torch.no_grad()
     def certificate(self, x: Optional[torch.Tensor] = None) -> PositiveConcaveCertificate:
         W = self.weight
-        act = get_activation(self.activation).fn
-        sup = _ACTIVATION_SUP[self.activation]
-        eps = torch.tensor(self.injection_eps, dtype=torch.float64)
-        rate = 1.0 - float(act(eps)) / sup
-        cert = PositiveConcaveCertificate(
-            activation=self.activation,
-            activation_class=_activation_class(self.activation),
-            weight_nonnegative=bool(((W >= 0) & torch.isfinite(W)).all()),
-            min_weight=float(W.min()),
-            injection_lower_bound=self.injection_eps,
-            rate_bound=rate,
-            guarantee=_positive_concave_guarantee(self.activation),
-        )
+        cert = PositiveConcaveCertificate.of(self.activation, W, self.injection_eps,
+                                             _positive_concave_guarantee(self.activation))
         if x is not None:
-            self._fill_sample_rates(cert, x)
+            c = self.injection_values(x)
+            W64 = W.double()
+            cert.add_sample_rates(lambda z: z @ W64.T, c, self.solver_options["tol"], self.solver_options["max_iter"])
+            options = dict(self.solver_options, on_nonconvergence="ignore")
+            _, info = fixed_point_dense(W, c, **without(options, "backward_tol", "backward_max_iter"))
+            cert.forward_iterations = info.iterations.cpu()
         return cert
-
-    def _fill_sample_rates(self, cert, x):
-        W = self.weight.double()
-        rates = positive_concave_rates(lambda z: z @ W.T, self.injection_values(x).double(), self.activation,
-                                       _ACTIVATION_SUP[self.activation], self.solver_options["tol"],
-                                       self.solver_options["max_iter"])
-        cert.sample_rate_bound, cert.tail_rate_bound, cert.tail_rate_from_step = rates[:3]
-        cert.forward_iterations_bound, cert.measured_rate = rates.forward_iterations_bound, rates.measured_rate
-        options = dict(self.solver_options, on_nonconvergence="ignore")
-        _, info = fixed_point_dense(self.weight, self.injection_values(x),
-                                    **without(options, "backward_tol", "backward_max_iter"))
-        cert.forward_iterations = info.iterations.cpu()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.injection.in_features}, hidden_features={self.weight_raw.shape[0]}, "

@@ -5,32 +5,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ...activations import ACTIVATIONS, get_activation
 from ...core import validation
 from ...solvers import solve
 from ..positive_concave import (
-    _ACTIVATION_SUP,
     _NONNEGATIVE_RANGE,
-    POSITIVE_CONCAVE_ACTIVATIONS,
     PositiveConcaveCertificate,
-    _activation_class,
+    check_injection_eps,
+    check_positive_concave_activation,
 )
-from ..positive_concave_rates import positive_concave_rates
 from ._base import _conv_map, _zero_state, _ConvDEQ
-
-
-def _check_positive_concave(what, activation, injection_eps):
-    validation.check_choice(what, "activation", activation, tuple(ACTIVATIONS))
-    if activation not in POSITIVE_CONCAVE_ACTIVATIONS:
-        raise ValueError(f"deqkern.{what}: activation {activation!r} is not positive and concave on the positive "
-                         f"orthant; a positive concave DEQ needs one of {POSITIVE_CONCAVE_ACTIVATIONS}")
-    min_eps = 0.0 if activation == "sigmoid" else 1e-12
-    if (isinstance(injection_eps, bool) or not isinstance(injection_eps, (int, float))
-            or not (injection_eps >= min_eps) or injection_eps > 1):
-        raise ValueError(f"deqkern.{what}: injection_eps must be a number in [{min_eps:g}, 1] for activation "
-                         f"{activation!r} (the injection must be {'>= 0' if activation == 'sigmoid' else '> 0'}), "
-                         f"got {injection_eps!r}")
-    return float(injection_eps)
 
 
 class PositiveConcaveConvDEQ(_ConvDEQ):
@@ -52,7 +35,8 @@ class PositiveConcaveConvDEQ(_ConvDEQ):
                  backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
                  injection_eps: float = 1e-3, init_row_sum: float = 0.5, device=None, dtype=None):
         what = "PositiveConcaveConvDEQ"
-        injection_eps = _check_positive_concave(what, activation, injection_eps)
+        check_positive_concave_activation(what, activation)
+        injection_eps = check_injection_eps(what, injection_eps, activation)
         super().__init__(in_channels, channels, kernel_size, activation, tol, max_iter, backend, on_nonconvergence,
                          backward_tol, backward_max_iter, device, dtype)
         self.injection_eps = injection_eps
@@ -97,30 +81,18 @@ class PositiveConcaveConvDEQ(_ConvDEQ):
         layer's (deqkern/certified/positive_concave_rates.py), with the convolution as the nonnegative linear
         part."""
         K = self.kernel
-        act = get_activation(self.activation).fn
-        sup = _ACTIVATION_SUP[self.activation]
-        rate = 1.0 - float(act(torch.tensor(self.injection_eps, dtype=torch.float64))) / sup
-        cert = PositiveConcaveCertificate(
-            activation=self.activation,
-            activation_class=_activation_class(self.activation),
-            weight_nonnegative=bool(((K >= 0) & torch.isfinite(K)).all()),
-            min_weight=float(K.min()),
-            injection_lower_bound=self.injection_eps,
-            rate_bound=rate,
+        cert = PositiveConcaveCertificate.of(
+            self.activation, K, self.injection_eps,
             guarantee=("K >= 0 makes the zero-padded convolution a nonnegative matrix; with a positive concave "
                        "activation and a positive injection z -> act(conv(z, K) + s) is a positive concave mapping "
                        "bounded by sup(act): unique fixed point in the nonnegative orthant, geometric convergence "
                        "of the plain iteration from 0 (monotonically increasing), for every K and every input "
-                       "shape; the implicit backward converges (spectral radius of the Jacobian <= the rate bound)"),
-        )
+                       "shape; the implicit backward converges (spectral radius of the Jacobian <= the rate bound)"))
         if x is not None:
             self._check_input(x)
             c = self.injection_values(x)
             Kd = K.double()
-            rates = positive_concave_rates(lambda z: F.conv2d(z, Kd, None, 1, self.padding), c.double(),
-                                           self.activation, sup, self.tol, self.max_iter)
-            cert.sample_rate_bound, cert.tail_rate_bound, cert.tail_rate_from_step = rates[:3]
-            cert.forward_iterations_bound, cert.measured_rate = rates.forward_iterations_bound, rates.measured_rate
+            cert.add_sample_rates(lambda z: F.conv2d(z, Kd, None, 1, self.padding), c, self.tol, self.max_iter)
             inputs = self._inputs(K, c)
             options = dict(self.deq.solver_options, on_nonconvergence="ignore")
             _, info = solve(lambda z: _conv_map(z, inputs), _zero_state(inputs), method="picard", **options)
