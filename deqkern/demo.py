@@ -45,22 +45,11 @@ class ConvCell(nn.Module):
         return torch.tanh(nn.functional.conv2d(z, K, padding=1) + self.injection(x.reshape(-1, 1, 8, 8)))
 
 
-class _Classifier(nn.Module):
-    def __init__(self, body, features, returns_info=False):
-        super().__init__()
-        self.body, self.head, self.returns_info = body, nn.Linear(features, 10), returns_info
-
-    def forward(self, x):
-        z = self.body(x)
-        if self.returns_info:
-            z, _ = z
-        return self.head(z.flatten(1))
-
-
 def families(hidden, tol, max_iter):
     """name -> (model, the layer whose last_info counts iterations, learning rate)."""
     from . import nn as dnn
     from .deq import DEQ
+    from .reproduce.common import DigitsClassifier
 
     common = dict(tol=tol, max_iter=max_iter, on_nonconvergence="ignore")
     layers = {
@@ -70,11 +59,11 @@ def families(hidden, tol, max_iter):
         "LinfContractiveDEQ": dnn.LinfContractiveDEQ(64, hidden, mu=0.5, diagonal_floor=1.0, **common),
         "LipschitzDEQ": dnn.LipschitzDEQ(64, hidden, gamma=0.9, **common),
     }
-    out = {name: (_Classifier(layer, hidden), layer, 1e-2 if "Concave" in name else 3e-3)
+    out = {name: (DigitsClassifier(layer, hidden), layer, 1e-2 if "Concave" in name else 3e-3)
            for name, layer in layers.items()}
     conv = DEQ(ConvCell(8), solver="anderson", solver_options=dict(tol=tol, max_iter=max_iter,
                                                                    on_nonconvergence="ignore"), z_shape=(8, 8, 8))
-    out["conv DEQ (nn.DEQ, Anderson)"] = (_Classifier(conv, 8 * 64, returns_info=True), conv, 3e-3)
+    out["conv DEQ (nn.DEQ, Anderson)"] = (DigitsClassifier(conv, 8 * 64), conv, 3e-3)
     return out
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from . import _extension
 from .nn import DEQLinear
+from .reproduce.common import DigitsClassifier
 
 
 def available_backends(device: torch.device):
@@ -20,22 +21,13 @@ def available_backends(device: torch.device):
     return backends + ["reference"]
 
 
-class DigitsClassifier(nn.Module):
-    def __init__(self, hidden, backend, dtype, device, tol, max_iter):
-        super().__init__()
-        self.deq = DEQLinear(64, hidden, activation="tanh", tol=tol, max_iter=max_iter, backend=backend,
-                             dtype=dtype, device=device)
-        self.head = nn.Linear(hidden, 10, dtype=dtype, device=device)
-
-    def forward(self, x):
-        return self.head(self.deq(x))
-
-
 def train_one_backend(backend, args, train, test, device, dtype):
     from tqdm import tqdm
 
     torch.manual_seed(args.seed)
-    model = DigitsClassifier(args.hidden, backend, dtype, device, args.tol, args.max_iter)
+    model = DigitsClassifier(DEQLinear(64, args.hidden, activation="tanh", tol=args.tol, max_iter=args.max_iter,
+                                       backend=backend, dtype=dtype, device=device), args.hidden, device=device,
+                             dtype=dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     x_train, y_train = train
     n_batches = (len(x_train) + args.batch_size - 1) // args.batch_size
@@ -54,9 +46,9 @@ def train_one_backend(backend, args, train, test, device, dtype):
             if args.max_weight_norm:
                 # Projected gradient: keep ||W||_2 below 1 / Lip(tanh) so every solve stays a contraction.
                 with torch.no_grad():
-                    W = model.deq.weight
+                    W = model.layer.weight
                     W.mul_((args.max_weight_norm / torch.linalg.matrix_norm(W, ord=2)).clamp(max=1.0))
-            info = model.deq.last_info
+            info = model.layer.last_info
             forward_iters.append(info.iterations.float().mean().item())
             backward_iters.append(info.backward.iterations.float().mean().item())
             bar.set_postfix(loss=f"{loss.item():.3f}", fwd_it=f"{forward_iters[-1]:.1f}",

@@ -2,14 +2,14 @@
 deqkern.lipschitz.spectral_norm_upper_bound): what lets a LipschitzDEQ keep ||W||_2 <= gamma / Lip(act) at every
 training step, not only once its power iteration has converged.
 
-A power iteration gives a lower bound sigma_est of ||W||_2 and nothing above it. The upper bound here is a
-proof: t >= lambda_max(W^T W) exactly when t I - W^T W is positive semidefinite, and a Cholesky factorisation
-that completes proves that (Rump 2006, "Verification of positive definiteness", with the rounding shift below).
-The estimate comes from a short Lanczos run on the Gram matrix (warm-started from the power iteration's vector
-when there is one), far sharper than a few power steps when the top singular values are close. Then
-t = (sigma_est (1 + delta))^2 is tried for a ladder of deltas, smallest first, and the first that factorises gives
-sigma_bar = sigma_est (1 + delta) >= ||W||_2. When the estimate is more than 1% low, the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS: always
-valid (lambda_max^k <= ||G^k||_F), at most rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular
+A power iteration gives a lower bound sigma_est of ||W||_2 and nothing above it. The upper bound here is a proof: t
+>= lambda_max(W^T W) exactly when t I - W^T W is positive semidefinite, and a Cholesky factorisation that completes
+proves that (Rump 2006, "Verification of positive definiteness", with the rounding shift below). The estimate comes
+from a short Lanczos run on the Gram matrix (warm-started from the power iteration's vector when there is one), far
+sharper than a few power steps when the top singular values are close. Then t = (sigma_est (1 + delta))^2 is tried
+for a ladder of deltas, smallest first, and the first that factorises gives sigma_bar = sigma_est (1 + delta) >=
+||W||_2. When the estimate is more than 1% low, the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS:
+always valid (lambda_max^k <= ||G^k||_F), at most rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular
 values; with a gap at the top it is far tighter: 1 + 1e-9 on 128 x 128 Gaussian matrices).
 """
 from typing import NamedTuple, Optional
@@ -61,9 +61,10 @@ def _squaring_bound(G: torch.Tensor) -> torch.Tensor:
 
 def _lanczos_top(G: torch.Tensor, start: torch.Tensor, steps: int):
     """(the largest Ritz value, its unit Ritz vector) of `steps` Lanczos steps on the symmetric G from `start` (full
-    reorthogonalisation, float64): an estimate of lambda_max(G) and of its eigenvector that a few dozen matrix-vector products make far closer than as many
-    power steps when the top eigenvalues are close (Chebyshev acceleration). Only an estimate: the proof is the
-    Cholesky factorisation that follows, which a wrong estimate cannot fool."""
+    reorthogonalisation, float64): an estimate of lambda_max(G) and of its eigenvector that a few dozen matrix-
+    vector products make far closer than as many power steps when the top eigenvalues are close (Chebyshev
+    acceleration). Only an estimate: the proof is the Cholesky factorisation that follows, which a wrong estimate
+    cannot fool."""
     n = G.shape[0]
     steps = max(1, min(steps, n))
     Q = G.new_zeros(steps, n)

@@ -73,23 +73,24 @@ def positive_concave_rates(linear: Callable[[torch.Tensor], torch.Tensor], c: to
     rate = (1.0 - _per_sample_min(t0 / z_upper)).clamp(0, 1)
     theorem = torch.tensor([geometric_steps_to_tol(q, 1.0 + tol * q, tol) if q < 1 else _NO_BOUND
                             for q in rate.tolist()], dtype=torch.int64)
-    tail, tail_rate, tail_step = _tail_bound(step, linear, derivative, c, z_upper, tol, max_iter)
+    tail, tail_rate, tail_step = _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter)
     bound = torch.minimum(theorem, tail)
     return PositiveConcaveRates(rate, tail_rate, tail_step, torch.where(bound == _NO_BOUND, -1, bound),
                                 _measured_rate(step, c, max_iter))
 
 
-def _tail_bound(step, linear, derivative, c, z_upper, tol, max_iter):
+def _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter):
     batch = c.shape[0]
     best = torch.full((batch,), _NO_BOUND, dtype=torch.int64)
     best_rate = torch.ones(batch, dtype=torch.float64)
     best_step = torch.zeros(batch, dtype=torch.int64)
     tiny = torch.finfo(c.dtype).tiny
     z = torch.zeros_like(c)
-    z_first = step(z)
+    z_first = act(c)  # z_1 = T(0)
     for j in range(min(max(TAIL_STEPS), max_iter) + 1):
+        u = linear(z) + c  # the iterate's pre-activation: J_j's diagonal, and the next iterate act(u)
         if j in TAIL_STEPS:
-            s = derivative(linear(z) + c)
+            s = derivative(u)
             v = z_upper.clone()  # a positive start; power iteration on the nonnegative J_j
             for _ in range(PERRON_STEPS):
                 v = s * linear(v)
@@ -110,7 +111,7 @@ def _tail_bound(step, linear, derivative, c, z_upper, tol, max_iter):
                     continue
                 if k < best[b]:
                     best[b], best_rate[b], best_step[b] = k, qb, j
-        z = step(z)
+        z = act(u)
     return best, best_rate, best_step
 
 

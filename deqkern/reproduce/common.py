@@ -53,6 +53,22 @@ def progress(iterable, description: str, enabled: bool = True):
     return tqdm(iterable, desc=description, leave=False, disable=None)
 
 
+class DigitsClassifier(nn.Module):
+    """A layer, then a linear head to the 10 digit classes: x (batch, 64) -> logits. image=True feeds the layer the
+    digit as a (batch, 1, 8, 8) image; a layer that returns (z, info) (an nn.DEQ) has its z taken; z is flattened
+    into the head's `features`."""
+
+    def __init__(self, layer: nn.Module, features: int, image: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.layer, self.head, self.image = layer, nn.Linear(features, 10, device=device, dtype=dtype), image
+
+    def forward(self, x):
+        z = self.layer(x.reshape(-1, 1, 8, 8) if self.image else x)
+        if isinstance(z, tuple):
+            z = z[0]
+        return self.head(z.flatten(1))
+
+
 @dataclass
 class EpochStats:
     epoch: int

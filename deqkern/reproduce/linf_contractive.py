@@ -17,25 +17,22 @@ from torch import nn
 
 from ..certified import LinfContractiveDEQ
 from ..lipschitz import one_sided_linf
-from .common import ClaimResult, accuracy, digits, finish_figure, print_table, provenance, train_classifier, write_claim
+from .common import (ClaimResult, DigitsClassifier, accuracy, digits, finish_figure, print_table, provenance,
+                     train_classifier, write_claim)
 
 NAME = "linf-contractive"
 EPS = 0.02
 PENALTY = 0.05
 
 
-class _Classifier(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.deq = LinfContractiveDEQ(64, width, mu=0.5, activation="relu", tol=1e-5, max_iter=300,
-                                      diagonal_floor=1.0)
-        self.head = nn.Linear(width, 10)
+def _classifier(width):
+    return DigitsClassifier(LinfContractiveDEQ(64, width, mu=0.5, activation="relu", tol=1e-5, max_iter=300,
+                                               diagonal_floor=1.0), width)
 
-    def forward(self, x):
-        return self.head(self.deq(x))
 
-    def lipschitz_bound(self):
-        return self.deq.bounds(self.head).output_lipschitz_bound
+def _lipschitz_bound(model):
+    """The certificate's bound on ||logits(u) - logits(u')||_inf / ||u - u'||_inf (with grad)."""
+    return model.layer.bounds(model.head).output_lipschitz_bound
 
 
 def _worst_contraction(layer, x, pairs=256):
@@ -83,7 +80,7 @@ def _certified_accuracy(model, data, eps):
     top2 = logits.topk(2, dim=1)
     margin = top2.values[:, 0] - top2.values[:, 1]
     correct = top2.indices[:, 0] == y
-    return (correct & (margin > 2 * eps * model.lipschitz_bound())).double().mean().item()
+    return (correct & (margin > 2 * eps * _lipschitz_bound(model))).double().mean().item()
 
 
 def run(out, quick=False, show_progress=True, command=()):
@@ -94,19 +91,19 @@ def run(out, quick=False, show_progress=True, command=()):
     for penalty in (0.0, PENALTY):
         name = f"penalty {penalty:g}" if penalty else "no penalty"
         torch.manual_seed(0)
-        model = _Classifier(width)
-        extra = (lambda model=model: PENALTY * model.lipschitz_bound()) if penalty else None
-        stats = train_classifier(model, model.deq, train, test, epochs, 3e-3, extra_loss=extra, description=name,
+        model = _classifier(width)
+        extra = (lambda model=model: PENALTY * _lipschitz_bound(model)) if penalty else None
+        stats = train_classifier(model, model.layer, train, test, epochs, 3e-3, extra_loss=extra, description=name,
                                  show_progress=show_progress)
         curves[name] = stats
         model.eval()
-        cert = model.deq.certificate()
-        A = model.deq.weight.detach().double()
+        cert = model.layer.certificate()
+        A = model.layer.weight.detach().double()
         with torch.no_grad():
-            bound = model.lipschitz_bound().item()
+            bound = _lipschitz_bound(model).item()
         # mu_inf of the float32 A the solve used (within float32 rounding of the float64 certificate's)
         rows.append(dict(run=name, mu=0.5, mu_inf=float(one_sided_linf(A)), certified_factor=cert.contraction_factor,
-                         worst_measured_contraction=_worst_contraction(model.deq, test[0]),
+                         worst_measured_contraction=_worst_contraction(model.layer, test[0]),
                          lipschitz_bound=bound, empirical_lipschitz=_empirical_lipschitz(model, test[0]),
                          clean_accuracy=accuracy(model, test), pgd_accuracy=_pgd_accuracy(model, test, EPS),
                          certified_accuracy=_certified_accuracy(model, test, EPS),

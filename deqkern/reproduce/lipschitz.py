@@ -11,25 +11,13 @@ Holds when, at both widths, the Lipschitz layers never exceed their certified it
 needs no more forward iterations than the unconstrained Picard DEQ.
 """
 import torch
-from torch import nn
 
 from ..certified import LipschitzConvDEQ, LipschitzDEQ
 from ..nn import DEQLinear
-from .common import (ClaimResult, digits, finish_figure, print_table, provenance, seconds_per_epoch, train_classifier,
-                     write_claim)
+from .common import (ClaimResult, DigitsClassifier, digits, finish_figure, print_table, provenance, seconds_per_epoch,
+                     train_classifier, write_claim)
 
 NAME = "lipschitz"
-
-
-class _Classifier(nn.Module):
-    def __init__(self, layer, width, image=False):
-        super().__init__()
-        self.layer, self.image = layer, image
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        z = self.layer(x.reshape(-1, 1, 8, 8) if self.image else x)
-        return self.head(z.flatten(1))
 
 
 def models(width):
@@ -53,7 +41,7 @@ def run(out, quick=False, show_progress=True, command=()):
             if image and width != widths[0]:
                 continue  # the conv layer's width is its channel count: run once
             torch.manual_seed(0)
-            model = _Classifier(layer, features, image)
+            model = DigitsClassifier(layer, features, image)
             largest = {"forward": 0, "backward": 0}
 
             def record(layer=layer, largest=largest):

@@ -21,8 +21,8 @@ from ..certified import PositiveConcaveConvDEQ, PositiveConcaveDEQ
 from ..certified.positive_concave import _ACTIVATION_SUP
 from ..certified.positive_concave_rates import positive_concave_rates
 from ..nn import DEQLinear
-from .common import (ClaimResult, digits, finish_figure, print_table, provenance, seconds_per_epoch, train_classifier,
-                     write_claim)
+from .common import (ClaimResult, DigitsClassifier, digits, finish_figure, print_table, provenance, seconds_per_epoch,
+                     train_classifier, write_claim)
 
 NAME = "pcdeq"
 NORMS = (0.5, 2.0, 10.0, 100.0)
@@ -60,26 +60,6 @@ def uniqueness(norm, d=32, batch=4, starts=32, seed=0):
                 iterations_bound_tol_1e4=int(rates.forward_iterations_bound.max()))
 
 
-class _Classifier(nn.Module):
-    def __init__(self, body, width):
-        super().__init__()
-        self.body, self.head = body, nn.Linear(width, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x).flatten(1))
-
-
-class _ConvBody(nn.Module):
-    """The 8x8 digit as a 1-channel image into a PositiveConcaveConvDEQ (8 channels)."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x.reshape(-1, 1, 8, 8))
-
-
 def models(width):
     """name -> (a function building the layer, learning rate): each is built after seeding, so its initial weights
     do not depend on what ran before."""
@@ -108,8 +88,8 @@ def run(out, quick=False, show_progress=True, command=()):
     for name, (build, lr) in models(width).items():
         torch.manual_seed(0)
         layer = build()
-        body = _ConvBody(layer) if isinstance(layer, PositiveConcaveConvDEQ) else layer
-        model = _Classifier(body, 8 * 64 if isinstance(layer, PositiveConcaveConvDEQ) else width)
+        image = isinstance(layer, PositiveConcaveConvDEQ)  # the digit as a 1-channel 8x8 image, 8 channels out
+        model = DigitsClassifier(layer, 8 * 64 if image else width, image=image)
         deq = layer if hasattr(layer, "last_info") else None
         stats = train_classifier(model, deq, train, test, epochs, lr, description=name, show_progress=show_progress)
         curves[name] = stats

@@ -25,5 +25,5 @@ from .linf_contractive import LinfContractiveConvDEQ, LinfConvCertificate
 from .lipschitz import KernelBound, LipschitzConvCertificate, LipschitzConvDEQ
 from .positive_concave import PositiveConcaveConvDEQ
 
-__all__ = ["KernelBound", "LinfContractiveConvDEQ", "LinfConvCertificate", "LipschitzConvCertificate", "LipschitzConvDEQ",
-           "PositiveConcaveConvDEQ"]
+__all__ = ["KernelBound", "LinfContractiveConvDEQ", "LinfConvCertificate", "LipschitzConvCertificate",
+           "LipschitzConvDEQ", "PositiveConcaveConvDEQ"]
