@@ -1,13 +1,10 @@
 """`python -m deqkern demo --backends ...`: the same DEQLinear classifier on the digits with each deqkern backend
 (CPU C++, CUDA, Triton, the PyTorch reference), side by side: the backends agree and how fast each is."""
-import time
-
 import torch
-from torch import nn
 
 from . import _extension
 from .nn import DEQLinear
-from .reproduce.common import DigitsClassifier
+from .reproduce.common import DigitsClassifier, seconds_per_epoch, train_classifier
 
 
 def available_backends(device: torch.device):
@@ -22,50 +19,27 @@ def available_backends(device: torch.device):
 
 
 def train_one_backend(backend, args, train, test, device, dtype):
-    from tqdm import tqdm
-
     torch.manual_seed(args.seed)
     model = DigitsClassifier(DEQLinear(64, args.hidden, activation="tanh", tol=args.tol, max_iter=args.max_iter,
                                        backend=backend, dtype=dtype, device=device), args.hidden, device=device,
                              dtype=dtype)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    x_train, y_train = train
-    n_batches = (len(x_train) + args.batch_size - 1) // args.batch_size
-    epoch_times, forward_iters, backward_iters = [], [], []
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + epoch))
-        bar = tqdm(range(n_batches), desc=f"{backend:>9} epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=True if args.no_progress else None)  # None: no bar when not a terminal
-        start = time.perf_counter()
-        for i in bar:
-            index = order[i * args.batch_size : (i + 1) * args.batch_size].to(device)
-            loss = nn.functional.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if args.max_weight_norm:
-                # Projected gradient: keep ||W||_2 below 1 / Lip(tanh) so every solve stays a contraction.
-                with torch.no_grad():
-                    W = model.layer.weight
-                    W.mul_((args.max_weight_norm / torch.linalg.matrix_norm(W, ord=2)).clamp(max=1.0))
-            info = model.layer.last_info
-            forward_iters.append(info.iterations.float().mean().item())
-            backward_iters.append(info.backward.iterations.float().mean().item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", fwd_it=f"{forward_iters[-1]:.1f}",
-                            bwd_it=f"{backward_iters[-1]:.1f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_times.append(time.perf_counter() - start)
-    with torch.no_grad():
-        x_test, y_test = test
-        accuracy = (model(x_test).argmax(1) == y_test).double().mean().item()
+
+    @torch.no_grad()
+    def project():
+        # Projected gradient: keep ||W||_2 below 1 / Lip(tanh) so every solve stays a contraction.
+        W = model.layer.weight
+        W.mul_((args.max_weight_norm / torch.linalg.matrix_norm(W, ord=2)).clamp(max=1.0))
+
+    stats = train_classifier(model, model.layer, train, test, args.epochs, args.lr, batch_size=args.batch_size,
+                             seed=args.seed, after_step=project if args.max_weight_norm else None,
+                             description=f"{backend:>9}", show_progress=not args.no_progress)
     return {
         "backend": backend,
-        "test_accuracy": accuracy,
-        "forward_iterations": sum(forward_iters) / len(forward_iters),
-        "backward_iterations": sum(backward_iters) / len(backward_iters),
-        # The first epoch includes one-off warm-up (kernel loading, caches): report the later ones when there are.
-        "seconds_per_epoch": sum(epoch_times[1:] or epoch_times) / len(epoch_times[1:] or epoch_times),
+        "test_accuracy": stats[-1].test_accuracy,
+        # every epoch has the same number of batches: the mean of the epochs' means is the mean over all batches
+        "forward_iterations": sum(s.forward_iterations for s in stats) / len(stats),
+        "backward_iterations": sum(s.backward_iterations for s in stats) / len(stats),
+        "seconds_per_epoch": seconds_per_epoch(stats),
     }
 
 

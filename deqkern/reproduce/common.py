@@ -111,6 +111,8 @@ def train_classifier(model: nn.Module, deq_layer: Optional[nn.Module], train, te
                 fwd.append(info.iterations.double().mean().item())
                 if info.backward is not None:
                     bwd.append(info.backward.iterations.double().mean().item())
+        if x_train.is_cuda:
+            torch.cuda.synchronize()  # the epoch's kernels have finished before it is timed
         seconds = time.perf_counter() - start
         stats.append(EpochStats(epoch + 1, sum(losses) / len(losses), accuracy(model, test),
                                 sum(fwd) / len(fwd) if fwd else float("nan"),
