@@ -9,7 +9,8 @@ extension's build log (--cuda-log; CI builds with NVCC_APPEND_FLAGS="-Xptxas -v"
 
 Fails (exit 1) when a kernel does not compile, needs more shared memory than an sm_90 block may have (232,448 bytes),
 spills more than 64 bytes of registers per thread in a float32 or half kernel (smaller spills, and float64 ones, are
-noted, not failed: see SPILL_BUDGET), or has a stack frame of 1 KB or more per thread. Writes compile_check_sm90.md
+noted, not failed: see SPILL_BUDGET), or has a stack frame of 1 KB or more per thread, or when a dense solve allowed TF32
+(torch.set_float32_matmul_precision("high")) has no tensor-core instruction in its PTX. Writes compile_check_sm90.md
 and .csv to --out (default bench/results).
 
 Run: python bench/compile_check.py [--cuda-log BUILD.log] [--sizes 1,16,...] [--kernels NAME,...] [--out DIR]
@@ -65,6 +66,7 @@ class Row:
     shared: Optional[int] = None
     warps: Optional[int] = None
     occupancy: Optional[float] = None
+    tensor_core_ops: Optional[int] = None  # mma / wgmma instructions in the PTX (Triton kernels)
     problem: str = ""
 
 
@@ -111,6 +113,7 @@ def compile_sm90(kernel, args, kwargs):
 
 
 PTXAS_USED = re.compile(r"Used (\d+) registers")
+TENSOR_CORE_OP = re.compile(r"^\s*(?:wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
 PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -146,7 +149,8 @@ def triton_rows(name, config, call) -> List[Row]:
         row = Row(name, label, "compiled", registers=int(used.group(1)) if used else None,
                   stack=int(spill.group(1)) if spill else None, spill_stores=int(spill.group(2)) if spill else None,
                   spill_loads=int(spill.group(3)) if spill else None, shared=int(compiled.metadata.shared),
-                  warps=int(compiled.metadata.num_warps))
+                  warps=int(compiled.metadata.num_warps),
+                  tensor_core_ops=len(TENSOR_CORE_OP.findall(compiled.asm.get("ptx", ""))))
         row.occupancy = occupancy(row.registers or 0, row.warps, row.shared)
         rows.append(row)
     return rows
@@ -157,23 +161,44 @@ def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def with_matmul_precision(precision, call):
+    """call() with torch.set_float32_matmul_precision(precision) in force (the launchers read it: TF32 or not)."""
+    def run():
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            return call()
+        finally:
+            torch.set_float32_matmul_precision(previous)
+    return run
+
+
+# The dense solves' data dtypes, each with PyTorch's float32 matmul precision: "highest" (exact products, the default)
+# or "high" (TF32 tensor cores); half data is solved in float32, so TF32 applies to it too.
+DENSE_VARIANTS = [(torch.float16, "highest"), (torch.bfloat16, "highest"), (torch.float32, "highest"),
+                  (torch.float64, "highest"), (torch.float32, "high"), (torch.bfloat16, "high")]
+
+
 def triton_cases(sizes):
     from deqkern.triton_kernels import anderson_step, fixed_point_dense, fixed_point_dense_anderson, power_iteration
 
     batch = 4
     for d in sizes:
-        for dtype in (torch.float32, torch.float64):
+        for dtype, precision in DENSE_VARIANTS:
             W, c = torch.zeros(d, d, dtype=dtype), torch.zeros(batch, d, dtype=dtype)
             for adjoint in (False, True):
                 direction = "adjoint" if adjoint else "forward"
-                config = f"d={d}, {dtype_name(dtype)}, {direction}"
+                tf32 = ", tf32" if precision != "highest" else ""
+                config = f"d={d}, {dtype_name(dtype)}{tf32}, {direction}"
                 grad_z = c if adjoint else None
-                yield ("fixed_point_dense", config,
-                       lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense.launch(W, c, c, g, "tanh", 1.0, 1e-4,
-                                                                                      10, adjoint=a))
-                yield ("fixed_point_dense_anderson", config,
-                       lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense_anderson.launch(
-                           W, c, c, g, "tanh", 5, 1.0, 1e-4, 1e-4, 10, adjoint=a))
+                yield ("fixed_point_dense", config, with_matmul_precision(
+                    precision, lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense.launch(
+                        W, c, c, g, "tanh", 1.0, 1e-4, 10, adjoint=a)))
+                yield ("fixed_point_dense_anderson", config, with_matmul_precision(
+                    precision, lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense_anderson.launch(
+                        W, c, c, g, "tanh", 5, 1.0, 1e-4, 1e-4, 10, adjoint=a)))
+        for dtype in (torch.float32, torch.float64):
+            W, c = torch.zeros(d, d, dtype=dtype), torch.zeros(batch, d, dtype=dtype)
             for mode in ("gram", "symmetric"):
                 yield ("power_iteration", f"d={d}, {dtype_name(dtype)}, {mode}",
                        lambda W=W, c=c, mode=mode: power_iteration.launch(W, None, c, mode, 0.0, 10, 1e-6))
@@ -242,6 +267,8 @@ def problems(row: Row) -> List[str]:
         found.append(f"spills {row.spill_stores} bytes of registers")
     if row.stack is not None and row.stack >= MAX_STACK:
         found.append(f"{row.stack} bytes of stack per thread (local memory reserved for every resident thread)")
+    if row.status == "compiled" and "tf32" in row.config and not row.tensor_core_ops:
+        found.append("TF32 was allowed but the PTX has no tensor-core (mma / wgmma) instruction")
     return found
 
 
@@ -275,11 +302,11 @@ def main(argv=None):
     for row in rows:
         row.problem = "; ".join(problems(row) + notes(row)) or row.problem
     head = ["kernel", "config", "status", "registers", "spill stores", "spill loads", "stack", "shared memory",
-            "warps", "occupancy (sm_90)", "problem"]
+            "warps", "occupancy (sm_90)", "tensor-core ops", "problem"]
     table = writers.markdown_table(head, [[r.kernel, r.config, r.status, writers.fmt(r.registers),
                                            writers.fmt(r.spill_stores), writers.fmt(r.spill_loads), writers.fmt(r.stack),
                                            writers.fmt(r.shared), writers.fmt(r.warps), writers.fmt(r.occupancy),
-                                           r.problem] for r in rows])
+                                           writers.fmt(r.tensor_core_ops), r.problem] for r in rows])
     summary = (f"{len(rows)} kernels or configurations: {sum(r.status == 'compiled' for r in rows)} compiled, "
                f"{sum(r.status == 'refused' for r in rows)} refused by their launcher with a clear error, "
                f"{len(failures)} problems.")

@@ -88,6 +88,17 @@ class DenseImplicitLayer(nn.Module):
         (None otherwise: no jac_reg, eval mode, not drawn, or no backward yet)."""
         return None if self.last_info is None else self.last_info.jacobian_penalty
 
+    @staticmethod
+    def autocast_operands(W: torch.Tensor, c: torch.Tensor, z0: Optional[torch.Tensor]):
+        """(W, c, z0) for the solve: under torch.autocast on their device type, all in the autocast dtype (as
+        nn.Linear's product is), so the solve reads half-precision data and accumulates in float32, and the gradient
+        reaches the float32 parameters through the casts; otherwise as given."""
+        device_type = W.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return W, c, z0
+        dtype = torch.get_autocast_dtype(device_type)
+        return W.to(dtype), c.to(dtype), None if z0 is None else z0.to(dtype)
+
     def injection_values(self, x: torch.Tensor) -> torch.Tensor:
         """c(x), the injection the solve adds: x U^T + b."""
         return self.injection(x)

@@ -20,6 +20,8 @@ class DEQLinear(DenseImplicitLayer):
     `weight` is initialised with spectral norm `init_scale` / Lip(act) so that the iteration starts contractive;
     nothing keeps it there during training: watch `last_info.converged` (or use on_nonconvergence="raise"), or
     regularise the Jacobian: jac_reg=w or (w, probability) (see `DenseImplicitLayer.set_jac_reg`).
+    Under torch.autocast the solve runs on bfloat16/float16 data with float32 accumulation and returns z* in the
+    autocast dtype.
     """
 
     def __init__(
@@ -67,8 +69,8 @@ class DEQLinear(DenseImplicitLayer):
 
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         penalty = self.jacobian_penalty_weight()
-        z, self.last_info = fixed_point_dense(self.weight, self.injection_values(x), z0=z0, jacobian_penalty=penalty,
-                                              **self.solver_options)
+        W, c, z0 = self.autocast_operands(self.weight, self.injection_values(x), z0)
+        z, self.last_info = fixed_point_dense(W, c, z0=z0, jacobian_penalty=penalty, **self.solver_options)
         return z
 
     def extra_repr(self) -> str:

@@ -14,20 +14,16 @@ import torch
 from .core import validation
 from .core.backends import kernel, resolve_backend
 from .core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M
+from .core.dtypes import SOLVE_DTYPES, accumulation_dtype
 from .core.info import SolverInfo
 from .core.policy import check_policy, enforce_convergence
 from .ops import anderson_step  # noqa: F401  (registers the anderson_step backends)
 from .reference.common import relative_residual
 
 METHODS = ("anderson", "picard", "broyden")
-STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How often the host asks "all samples stopped?" when check_every is None: on the CPU the question is a 1 us op,
 # cheaper than one extra evaluation of f; on a GPU it is a synchronisation that drains the launch queue.
 DEFAULT_CHECK_EVERY_CPU, DEFAULT_CHECK_EVERY_GPU = 1, 4
-
-
-def _accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_output(fz, z0, k):
@@ -61,7 +57,7 @@ def _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_ever
     what = "solve"
     if not callable(f):
         raise TypeError(f"deqkern.solve: f must be callable, got {type(f).__name__}")
-    validation.check_tensor(what, "z0", z0, dtypes=STATE_DTYPES)
+    validation.check_tensor(what, "z0", z0, dtypes=SOLVE_DTYPES)
     if z0.dim() < 1:
         raise ValueError("deqkern.solve: z0 must have a batch dimension: (B, ...)")
     if math.prod(z0.shape[1:]) == 0:
@@ -117,7 +113,7 @@ def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trac
     """The driver loop shared by Anderson and Picard (Anderson with m = 1): f, then one fused op, per iteration."""
     batch, shape = z0.shape[0], z0.shape
     n = math.prod(shape[1:])
-    acc = _accumulation_dtype(z0.dtype)
+    acc = accumulation_dtype(z0.dtype)
     history_key = _history_key(z0, batch, m, n)
     X_hist, G_hist = _take_history(history_key, z0, batch, m, n)
     H = torch.zeros(batch, m, m, dtype=acc, device=z0.device)
@@ -150,7 +146,7 @@ def _anderson(f, z0, step, m, beta, lam, tol, max_iter, check_every, return_trac
 
 def _empty_solve(z0, return_trace):
     """The result of a solve of no samples: z0 itself and empty statistics."""
-    acc = _accumulation_dtype(z0.dtype)
+    acc = accumulation_dtype(z0.dtype)
     residual = torch.empty(0, dtype=acc, device=z0.device)
     return z0.clone(), SolverInfo(iterations=torch.empty(0, dtype=torch.int32, device=z0.device), residual=residual,
                                   converged=torch.empty(0, dtype=torch.bool, device=z0.device),
@@ -175,7 +171,7 @@ def _broyden(f, z0, m, tol, max_iter, check_every, return_trace, process_group):
     """
     batch, shape, dtype = z0.shape[0], z0.shape, z0.dtype
     n = math.prod(shape[1:])
-    acc = _accumulation_dtype(dtype)
+    acc = accumulation_dtype(dtype)
     x = z0.reshape(batch, n).to(acc)
     U = x.new_zeros(batch, m, n)
     V = x.new_zeros(batch, m, n)

@@ -88,5 +88,10 @@ def test_a_launcher_is_compiled_for_sm90_and_a_refusal_recorded(tmp_path):
         rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
     compiled = [r for r in rows if r["status"] == "compiled"]
     refused = [r for r in rows if r["status"] == "refused"]
-    assert len(compiled) == 4 and all(int(r["registers"]) > 0 and int(r["shared"]) >= 0 for r in compiled)
-    assert len(refused) == 4 and all(f"serves d <= {TRITON_DENSE_ANDERSON_MAX_WIDTH}" in r["problem"] for r in refused)
+    # d = 16: forward and adjoint of every dtype and precision variant; tensor-core instructions exactly where TF32
+    # was allowed.
+    assert len(compiled) == 2 * len(compile_check.DENSE_VARIANTS)
+    assert all(int(r["registers"]) > 0 and int(r["shared"]) >= 0 for r in compiled)
+    assert all((int(r["tensor_core_ops"]) > 0) == ("tf32" in r["config"]) for r in compiled)
+    assert len(refused) == 2 * len(compile_check.DENSE_VARIANTS)
+    assert all(f"serves d <= {TRITON_DENSE_ANDERSON_MAX_WIDTH}" in r["problem"] for r in refused)

@@ -409,7 +409,7 @@ def test_nan_in_grad_is_named():
         (dict(c=torch.ones(4)), ValueError, r"\(batch, 4\)"),
         (dict(W=torch.eye(4, dtype=torch.int64)), TypeError, "float32 or float64"),
         (dict(c=torch.ones(2, 4, dtype=torch.float64)), TypeError, "one dtype"),
-        (dict(W=torch.eye(4).half()), TypeError, "float32 or float64"),
+        (dict(W=torch.eye(4).bfloat16()), TypeError, "one dtype"),
         (dict(z0=torch.ones(3, 4)), ValueError, "z0 must have the shape"),
         (dict(c=[[1.0] * 4]), TypeError, "torch.Tensor"),
         (dict(activation="gelu"), ValueError, "unknown activation"),

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from deqkern.core.constants import RESIDUAL_EPS
+from deqkern.core.dtypes import SOLVE_DTYPES, accumulation_dtype
 
 from .activations import activation_derivative, apply_activation
 
@@ -28,10 +29,21 @@ def device_guard(t: torch.Tensor):
 
 # ---------------------------------------------------------------------------------------------- rows and finiteness
 @triton.jit
+def widen(b):
+    """b in its accumulation dtype (deqkern/core/dtypes.py): float16 and bfloat16 tiles become float32, float32 and
+    float64 ones are b itself. (A compile-time branch: only one side is ever compiled.)"""
+    if b.dtype.is_fp16() or b.dtype.is_bf16():
+        wide = b.to(tl.float32)
+    else:
+        wide = b
+    return wide
+
+
+@triton.jit
 def load_rows(p_base, o_b, o_d, m_b, m_d, stride_b, stride_d):
-    """Tile x[o_b, o_d] of a (B, d) tensor, 0 outside the masks."""
+    """Tile x[o_b, o_d] of a (B, d) tensor, 0 outside the masks, widened to the accumulation dtype."""
     p = p_base + o_b[:, None] * stride_b + o_d[None, :] * stride_d
-    return tl.load(p, mask=m_b[:, None] & m_d[None, :], other=0.0)
+    return widen(tl.load(p, mask=m_b[:, None] & m_d[None, :], other=0.0))
 
 
 @triton.jit
@@ -103,16 +115,28 @@ def bias_of(c_ptr, gz_ptr, stride_c_b, stride_c_d, stride_gz_b, stride_gz_d, ADJ
 
 @triton.jit
 def load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in):
-    """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]."""
+    """Tile (BLOCK_K, BLOCK_N) of M^T, i.e. M[o_n, o_k] transposed, so that x @ tile = (x M^T)[:, o_n]; widened to
+    the accumulation dtype."""
     p = W_ptr + o_k[:, None] * stride_in + o_n[None, :] * stride_out
-    return tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0)
+    return widen(tl.load(p, mask=(o_k[:, None] < D) & (o_n[None, :] < D), other=0.0))
+
+
+def product_options(compute_dtype: torch.dtype) -> dict:
+    """The constexprs of the dense solves' products, for a solve computing in `compute_dtype`: float32 (and widened
+    half data) multiplies with tl.dot, exact ("ieee", the default) unless PyTorch's own switch allows TF32 for float32
+    products (torch.set_float32_matmul_precision("high") or "medium", which torch.backends.cuda.matmul.allow_tf32 =
+    True also sets): then "tf32", on tensor cores (about 3 decimal digits per product: use tol >= 1e-3). float64
+    multiplies with a broadcast multiply-and-sum (fp64 tl.dot is not supported by every Triton version)."""
+    use_dot = compute_dtype == torch.float32
+    tf32 = use_dot and torch.get_float32_matmul_precision() != "highest"
+    return dict(USE_DOT=use_dot, DOT_PRECISION="tf32" if tf32 else "ieee")
 
 
 @triton.jit
-def matmul(b_x, b_mt, USE_DOT: tl.constexpr):
-    """(BLOCK_B, K) @ (K, N) accumulated in the input dtype."""
+def matmul(b_x, b_mt, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_B, K) @ (K, N) accumulated in the input dtype (product_options)."""
     if USE_DOT:
-        return tl.dot(b_x, b_mt, input_precision="ieee")
+        return tl.dot(b_x, b_mt, input_precision=DOT_PRECISION)
     else:
         return tl.sum(b_x[:, :, None] * b_mt[None, :, :], axis=1)
 
@@ -120,7 +144,7 @@ def matmul(b_x, b_mt, USE_DOT: tl.constexpr):
 @triton.jit
 def register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
                       stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION: tl.constexpr,
-                      ADJOINT: tl.constexpr, USE_DOT: tl.constexpr):
+                      ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Start of a dense solve whose rows fit in one tile: the operator tile M^T, the bias rows, s (adjoint; the bias
     otherwise), the start x (z0, or 0 in the adjoint) and the active rows: valid batch rows whose inputs are all
     finite (the padding loads as 0), none at all if W (the whole of the tile) has a NaN or an Inf."""
@@ -131,7 +155,7 @@ def register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride
     bad = tl.maximum(nonfinite_rows(b_bias), nonfinite_rows(b_z))
     if ADJOINT:
         # s = act'(z W^T + c): M^T = W, so the tile of W^T is read with the strides swapped back.
-        b_u = matmul(b_z, load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT)
+        b_u = matmul(b_z, load_operator(W_ptr, o_d, o_d, D, stride_w_in, stride_w_out), USE_DOT, DOT_PRECISION)
         b_c = load_rows(c_ptr, o_b, o_d, m_b, m_d, stride_c_b, stride_c_d)
         bad = tl.maximum(bad, nonfinite_rows(b_c))
         b_s = tl.where(m_bd, activation_derivative(b_u + b_c, ACTIVATION), 0.0)
@@ -154,9 +178,9 @@ def apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.cons
 
 
 def check_dense_inputs(W: torch.Tensor, rows) -> None:
-    """W (d, d) float32/float64 and the (batch, d) row tensors of one dtype and device (the ops' argument checks)."""
+    """W (d, d) of a solve dtype and the (batch, d) row tensors of one dtype and device (the ops' argument checks)."""
     torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: f"W must be (d, d), got {tuple(W.shape)}")
-    torch._check(W.dtype in (torch.float32, torch.float64), lambda: f"unsupported dtype {W.dtype}")
+    torch._check(W.dtype in SOLVE_DTYPES, lambda: f"unsupported dtype {W.dtype}")
     for x in rows:
         torch._check(x.dim() == 2 and x.shape == rows[0].shape and x.shape[1] == W.shape[0],
                      lambda: f"expected (batch, {W.shape[0]}) inputs, got {[tuple(r.shape) for r in rows]}")
@@ -164,9 +188,9 @@ def check_dense_inputs(W: torch.Tensor, rows) -> None:
 
 
 def empty_solve_outputs(like: torch.Tensor):
-    """(x, iterations int32, residual, converged bool) of a dense solve with like's batch."""
+    """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve with like's batch."""
     batch = like.shape[0]
     return (torch.empty_like(like, memory_format=torch.contiguous_format),
             like.new_empty((batch,), dtype=torch.int32),
-            like.new_empty((batch,), dtype=like.dtype),
+            like.new_empty((batch,), dtype=accumulation_dtype(like.dtype)),
             like.new_empty((batch,), dtype=torch.bool))

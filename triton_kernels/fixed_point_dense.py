@@ -14,8 +14,11 @@ of its tile is active, stopped rows are frozen by masks, and nothing returns to 
   one iteration from the reads of the next. Any d works (scratch is 2-3 x B x d elements).
 Non-finite inputs are flagged by the kernel itself: a row with a NaN/Inf in its c, z0 / z or grad_z, or every row
 when W has one, starts inactive, so it is never iterated (x stays its start, iterations 0, residual NaN).
-float32 multiplies with tl.dot(input_precision="ieee") (no TF32, so results match the reference to ~1e-5);
-float64 with a broadcast multiply-and-sum, because fp64 tl.dot is not supported by every Triton version.
+Products (common.product_options): float32 with tl.dot, exact (input_precision="ieee") by default so results match
+the reference to ~1e-5, TF32 tensor cores when torch.get_float32_matmul_precision() allows them; float64 with a
+broadcast multiply-and-sum, because fp64 tl.dot is not supported by every Triton version.
+float16 and bfloat16 inputs are read as they are and widened on load: the solve runs in float32 (the scratch, the
+products and the residual), and only the result is rounded back to the input dtype.
 """
 from typing import Optional, Tuple
 
@@ -25,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from deqkern.activations import get_activation
+from deqkern.core.dtypes import accumulation_dtype
 
 from .activations import activation_derivative
 from .common import (
@@ -42,9 +46,11 @@ from .common import (
     nonfinite_rows,
     record_step,
     register_prologue,
+    product_options,
     relative_residual,
     squared_norms,
     store_rows,
+    widen,
 )
 
 
@@ -53,14 +59,15 @@ from .common import (
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_out, stride_in,
-                    USE_DOT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """(x M^T)[o_b, n0:n0+BLOCK_N], x read from global memory BLOCK_K columns at a time."""
     o_n = n0 + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty)
+    acc = widen(tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty))
     for k0 in range(0, D, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         b_x = load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
-        acc += matmul(b_x, load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT)
+        acc += matmul(b_x, load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT, DOT_PRECISION)
     return acc
 
 
@@ -78,10 +85,11 @@ def _fixed_point_dense_kernel(
     stride_o_b, stride_o_d, stride_s_buf, stride_s_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, IN_REGISTERS: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
-    dtype = W_ptr.dtype.element_ty
+    dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the scratch's and every widened load's
     i_b = tl.program_id(0).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_b = o_b < B
@@ -102,10 +110,11 @@ def _fixed_point_dense_kernel(
         m_bd = m_b[:, None] & m_d[None, :]
         b_mt, b_bias, b_s, b_x, active = register_prologue(
             W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b,
-            stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
+            stride_bias_d, stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT,
+            DOT_PRECISION)
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
-            b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
+            b_t = apply_map(matmul(b_x, b_mt, USE_DOT, DOT_PRECISION), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
             sq_diff, sq_t = squared_norms(b_t, b_x)
             r = relative_residual(sq_diff, sq_t).to(dtype)
             b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
@@ -131,7 +140,7 @@ def _fixed_point_dense_kernel(
                 b_gz = load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
                 bad = tl.maximum(bad, nonfinite_rows(b_gz))
                 b_u = _blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D,
-                                      stride_w_in, stride_w_out, USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
+                                      stride_w_in, stride_w_out, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
                 b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
             else:
@@ -150,7 +159,7 @@ def _fixed_point_dense_kernel(
                 m_n = o_n < D
                 m_bn = m_b[:, None] & m_n[None, :]
                 acc = _blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
-                                      USE_DOT, BLOCK_B, BLOCK_N, BLOCK_K)
+                                      USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 b_bias = load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
                 if ADJOINT:
                     b_s = load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
@@ -220,12 +229,13 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
     batch, d = z.shape
     if batch == 0:
         return out, iters, residual, converged
-    cfg = dict(_default_config(W.dtype, d), **(config or {}))
+    compute = accumulation_dtype(W.dtype)
+    cfg = dict(_default_config(compute, d), **(config or {}))
     if cfg["IN_REGISTERS"]:
         torch._check(cfg["BLOCK_N"] >= d and cfg["BLOCK_K"] == cfg["BLOCK_N"], lambda: f"bad config {cfg}")
         scratch = out  # not read
     else:
-        scratch = z.new_empty((3 if adjoint else 2, batch, d))
+        scratch = z.new_empty((3 if adjoint else 2, batch, d), dtype=compute)
     # M = W in the forward, W^T in the adjoint: the transpose is only a swap of strides.
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
@@ -236,7 +246,7 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
             stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             scratch.stride(0) if scratch.dim() == 3 else 0, scratch.stride(-2),
-            ACTIVATION=act_id, ADJOINT=adjoint, USE_DOT=W.dtype == torch.float32, **cfg,
+            ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), **cfg,
         )
     return out, iters, residual, converged
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from deqkern.activations import get_activation
 from deqkern.core.constants import ANDERSON_MAX_HISTORY, TRITON_DENSE_ANDERSON_MAX_WIDTH
+from deqkern.core.dtypes import accumulation_dtype
 
 from .anderson_weights import anderson_weights
 from .common import (
@@ -37,6 +38,7 @@ from .common import (
     matmul,
     record_step,
     register_prologue,
+    product_options,
     relative_residual,
     squared_norms,
     store_rows,
@@ -61,11 +63,12 @@ def _anderson_kernel(
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b,
     # meta-parameters
-    ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, MP: tl.constexpr,
+    ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
-    dtype = W_ptr.dtype.element_ty
+    dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the history's and every widened load's
     i_b = tl.program_id(0).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     m_b = o_b < B
@@ -77,7 +80,7 @@ def _anderson_kernel(
                                                    ADJOINT)
     b_mt, b_bias, b_s, b_x, active = register_prologue(
         W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride_w_out, stride_w_in, stride_bias_b, stride_bias_d,
-        stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT)
+        stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION, ADJOINT, USE_DOT, DOT_PRECISION)
     b_tol = tl.full([BLOCK_B], tol, dtype)
     b_beta = tl.full([BLOCK_B, BLOCK_D], beta, dtype)
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
@@ -90,7 +93,7 @@ def _anderson_kernel(
         k += 1
         slot = (k - 1) % m
         n = tl.minimum(k, m)
-        b_t = apply_map(matmul(b_x, b_mt, USE_DOT), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
+        b_t = apply_map(matmul(b_x, b_mt, USE_DOT, DOT_PRECISION), b_bias, b_s, m_bd, ACTIVATION, ADJOINT)
         b_g = b_t - b_x
         sq_g, sq_t = squared_norms(b_t, b_x)
         r = relative_residual(sq_g, sq_t).to(dtype)
@@ -155,9 +158,10 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
     if batch == 0:
         return out, iters, residual, converged
     block_d = max(16, triton.next_power_of_2(d))
-    block_b = 16 if W.dtype == torch.float32 else max(1, min(16, 8192 // block_d**2))
+    compute = accumulation_dtype(W.dtype)  # float16/bfloat16 data is widened on load: the solve runs in float32
+    block_b = 16 if compute == torch.float32 else max(1, min(16, 8192 // block_d**2))
     mp = triton.next_power_of_2(m)
-    hist = z.new_empty((2, m, batch, d))
+    hist = z.new_empty((2, m, batch, d), dtype=compute)
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
     grid = (triton.cdiv(batch, block_b),)
     with device_guard(z):
@@ -167,7 +171,7 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
             stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             hist.stride(0), hist.stride(1), hist.stride(2),
-            ACTIVATION=act_id, ADJOINT=adjoint, USE_DOT=W.dtype == torch.float32, MP=mp,
+            ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), MP=mp,
             BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
     return out, iters, residual, converged

@@ -20,12 +20,14 @@
 
 namespace deqkern {
 
-// W: (d, d); every batch tensor: (batch, d); one floating dtype (float32/float64) and one device.
+inline bool is_half_dtype(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
+
+// W: (d, d); every batch tensor: (batch, d); one floating dtype (float16/bfloat16/float32/float64) and one device.
 inline void check_dense_solve_args(const char* op, const at::Tensor& W, std::initializer_list<at::Tensor> batch_tensors,
                                    double tol, int64_t max_iter) {
   TORCH_CHECK(W.dim() == 2 && W.size(0) == W.size(1), "deqkern.", op, ": W must be square (d, d), got ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble, "deqkern.", op,
-              ": W must be float32 or float64, got ", W.scalar_type());
+  TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble || is_half_dtype(W.scalar_type()),
+              "deqkern.", op, ": W must be float16, bfloat16, float32 or float64, got ", W.scalar_type());
   for (const at::Tensor& t : batch_tensors) {
     TORCH_CHECK(t.dim() == 2 && t.size(1) == W.size(0), "deqkern.", op, ": expected (batch, ", W.size(0), "), got ",
                 t.sizes());

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "common/checks.h"
 #include "common/params.h"
 
 namespace deqkern {
@@ -55,6 +56,22 @@ struct DenseSolveTensors {
     p.adjoint = adjoint();
   }
 };
+
+// A dense solve of half-precision data (float16, bfloat16) on the CPU and CUDA backends: `solve`(W, c, z, grad_z) run
+// once on the inputs widened to float32 (the accumulation dtype: iterate, products and residuals in float32), its x
+// rounded back to the input dtype (the specification: solved_in_accumulation_dtype in deqkern/reference/common.py).
+// The widening is one elementwise pass per input per solve, next to max_iter passes over W. float32 and float64
+// data go to `solve` as they are.
+template <typename SOLVE>
+SolveOutputs solve_in_accumulation_dtype(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                         const at::Tensor& grad_z, SOLVE&& solve) {
+  const at::ScalarType dtype = W.scalar_type();
+  if (!is_half_dtype(dtype)) return solve(W, c, z, grad_z);
+  const auto widen = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
+  SolveOutputs out = solve(widen(W), widen(c), widen(z), widen(grad_z));
+  std::get<0>(out) = std::get<0>(out).to(dtype);
+  return out;
+}
 
 template <typename T>
 void set_picard_options(PicardParams<T>& p, double alpha) {

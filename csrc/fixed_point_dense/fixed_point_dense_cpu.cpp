@@ -64,7 +64,8 @@ struct PicardMethod {
   }
 };
 
-// grad_z undefined: the forward solve from z = z0; defined: the adjoint at the fixed point z.
+// grad_z undefined: the forward solve from z = z0; defined: the adjoint at the fixed point z. float32/float64 data
+// (half data is widened first: solve_in_accumulation_dtype).
 SolveOutputs picard_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
                           c10::string_view activation, double alpha, double tol, int64_t max_iter) {
   const ActivationId id = parse_activation(std::string(activation));
@@ -83,7 +84,9 @@ SolveOutputs fixed_point_dense_cpu(const at::Tensor& W, const at::Tensor& c, con
                                    c10::string_view activation, double alpha, double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense", W, {c, z0}, tol, max_iter);
   check_picard_options("fixed_point_dense", alpha);
-  return picard_solve(W, c, z0, at::Tensor(), activation, alpha, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return picard_solve(wide..., activation, alpha, tol, max_iter);
+  });
 }
 
 SolveOutputs fixed_point_dense_backward_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
@@ -91,7 +94,9 @@ SolveOutputs fixed_point_dense_backward_cpu(const at::Tensor& W, const at::Tenso
                                             double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense_backward", W, {c, z, grad_z}, tol, max_iter);
   check_picard_options("fixed_point_dense_backward", alpha);
-  return picard_solve(W, c, z, grad_z, activation, alpha, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
+    return picard_solve(wide..., activation, alpha, tol, max_iter);
+  });
 }
 
 }  // namespace

@@ -312,7 +312,9 @@ SolveOutputs fixed_point_dense_cuda(const at::Tensor& W, const at::Tensor& c, co
   check_dense_solve_args("fixed_point_dense", W, {c, z0}, tol, max_iter);
   check_picard_options("fixed_point_dense", alpha);
   const ActivationId act = parse_activation(std::string(activation));
-  return dense_solve<Mode::Forward>(W, c, z0, at::Tensor(), act, alpha, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return dense_solve<Mode::Forward>(wide..., act, alpha, tol, max_iter);
+  });
 }
 
 SolveOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
@@ -321,7 +323,9 @@ SolveOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tens
   check_dense_solve_args("fixed_point_dense_backward", W, {c, z, grad_z}, tol, max_iter);
   check_picard_options("fixed_point_dense_backward", alpha);
   const ActivationId act = parse_activation(std::string(activation));
-  return dense_solve<Mode::Adjoint>(W, c, z, grad_z, act, alpha, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
+    return dense_solve<Mode::Adjoint>(wide..., act, alpha, tol, max_iter);
+  });
 }
 
 }  // namespace

@@ -279,7 +279,9 @@ SolveOutputs fixed_point_dense_anderson_cpu(const at::Tensor& W, const at::Tenso
                                             double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense_anderson", W, {c, z0}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson", m, beta, lam);
-  return anderson_solve(W, c, z0, at::Tensor(), activation, m, beta, lam, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter);
+  });
 }
 
 SolveOutputs fixed_point_dense_anderson_backward_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
@@ -287,7 +289,9 @@ SolveOutputs fixed_point_dense_anderson_backward_cpu(const at::Tensor& W, const 
                                                      double beta, double lam, double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense_anderson_backward", W, {c, z, grad_z}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson_backward", m, beta, lam);
-  return anderson_solve(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
+    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter);
+  });
 }
 
 }  // namespace

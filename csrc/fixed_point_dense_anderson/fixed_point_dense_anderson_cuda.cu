@@ -187,7 +187,9 @@ SolveOutputs fixed_point_dense_anderson_cuda(const at::Tensor& W, const at::Tens
   check_dense_solve_args("fixed_point_dense_anderson", W, {c, z0}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson", m, beta, lam);
   const ActivationId act = parse_activation(std::string(activation));
-  return anderson_solve(W, c, z0, at::Tensor(), act, m, beta, lam, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter);
+  });
 }
 
 SolveOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
@@ -197,7 +199,9 @@ SolveOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const
   check_dense_solve_args("fixed_point_dense_anderson_backward", W, {c, z, grad_z}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson_backward", m, beta, lam);
   const ActivationId act = parse_activation(std::string(activation));
-  return anderson_solve(W, c, z, grad_z, act, m, beta, lam, tol, max_iter);
+  return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
+    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter);
+  });
 }
 
 }  // namespace

@@ -15,6 +15,7 @@ from ..core import validation
 from ..core.autograd import single_backward
 from ..core.backends import kernel, register_kernel_backends, resolve_backend
 from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M
+from ..core.dtypes import SOLVE_DTYPES, accumulation_dtype
 from ..core.errors import SkippedGradientWarning
 from ..core.info import SolverInfo
 from ..core.policy import check_policy, enforce_convergence
@@ -27,12 +28,12 @@ _ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a cont
 
 # ---------------------------------------------------------------- fake kernels and backends
 def fake_solve_outputs(x_like, batch_like):
-    """(x, iterations int32, residual, converged bool) of a dense solve, metadata only."""
+    """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve, metadata only."""
     batch = batch_like.shape[0]
     return (
         torch.empty_like(x_like, memory_format=torch.contiguous_format),
         batch_like.new_empty(batch, dtype=torch.int32),
-        batch_like.new_empty(batch),
+        batch_like.new_empty(batch, dtype=accumulation_dtype(batch_like.dtype)),
         batch_like.new_empty(batch, dtype=torch.bool),
     )
 
@@ -76,8 +77,8 @@ def _solve_fns(backend: str, method: str, alpha: float, m: int, beta: float, lam
 
 # ---------------------------------------------------------------- checks
 def check_dense_inputs(what, W, c, z0=None):
-    """W (d, d), c (batch, d) and z0 (batch, d) or None: float32/float64, one dtype, one device."""
-    validation.check_tensor(what, "W", W)
+    """W (d, d), c (batch, d) and z0 (batch, d) or None: float16/bfloat16/float32/float64, one dtype, one device."""
+    validation.check_tensor(what, "W", W, dtypes=SOLVE_DTYPES)
     if W.dim() != 2 or W.shape[0] != W.shape[1]:
         raise ValueError(f"deqkern.{what}: W must be a square (d, d) matrix, got shape {tuple(W.shape)}")
     if W.shape[0] == 0:
@@ -86,7 +87,7 @@ def check_dense_inputs(what, W, c, z0=None):
     for name, t in (("c", c), ("z0", z0)):
         if t is None:
             continue
-        validation.check_tensor(what, name, t, like=W)
+        validation.check_tensor(what, name, t, dtypes=SOLVE_DTYPES, like=W)
         if t.dim() != 2 or t.shape[1] != W.shape[0]:
             raise ValueError(f"deqkern.{what}: {name} must be (batch, {W.shape[0]}) to match W, got shape "
                              f"{tuple(t.shape)}")
@@ -193,8 +194,12 @@ def fixed_point_dense(
 ):
     """Fixed point z* = act(z* W^T + c) of a dense implicit layer, solved by one fused kernel per solve.
 
-    W: (d, d); c: (batch, d); z0: (batch, d) starting point (default zeros); float32 or float64, one device, any
-    strides. Iterates z <- (1 - alpha) z + alpha act(z W^T + c), stopping each sample once its relative residual
+    W: (d, d); c: (batch, d); z0: (batch, d) starting point (default zeros); one dtype (float32, float64, or the half
+    dtypes float16 and bfloat16: those are solved in float32, the iterate and residuals kept in float32 and z rounded
+    to the half dtype once; info.residual is then float32), one device, any strides. Products are exact in the
+    compute dtype, except on backend="triton" when torch.get_float32_matmul_precision() is "high" or "medium": then
+    float32 (and half) solves multiply on TF32 tensor cores (about 3 digits per product: use tol >= 1e-3).
+    Iterates z <- (1 - alpha) z + alpha act(z W^T + c), stopping each sample once its relative residual
     ||f(z) - z|| / (||f(z)|| + 1e-12) <= tol. Differentiable in W and c by the implicit function theorem
     (the adjoint solved with the same kernel, `backward_tol` / `backward_max_iter` default to tol / max_iter).
 

@@ -12,10 +12,32 @@ triton_kernels/common.py are its kernel twins):
 - a sample whose inputs are not all finite (its rows of the batch inputs, or any entry of W) is never iterated:
   x stays its start, iterations 0, residual NaN, converged False. So bad input is flagged per sample by the
   kernels themselves, even where an activation would hide it (tanh(inf) = 1).
+
+Half precision (float16, bfloat16) dense solves are the float32 solve of the same (exactly widened) inputs: the
+iterate, every product and the residuals are float32, the returned x is rounded to the input dtype once, and the
+residual is float32 (solved_in_accumulation_dtype).
 """
+import functools
+
 import torch
 
 from ..core.constants import RESIDUAL_EPS
+from ..core.dtypes import HALF_DTYPES
+
+
+def solved_in_accumulation_dtype(solve):
+    """The specification of a dense solve on half inputs: `solve`(W, *batch tensors, *options) run on the tensors
+    widened to float32, its x rounded back to W's dtype; float32 and float64 solves are `solve` itself."""
+
+    @functools.wraps(solve)
+    def wrapped(W, *args):
+        if W.dtype not in HALF_DTYPES:
+            return solve(W, *args)
+        widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        x, iterations, residual, converged = solve(W.float(), *widened)
+        return x.to(W.dtype), iterations, residual, converged
+
+    return wrapped
 
 
 def finite_rows(W, *batch_tensors):

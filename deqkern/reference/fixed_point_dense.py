@@ -1,8 +1,9 @@
 """Specification of fixed_point_dense and fixed_point_dense_backward (csrc/fixed_point_dense/): damped Picard."""
 from ..activations import get_activation
-from .common import finite_rows, iterate_per_sample
+from .common import finite_rows, iterate_per_sample, solved_in_accumulation_dtype
 
 
+@solved_in_accumulation_dtype
 def fixed_point_dense_ref(W, c, z0, activation, alpha, tol, max_iter):
     """Fixed point of z = act(z W^T + c) by x <- (1 - alpha) x + alpha act(x W^T + c) from z0.
 
@@ -13,6 +14,7 @@ def fixed_point_dense_ref(W, c, z0, activation, alpha, tol, max_iter):
                               finite_rows(W, c, z0), tol, max_iter)
 
 
+@solved_in_accumulation_dtype
 def fixed_point_dense_backward_ref(W, c, z, grad_z, activation, alpha, tol, max_iter):
     """Implicit backward of fixed_point_dense at its fixed point z.
 

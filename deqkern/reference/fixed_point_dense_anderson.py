@@ -3,7 +3,7 @@ import torch
 
 from ..activations import get_activation
 from .anderson import anderson_weights_ref
-from .common import finite_rows, iterate_per_sample
+from .common import finite_rows, iterate_per_sample, solved_in_accumulation_dtype
 
 
 def _anderson_update(batch, d, m, beta, lam, dtype, device):
@@ -35,6 +35,7 @@ def _anderson_ref(step, x0, m, beta, lam, tol, max_iter, valid):
     return iterate_per_sample(step, update, x0, valid, tol, max_iter)
 
 
+@solved_in_accumulation_dtype
 def fixed_point_dense_anderson_ref(W, c, z0, activation, m, beta, lam, tol, max_iter):
     """Fixed point of z = act(z W^T + c) by Anderson acceleration.  W: (d, d), c: (batch, d), z0: (batch, d).
 
@@ -45,6 +46,7 @@ def fixed_point_dense_anderson_ref(W, c, z0, activation, m, beta, lam, tol, max_
     return _anderson_ref(lambda z: act(z @ W.T + c), z0, m, beta, lam, tol, max_iter, finite_rows(W, c, z0))
 
 
+@solved_in_accumulation_dtype
 def fixed_point_dense_anderson_backward_ref(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
     """Implicit backward of fixed_point_dense_anderson: the adjoint of fixed_point_dense_backward_ref,
     grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), solved from 0 by the same Anderson iteration."""
