@@ -8,7 +8,7 @@ import deqkern
 from deqkern.activations import ACTIVATIONS
 from deqkern.core.backends import kernel
 from deqkern.core.constants import ANDERSON_DEFAULT_LAM as LAM
-from deqkern.core.constants import TRITON_DENSE_ANDERSON_MAX_WIDTH
+from deqkern.core.constants import TRITON_DENSE_ANDERSON_REGISTER_WIDTH
 from deqkern.reference import (
     fixed_point_dense_anderson_backward_ref,
     fixed_point_dense_anderson_ref,
@@ -42,11 +42,8 @@ def case_id(case):
     return f"B{b}-D{d}-{a}-{kit.dtype_id(t)}"
 
 
-# The Triton kernel serves d <= TRITON_DENSE_ANDERSON_MAX_WIDTH (test_triton_refuses_wider_operators); the wider
-# cases run on the other backends.
-CASES = [p for p in kit.backend_params([(case_id(c), c) for c in dict.fromkeys(GRID + SMALL)],
-                                       small={case_id(c) for c in SMALL})
-         if not (p.values[0] == "triton" and p.values[2] > TRITON_DENSE_ANDERSON_MAX_WIDTH)]
+# SMALL reaches both Triton kernels: rows in registers (d <= TRITON_DENSE_ANDERSON_REGISTER_WIDTH) and the scratch kernel.
+CASES = kit.backend_params([(case_id(c), c) for c in dict.fromkeys(GRID + SMALL)], small={case_id(c) for c in SMALL})
 
 
 @pytest.mark.parametrize("backend,batch,d,activation,dtype", CASES)
@@ -147,23 +144,52 @@ def test_empty_batch(backend):
         assert [tuple(t.shape) for t in out] == [(0, 4), (0,), (0,), (0,)]
 
 
-@pytest.mark.parametrize("d", [TRITON_DENSE_ANDERSON_MAX_WIDTH, TRITON_DENSE_ANDERSON_MAX_WIDTH + 1])
+@pytest.mark.parametrize("m", [3, 5])
 @pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
-def test_triton_refuses_wider_operators(d, adjoint):
-    """The widest operator the Triton kernel holds in registers is served; one more is refused with the alternatives
-    named, before anything runs (the interpreter would take minutes on either)."""
+def test_triton_scratch_kernel(adjoint, m):
+    """The Triton scratch kernel (rows wider than the register kernel holds) at a small width, with column blocks
+    that do not divide it, a history ring that wraps (m = 3 and 5, MP = 4 and 8), and a program whose rows are all
+    flagged (BLOCK_B = 2, rows 0 and 1 bad) next to programs that iterate: the reference's result, float64."""
     reason = kit.unavailable("triton")
     if reason:
         pytest.skip(reason)
-    W, c, z0 = kit.dense_problem(2, d, torch.float32, kit.device_of("triton"))
-    args = ("tanh", 5, 1.0, LAM, 1e-4, 1 if d <= TRITON_DENSE_ANDERSON_MAX_WIDTH else 10)
-    call = (lambda: backward("triton")(W, c, z0, z0, *args)) if adjoint else (lambda: forward("triton")(W, c, z0, *args))
-    if d > TRITON_DENSE_ANDERSON_MAX_WIDTH:
-        with pytest.raises(ValueError, match=r"serves d <= 64, got d = 65; use backend='cuda'"):
-            call()
+    from deqkern.triton_kernels.fixed_point_dense_anderson import launch
+
+    W, c, z0 = kit.dense_problem(5, 20, device=kit.device_of("triton"))
+    grad_z = kit.random_like(c)
+    c[0, 1] = NAN
+    (grad_z if adjoint else z0)[1, 4] = INF
+    args = ("tanh", m, 1.0, LAM, 1e-9, MAX_ITER)
+    blocks = dict(BLOCK_B=2, BLOCK_N=16, BLOCK_K=8)
+    if adjoint:
+        out = launch(W, c, z0, grad_z, *args, adjoint=True, in_registers=False, blocks=blocks)
+        ref, start = fixed_point_dense_anderson_backward_ref(W, c, z0, grad_z, *args), torch.zeros_like(z0)
     else:
-        out = call()
-        assert out[1].tolist() == [1, 1]
+        out = launch(W, c, z0, None, *args, adjoint=False, in_registers=False, blocks=blocks)
+        ref, start = fixed_point_dense_anderson_ref(W, c, z0, *args), z0
+    kit.assert_solve_matches(out, ref, torch.float64)
+    assert torch.equal(out[0][:2], start[:2]) and out[1][:2].tolist() == [0, 0]
+    assert out[3][2:].all() and out[1][2:].max() > m  # the ring wrapped
+
+
+@pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
+def test_triton_picks_the_scratch_kernel_past_the_register_width(adjoint):
+    """The widest register row and one more (the scratch kernel) both run, a few iterations each (the interpreter
+    is slow), and give the reference's iterate."""
+    reason = kit.unavailable("triton")
+    if reason:
+        pytest.skip(reason)
+    for d in (TRITON_DENSE_ANDERSON_REGISTER_WIDTH, TRITON_DENSE_ANDERSON_REGISTER_WIDTH + 1):
+        W, c, z0 = kit.dense_problem(2, d, torch.float64, kit.device_of("triton"))
+        args = ("tanh", 5, 1.0, LAM, 1e-12, 4)
+        if adjoint:
+            out = backward("triton")(W, c, z0, z0, *args)
+            ref = fixed_point_dense_anderson_backward_ref(W.cpu(), c.cpu(), z0.cpu(), z0.cpu(), *args)
+        else:
+            out = forward("triton")(W, c, z0, *args)
+            ref = fixed_point_dense_anderson_ref(W.cpu(), c.cpu(), z0.cpu(), *args)
+        kit.assert_solve_matches(out, ref, torch.float64)
+        assert out[1].tolist() == [4, 4]
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import torch
 import deqkern
 from deqkern.core.backends import kernel
 from deqkern.core.constants import ANDERSON_DEFAULT_LAM as LAM
-from deqkern.core.constants import TRITON_DENSE_ANDERSON_MAX_WIDTH
 from deqkern.reference import (
     fixed_point_dense_anderson_backward_ref,
     fixed_point_dense_anderson_ref,
@@ -25,7 +24,7 @@ METHODS = {
     "anderson": ("fixed_point_dense_anderson", fixed_point_dense_anderson_ref, fixed_point_dense_anderson_backward_ref,
                  (4, 1.0, LAM)),
 }
-# (batch, d, activation): d = 70 takes the Triton Picard scratch path (rows wider than 64 are not held in registers).
+# (batch, d, activation): d = 70 takes the Triton scratch kernels (rows wider than 64 are not held in registers).
 SIZES = [(1, 1, "identity"), (3, 5, "tanh"), (17, 33, "sigmoid"), (6, 70, "softsign")]
 
 
@@ -34,10 +33,9 @@ def case_id(case):
     return f"{method}-{'adjoint' if adjoint else 'forward'}-B{batch}-D{d}-{activation}-{kit.dtype_id(dtype)}"
 
 
-CASES = [p for p in kit.backend_params([(case_id(c), c) for c in [
+CASES = kit.backend_params([(case_id(c), c) for c in [
     (method, adjoint, batch, d, activation, dtype) for method in METHODS for adjoint in (False, True)
     for batch, d, activation in SIZES for dtype in HALF]])
-    if not (p.values[0] == "triton" and p.values[1] == "anderson" and p.values[4] > TRITON_DENSE_ANDERSON_MAX_WIDTH)]
 
 
 @pytest.mark.parametrize("backend,method,adjoint,batch,d,activation,dtype", CASES)

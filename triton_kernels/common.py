@@ -167,6 +167,61 @@ def register_prologue(W_ptr, p_bias, z_ptr, c_ptr, o_b, m_b, o_d, m_d, D, stride
     return b_mt, b_bias, b_s, b_x, active
 
 
+# The column blocks of the dense solves whose iterate lives in a scratch buffer (rows too wide for registers): BLOCK_K
+# = 32 spilled 44 bytes in the float32 Picard adjoint (bench/compile_check.py); 16 spills nothing. float64 multiplies
+# through a (BLOCK_B, BLOCK_K, BLOCK_N) product of 8192 elements.
+SCRATCH_BLOCKS = dict(BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
+
+
+@triton.jit
+def blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_out, stride_in,
+                   USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """(x M^T)[o_b, n0:n0+BLOCK_N] in the accumulation dtype, x read from global memory BLOCK_K columns at a time."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    acc = widen(tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty))
+    for k0 in range(0, D, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        b_x = load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
+        acc += matmul(b_x, load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def scratch_prologue(W_ptr, z_ptr, c_ptr, gz_ptr, p_x, p_s, stride_x_b, o_b, m_b, D, stride_w_out, stride_w_in,
+                     stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
+                     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Start of a dense solve whose iterate lives in a scratch (rows p_x + b * stride_x_b, unit column stride, and
+    s likewise at p_s): writes the start x (z0, or 0 in the adjoint) and, in the adjoint, s = act'(z W^T + c), column
+    block by column block, and returns the active rows: valid batch rows whose c, z0 / z (and grad_z) rows are
+    finite, none at all if W has a NaN or an Inf. The caller puts a barrier before reading the scratch back."""
+    bad = tl.zeros([BLOCK_B], dtype=tl.int32)
+    w_bad = tl.full([], 0, tl.int32)
+    for n0 in range(0, D, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < D
+        b_z = load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
+        b_c = load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
+        bad = tl.maximum(bad, tl.maximum(nonfinite_rows(b_z), nonfinite_rows(b_c)))
+        for k0 in range(0, D, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            b_mt = load_operator(W_ptr, o_k, o_n, D, stride_w_out, stride_w_in)
+            w_bad = tl.maximum(w_bad, any_nonfinite(b_mt))
+        if ADJOINT:
+            b_gz = load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
+            bad = tl.maximum(bad, nonfinite_rows(b_gz))
+            b_u = blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D, stride_w_in, stride_w_out,
+                                 USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_x_b, 1)
+            b_x = tl.zeros_like(b_z)
+        else:
+            b_x = b_z
+        store_rows(p_x, b_x, o_b, o_n, m_b, m_n, stride_x_b, 1)
+    return m_b & (bad == 0) & (w_bad == 0)
+
+
 @triton.jit
 def apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
     """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""

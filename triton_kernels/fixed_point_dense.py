@@ -30,45 +30,26 @@ from torch import Tensor
 from deqkern.activations import get_activation
 from deqkern.core.dtypes import accumulation_dtype
 
-from .activations import activation_derivative
 from .common import (
     INTERPRET,
-    any_nonfinite,
+    SCRATCH_BLOCKS,
     apply_map,
     bias_of,
+    blocked_matvec,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
-    load_operator,
     load_rows,
-    not_iterated_residual,
     matmul,
-    nonfinite_rows,
+    not_iterated_residual,
+    product_options,
     record_step,
     register_prologue,
-    product_options,
     relative_residual,
+    scratch_prologue,
     squared_norms,
     store_rows,
-    widen,
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Kernel helpers
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_out, stride_in,
-                    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """(x M^T)[o_b, n0:n0+BLOCK_N], x read from global memory BLOCK_K columns at a time."""
-    o_n = n0 + tl.arange(0, BLOCK_N)
-    acc = widen(tl.zeros([BLOCK_B, BLOCK_N], dtype=W_ptr.dtype.element_ty))
-    for k0 in range(0, D, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        b_x = load_rows(p_x, o_b, o_k, m_b, o_k < D, stride_x_b, stride_x_d)
-        acc += matmul(b_x, load_operator(W_ptr, o_k, o_n, D, stride_out, stride_in), USE_DOT, DOT_PRECISION)
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,30 +104,9 @@ def _fixed_point_dense_kernel(
     else:
         # Scratch: buffers 0 and 1 hold the iterate (ping-pong), buffer 2 holds s in the adjoint.
         p_s = scratch_ptr + 2 * stride_s_buf
-        # Non-finite inputs: per row (c, z0 / z, grad_z) and anywhere in W, checked once, block by block.
-        bad = tl.zeros([BLOCK_B], dtype=tl.int32)
-        w_bad = tl.full([], 0, tl.int32)
-        for n0 in range(0, D, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            m_n = o_n < D
-            b_z = load_rows(z_ptr, o_b, o_n, m_b, m_n, stride_z_b, stride_z_d)
-            b_c = load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d)
-            bad = tl.maximum(bad, tl.maximum(nonfinite_rows(b_z), nonfinite_rows(b_c)))
-            for k0 in range(0, D, BLOCK_K):
-                o_k = k0 + tl.arange(0, BLOCK_K)
-                b_mt = load_operator(W_ptr, o_k, o_n, D, stride_w_out, stride_w_in)
-                w_bad = tl.maximum(w_bad, any_nonfinite(b_mt))
-            if ADJOINT:
-                b_gz = load_rows(gz_ptr, o_b, o_n, m_b, m_n, stride_gz_b, stride_gz_d)
-                bad = tl.maximum(bad, nonfinite_rows(b_gz))
-                b_u = _blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D,
-                                      stride_w_in, stride_w_out, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
-                store_rows(p_s, activation_derivative(b_u + b_c, ACTIVATION), o_b, o_n, m_b, m_n, stride_s_b, 1)
-                b_x = tl.zeros([BLOCK_B, BLOCK_N], dtype=dtype)
-            else:
-                b_x = b_z
-            store_rows(scratch_ptr, b_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
-        active = m_b & (bad == 0) & (w_bad == 0)
+        active = scratch_prologue(W_ptr, z_ptr, c_ptr, gz_ptr, scratch_ptr, p_s, stride_s_b, o_b, m_b, D, stride_w_out,
+                                  stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
+                                  ACTIVATION, ADJOINT, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
         while (tl.max(active.to(tl.int32), axis=0) > 0) & (k < max_iter):
             k += 1
@@ -158,8 +118,8 @@ def _fixed_point_dense_kernel(
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < D
                 m_bn = m_b[:, None] & m_n[None, :]
-                acc = _blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
-                                      USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+                acc = blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
+                                     USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 b_bias = load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
                 if ADJOINT:
                     b_s = load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
@@ -167,7 +127,6 @@ def _fixed_point_dense_kernel(
                     b_s = b_bias
                 b_t = apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
                 b_x = load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
-                b_diff = b_t - b_x
                 block_diff, block_t = squared_norms(b_t, b_x)
                 sq_diff += block_diff
                 sq_t += block_t
@@ -207,16 +166,13 @@ else:
 def _default_config(dtype: torch.dtype, d: int) -> dict:
     """Block sizes: whole rows in registers for small d, column blocks over a scratch buffer otherwise."""
     block_d = max(16, triton.next_power_of_2(d))
-    if dtype == torch.float32:
-        # tl.dot needs every dimension >= 16. Beyond 64 the operator tile held across the loop spills (ptxas, sm_90).
-        if block_d <= 64:
-            return dict(IN_REGISTERS=True, BLOCK_B=16, BLOCK_N=block_d, BLOCK_K=block_d)
-        # BLOCK_K = 32 spilled 44 bytes in the adjoint (bench/compile_check.py); 16 spills nothing.
-        return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
-    # float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N) product: keep it at <= 8192 elements.
-    if block_d <= 32:
+    # float32: tl.dot needs every dimension >= 16; beyond 64 the operator tile held across the loop spills (ptxas,
+    # sm_90). float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N) product: keep it at <= 8192 elements.
+    if dtype == torch.float32 and block_d <= 64:
+        return dict(IN_REGISTERS=True, BLOCK_B=16, BLOCK_N=block_d, BLOCK_K=block_d)
+    if dtype == torch.float64 and block_d <= 32:
         return dict(IN_REGISTERS=True, BLOCK_B=min(32, 8192 // block_d**2), BLOCK_N=block_d, BLOCK_K=block_d)
-    return dict(IN_REGISTERS=False, BLOCK_B=16, BLOCK_N=32, BLOCK_K=16)
+    return dict(IN_REGISTERS=False, **SCRATCH_BLOCKS)
 
 
 def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None):

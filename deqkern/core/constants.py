@@ -17,6 +17,7 @@ ANDERSON_DEFAULT_BETA = 1.0
 # The Tikhonov regulariser of the weights, relative to each stored residual's squared norm (A = G + lam diag(G)).
 ANDERSON_DEFAULT_LAM = 1e-4
 
-# The Triton dense Anderson solve keeps W in registers: the widest d it serves (compiled for sm_90, 64 spills nothing
-# with 8 warps and 128 spills kilobytes in every configuration tried: bench/results/compile_check_sm90.md).
-TRITON_DENSE_ANDERSON_MAX_WIDTH = 64
+# The widest d whose rows the Triton dense Anderson solve keeps in registers, with W (compiled for sm_90, 64 spills
+# nothing with 8 warps and 128 spills kilobytes in every configuration tried: bench/results/compile_check_sm90.md);
+# wider rows go through its scratch kernel.
+TRITON_DENSE_ANDERSON_REGISTER_WIDTH = 64
