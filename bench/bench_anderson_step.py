@@ -1,20 +1,23 @@
 """Benchmark of deqkern.solve (Anderson, one fused deqkern::anderson_step op per iteration) against torchdeq 0.1.0's
 default Anderson.
 
-f(z) = tanh(z W^T + c) is a plain PyTorch callable for both solvers; z0 = 0, float32, tol 1e-4 relative,
-max_iter 100, CPU. Two layers are timed:
+f is a plain PyTorch callable for both solvers; z0 = 0, float32, tol 1e-4 relative, max_iter 100. Three layers:
 
-  slow    the issue's benchmark layer: W symmetric with eigenvalues spread over [0, 0.9], c = 0.1 N(0, 1)
-          (Anderson's regulariser matters here: torchdeq's absolute lam=1e-4 costs it 5-7x more evaluations)
-  random  W = 0.9 A / ||A||_2 with A Gaussian, c ~ N(0, 1): both solvers need about the same number of evaluations,
-          so the end-to-end ratio is bounded by f's share of the time
+  slow    f(z) = tanh(z W^T + c), the issue's benchmark layer: W symmetric with eigenvalues spread over [0, 0.9],
+          c = 0.1 N(0, 1) (Anderson's regulariser matters here: torchdeq's absolute lam=1e-4 costs it 5-7x more
+          evaluations)
+  random  f(z) = tanh(z W^T + c), W = 0.9 A / ||A||_2 with A Gaussian, c ~ N(0, 1): both solvers need about the same
+          number of evaluations, so the end-to-end ratio is bounded by f's share of the time
+  conv    a small convolutional DEQ: f(z) = tanh(conv3x3(z) + x) on (B, 16, 8, 8) images (d = 1024 per sample), the
+          kernel scaled to operator norm 0.9 (deqkern.conv_norm), x ~ N(0, 1); the --sizes B applies, d is fixed
 
 Columns: evaluations of f, time per solve, time per iteration, time of f alone (a loop of its own), solver
 overhead per iteration = (solve time - time spent inside f during the solve) / evaluations, and the ratios
 torchdeq / deqkern. The solvers are timed interleaved (see time_solvers). Then: evaluations of f on the slow layer
-at more sizes.
+at more sizes. On CUDA (--device cuda) f runs asynchronously, so the time inside f is taken as evaluations x f's
+own time (do_bench) rather than clocked around each call.
 
-    python bench/bench_anderson_step.py [--quick] [--threads 2] [--out bench/results]
+    python bench/bench_anderson_step.py [--quick] [--threads 2] [--device cuda] [--out bench/results]
 """
 import statistics
 import time
@@ -22,13 +25,35 @@ import time
 import torch
 
 import deqkern
+from deqkern.conv_norm import conv_operator_norm
 from harness import cli, peers, provenance, report, timing, writers
 from harness.peers import MAX_ITER, TOL
 
 SIZES = [(32, 64), (256, 256)]
 SLOW_SIZES = [(32, 64), (32, 256), (256, 64), (256, 256)]
 QUICK_SIZES = [(32, 64)]
-LAYERS = {"slow": peers.slow_contraction_problem, "random": peers.random_contraction_problem}
+CONV_CHANNELS, CONV_SIDE = 16, 8
+
+
+def conv_problem(B, d, dtype=torch.float32, seed=peers.SEED):
+    """(f, z0) of the conv layer (module docstring); d is ignored: a sample is (16, 8, 8)."""
+    g = torch.Generator().manual_seed(seed)
+    kernel = torch.randn(CONV_CHANNELS, CONV_CHANNELS, 3, 3, generator=g, dtype=torch.float64)
+    shape = (CONV_CHANNELS, CONV_SIDE, CONV_SIDE)
+    norm, _ = conv_operator_norm(kernel, shape, padding=1, tol=1e-8)
+    kernel = (0.9 * kernel / norm).to(dtype)
+    x = torch.randn(B, *shape, generator=g, dtype=torch.float64).to(dtype)
+    return kernel, x, torch.zeros_like(x)
+
+
+def conv_layer(kernel, x):
+    return lambda z: torch.tanh(torch.nn.functional.conv2d(z, kernel, padding=1) + x)
+
+
+# layer name -> (problem(B, d) -> (weight, c, z0), f(weight, c))
+LAYERS = {"slow": (peers.slow_contraction_problem, lambda W, c: peers.layer(W, c, fused=False)),
+          "random": (peers.random_contraction_problem, lambda W, c: peers.layer(W, c, fused=False)),
+          "conv": (conv_problem, conv_layer)}
 TITLE = "deqkern.solve (Anderson) vs torchdeq Anderson"
 COLUMNS = ["layer", "B", "d", "solver", "f_evals", "ms_per_solve", "us_per_iter", "us_f_alone",
            "us_overhead_per_iter", "overhead_ratio", "end_to_end_ratio"]
@@ -47,13 +72,18 @@ def torchdeq_anderson(f, z0):
     return peers.torchdeq_solve("anderson", f, z0)
 
 
-def time_solvers(solvers, f, z0, min_time):
+def time_solvers(solvers, f, z0, min_time, device):
     """{name: (median ms per solve, median ms per solve outside f)}, the solvers interleaved (interleaved_times).
 
     The overhead is measured, not inferred: f is wrapped in a timer, and a solve's time outside f is its time minus
     the time spent inside f during that solve. (Subtracting f's time from a loop of its own would mix two machine
     states: inside a solve f's outputs fault pages in again and its matrix is evicted by the solver's buffers.)
+    On CUDA, where a call of f only queues work, the solves are timed with do_bench (not interleaved) and the time
+    inside f is evals x f's own time: {name: (median ms per solve, None)}; bench_layer subtracts.
     """
+    if device.type == "cuda":
+        return {name: (timing.measure(lambda run=run: run(f, z0), device, min_time).median, None)
+                for name, run in solvers.items()}
     inside_ms = {name: [] for name in solvers}  # per call, warm-up calls included
 
     def timed_solve(name, run):
@@ -80,10 +110,12 @@ def time_solvers(solvers, f, z0, min_time):
     return out
 
 
-def bench_layer(layer, B, d, min_time):
+def bench_layer(layer, B, d, min_time, device):
     """Rows of COLUMNS for both solvers on one layer and size; ratios on the deqkern row."""
-    W, c, z0 = LAYERS[layer](B, d)
-    f = peers.layer(W, c, fused=False)
+    problem, make_f = LAYERS[layer]
+    W, c, z0 = (t.to(device) for t in problem(B, d))
+    f = make_f(W, c)
+    d = z0[0].numel()
     solvers = {"deqkern": deqkern_anderson} if peers.torchdeq is None else {
         "deqkern": deqkern_anderson, "torchdeq": torchdeq_anderson}
     evals = {}
@@ -91,11 +123,15 @@ def bench_layer(layer, B, d, min_time):
         g, calls = peers.counted(f)
         run(g, z0)
         evals[name] = calls[0]
-    t_f = timing.measure(lambda: f(z0), torch.device("cpu"), min_time).median
-    rows = {name: dict(layer=layer, B=B, d=d, solver=name, f_evals=evals[name], ms_per_solve=t,
-                       us_per_iter=1e3 * t / evals[name], us_f_alone=1e3 * t_f,
-                       us_overhead_per_iter=1e3 * outside_f / evals[name], overhead_ratio=None, end_to_end_ratio=None)
-            for name, (t, outside_f) in time_solvers(solvers, f, z0, min_time).items()}
+    t_f = timing.measure(lambda: f(z0), device, min_time).median
+    rows = {}
+    for name, (t, outside_f) in time_solvers(solvers, f, z0, min_time, device).items():
+        if outside_f is None:  # CUDA: evals x f's own time
+            outside_f = t - evals[name] * t_f
+        rows[name] = dict(layer=layer, B=B, d=d, solver=name, f_evals=evals[name], ms_per_solve=t,
+                          us_per_iter=1e3 * t / evals[name], us_f_alone=1e3 * t_f,
+                          us_overhead_per_iter=1e3 * outside_f / evals[name], overhead_ratio=None,
+                          end_to_end_ratio=None)
     if "torchdeq" in rows:
         ours, theirs = rows["deqkern"], rows["torchdeq"]
         ours["overhead_ratio"] = theirs["us_overhead_per_iter"] / max(ours["us_overhead_per_iter"], 1e-6)
@@ -148,7 +184,7 @@ def speedup_panels(rows):
 
 
 def main(argv=None):
-    args = cli.BenchParser(__doc__, sizes={"cpu": SIZES}, quick_sizes=QUICK_SIZES, min_time=(1.0, 0.3),
+    args = cli.BenchParser(__doc__, sizes={"cpu": SIZES, "cuda": SIZES}, quick_sizes=QUICK_SIZES, min_time=(1.0, 0.3),
                            quick_help="B=32 d=64 only, short timings",
                            sizes_help="comma-separated BxD sizes for both tables, e.g. 32x64,256x256 "
                                       "(default 32x64,256x256 timed; 4 sizes counted)").parse_args(argv)
@@ -158,7 +194,8 @@ def main(argv=None):
     print("\n".join(prov.lines), flush=True)
     evals_sizes = args.size_list if (args.sizes or args.quick) else SLOW_SIZES
     with torch.no_grad():
-        rows = [row for layer in LAYERS for B, d in args.size_list for row in bench_layer(layer, B, d, args.min_time)]
+        rows = [row for layer in LAYERS for B, d in args.size_list
+                for row in bench_layer(layer, B, d, args.min_time, device)]
         evals_rows = [slow_layer_evals(B, d) for B, d in evals_sizes]
     blocks = [timing_table(rows), EVALS_HEADING, writers.markdown_table(
         EVALS_HEAD, ([r[c] for c in EVALS_COLUMNS] for r in evals_rows))]
