@@ -65,6 +65,8 @@ def bench_variant(B, d, dtype_name, precision, device, min_time):
                 iters = int(info.iterations.max())
                 t = timing.measure(solve, device, min_time).median / max(iters, 1)
                 note = "TF32 products" if backend == "triton" and precision != "highest" else "exact products"
+                if int(info.iterations.min()) != iters:  # a sample that stopped early did less work
+                    note += f"; some samples stopped after {int(info.iterations.min())} iterations"
                 rows.append(dict(base, implementation=f"deqkern-{backend}", iters=iters, us_per_iter=1e3 * t,
                                  x_mm=t / mm, x_separate=t / separate, note=note))
             except Exception as exc:  # a backend that fails is a finding: recorded, not fatal
