@@ -130,6 +130,9 @@ def test_compile_fullgraph():
         ((torch.ones(3, 3), None, torch.ones(1, 3), "gram", 0.0, 0, 1e-6), "max_iter"),
         ((torch.ones(3, 3), None, torch.ones(1, 3), "gram", 0.0, 10, 0.0), "tol"),
         ((torch.ones(3, 3).int(), None, torch.ones(1, 3).int(), "gram", 0.0, 10, 1e-6), "float32 or float64"),
+        # 2^31 columns as stride-0 views (no memory): an int index would truncate them, so they are refused.
+        ((torch.ones(1, 1).expand(1, 2**31), None, torch.ones(1, 1).expand(1, 2**31), "gram", 0.0, 10, 1e-6),
+         "at most 2"),
     ],
 )
 def test_raw_op_rejects_bad_arguments(args, message):

@@ -66,6 +66,9 @@ inline void check_power_iteration_args(const at::Tensor& W, const c10::optional<
                                        double tol) {
   TORCH_CHECK(W.dim() == 2 && W.size(0) >= 1 && W.size(1) >= 1,
               "deqkern.power_iteration: W must be a non-empty (m, n) matrix, got ", W.sizes());
+  // The kernels index a row or column of W with int (a wider one would be truncated, not refused).
+  TORCH_CHECK(W.size(0) <= INT32_MAX && W.size(1) <= INT32_MAX,
+              "deqkern.power_iteration: W's dimensions must be at most 2^31 - 1, got ", W.sizes());
   TORCH_CHECK(W.scalar_type() == at::kFloat || W.scalar_type() == at::kDouble,
               "deqkern.power_iteration: W must be float32 or float64, got ", W.scalar_type());
   TORCH_CHECK(!symmetric || W.size(0) == W.size(1), "deqkern.power_iteration: mode 'symmetric' needs a square W, got ",

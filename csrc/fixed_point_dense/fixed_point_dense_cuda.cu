@@ -252,9 +252,9 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
 }
 
 template <typename T, Mode MODE, int ROWS, bool W_SMEM>
-void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream) {
+void launch_kernel(const SolveParams<T>& p, size_t smem, cudaStream_t stream, int device) {
   auto kernel = dense_solve_kernel<T, MODE, ROWS, W_SMEM>;
-  cuda::allow_dynamic_shared_memory(kernel, smem);
+  cuda::allow_dynamic_shared_memory(kernel, device);
   const int64_t blocks = (p.batch + ROWS - 1) / ROWS;
   TORCH_CHECK(blocks <= int64_t(INT32_MAX), "deqkern: batch too large: ", p.batch);
   const int threads = int(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (p.d + 31) / 32 * 32)));
@@ -271,15 +271,15 @@ void launch_dense_solve(const SolveParams<T>& p, int device) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const size_t tile = tile_smem_bytes<T, MODE, kTileRows>(d);
   if (tile + w_bytes <= cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, kTileRows, true>, device)) {
-    launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream);
+    launch_kernel<T, MODE, kTileRows, true>(p, tile + w_bytes, stream, device);
   } else if (tile <= cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, kTileRows, false>, device)) {
-    launch_kernel<T, MODE, kTileRows, false>(p, tile, stream);
+    launch_kernel<T, MODE, kTileRows, false>(p, tile, stream, device);
   } else {
     const size_t row = tile_smem_bytes<T, MODE, 1>(d);
     const size_t limit = cuda::max_dynamic_shared_memory(dense_solve_kernel<T, MODE, 1, false>, device);
     TORCH_CHECK(row <= limit, "deqkern: d = ", p.d, " is too large for the CUDA dense solver (needs ", row,
                 " bytes of shared memory per block, the device allows ", limit, "); use backend='triton'");
-    launch_kernel<T, MODE, 1, false>(p, row, stream);
+    launch_kernel<T, MODE, 1, false>(p, row, stream, device);
   }
 }
 

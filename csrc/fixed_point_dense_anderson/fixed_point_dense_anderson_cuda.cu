@@ -1,6 +1,6 @@
 // CUDA kernels of fixed_point_dense_anderson and its backward (schemas: fixed_point_dense_anderson.cpp, semantics:
 // deqkern/reference/fixed_point_dense_anderson.py; the per-sample contract: common/stop_rule.h). One persistent launch per solve, one block per batch row for the whole solve:
-// the iterate and T(x) in shared memory, the row's history (x_i, g_i) in a global scratch allocated before the
+// the iterate (and s) in shared memory, the row's history (x_i, g_i) in a global scratch allocated before the
 // launch, its Gram matrix and weights in shared memory. Per step: the matrix-vector product (columns of M read
 // coalesced), the epilogue, one new Gram row (n block reductions fused into one pass), the weights by one thread in
 // float64 (common/anderson_weights.h, the one Anderson weight solve of deqkern), and the mixing.
@@ -48,13 +48,17 @@ struct SolveParams : AndersonParams<T> {
 
 using cuda::block_sum;
 
-// Dynamic shared memory: x (d), t (d), s (d, adjoint) as T.
+// Dynamic shared memory (anderson_smem_bytes): x (d), then s (d) in the adjoint, as T.
+template <typename T>
+size_t anderson_smem_bytes(int64_t d, bool adjoint) {
+  return size_t(adjoint ? 2 : 1) * size_t(d) * sizeof(T);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T> p) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* x = reinterpret_cast<T*>(smem_raw);
-  T* t = x + p.d;
-  T* s = t + p.d;
+  T* s = x + p.d;  // adjoint only
   __shared__ double gram[kMaxHistory * kMaxHistory];
   __shared__ double weights[kMaxHistory];
   __shared__ AndersonWorkspace<double, kMaxHistory> workspace;
@@ -99,7 +103,6 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
         for (int kk = 0; kk < d; ++kk) acc += x[kk] * p.M[int64_t(kk) * d + i];
         const T ti = p.adjoint ? s[i] * (acc + bias[i]) : activation_forward(p.activation, acc + bias[i]);
         const T gi = ti - x[i];
-        t[i] = ti;
         hx[slot * int64_t(d) + i] = x[i];
         hg[slot * int64_t(d) + i] = gi;
         // The residual's squared norms in float64 (stop_rule.h): no finite float32 iterate overflows them.
@@ -169,11 +172,11 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
     p.M = t.adjoint() ? t.W.const_data_ptr<T>() : Wt.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
     p.hist = hist.mutable_data_ptr<T>();
-    const size_t smem = size_t(3) * d * sizeof(T);
+    const size_t smem = anderson_smem_bytes<T>(d, t.adjoint());
     const size_t limit = cuda::max_dynamic_shared_memory(anderson_kernel<T>, t.W.get_device());
     TORCH_CHECK(smem <= limit, "deqkern.fixed_point_dense_anderson: d = ", d, " is too large for the CUDA kernel "
                 "(needs ", smem, " bytes of shared memory per block, the device allows ", limit, ")");
-    cuda::allow_dynamic_shared_memory(anderson_kernel<T>, smem);
+    cuda::allow_dynamic_shared_memory(anderson_kernel<T>, t.W.get_device());
     TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern.fixed_point_dense_anderson: batch too large: ", batch);
     anderson_kernel<T><<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -136,7 +136,7 @@ void launch(const PowerIterationParams<T>& p, int64_t batch, int device) {
               ") is too large for the CUDA power iteration (needs ", smem, " bytes of shared memory per block, the "
               "device allows ", limit, "); use backend='triton'");
   TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern: batch too large: ", batch);
-  cuda::allow_dynamic_shared_memory(kernel, smem);
+  cuda::allow_dynamic_shared_memory(kernel, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   kernel<<<dim3(unsigned(batch)), dim3(kThreads), smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,10 +24,15 @@ size_t max_dynamic_shared_memory(Kernel kernel, int device) {
   return size_t(optin) > attributes.sharedSizeBytes ? size_t(optin) - attributes.sharedSizeBytes : size_t(0);
 }
 
-// Lets `kernel` be launched with `bytes` of dynamic shared memory (required above 48 KB, valid below).
+// Lets `kernel` be launched on `device` with up to max_dynamic_shared_memory bytes of dynamic shared memory (the opt-in
+// is required above 48 KB). Always the maximum, never one launch's size: the attribute belongs to the kernel, shared by
+// every host thread, so a thread setting its smaller size between another thread's call and launch would make that
+// launch fail; every caller setting the same value cannot. (It caps the dynamic size only: occupancy follows each
+// launch's own size.)
 template <typename Kernel>
-void allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+void allow_dynamic_shared_memory(Kernel kernel, int device) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(max_dynamic_shared_memory(kernel, device))));
 }
 
 }  // namespace cuda
