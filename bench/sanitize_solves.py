@@ -6,7 +6,8 @@ result against the reference, so that a sanitizer report can be traced to a path
     global memory), d = 2500 (one-row tiles), forward and adjoint, float32, float64 and bfloat16, a batch that does not
     fill the last tile and a row with a NaN;
   - fixed_point_dense_anderson (CUDA), forward and adjoint; anderson_step through deqkern.solve; power_iteration;
-  - with --triton, the same dense solves on the Triton backend (slow under the sanitizer: keep it for memcheck).
+  - with --triton, the same dense solves on the Triton backend, the dense Anderson at d = 33 (its register kernel)
+    and d = 70 (its scratch kernel) (slow under the sanitizer: keep it for memcheck).
 Exit status 1 if a result does not match (the sanitizer's own findings give it a non-zero status of its own).
 --device cpu rehearses the script without a GPU: the same cases on the CPU backend (and Triton under
 TRITON_INTERPRET=1).
@@ -65,7 +66,7 @@ def dense_cases(backend, widths):
             z = fixed_point_dense_ref(W, c, z0, *args)[0].nan_to_num()
             yield (f"{backend} fixed_point_dense_backward d={d} {dtype}", "fixed_point_dense_backward",
                    (W, c, z, torch.ones_like(z)), args, fixed_point_dense_backward_ref)
-    for d in (33, 300) if backend != "triton" else (33,):
+    for d in (33, 300) if backend != "triton" else (33, 70):  # Triton: the register and the scratch kernel
         W, c, z0 = problem(5, d, torch.float32)
         args = ("tanh", 5, 1.0, 1e-6, 1e-5, 60)
         yield (f"{backend} fixed_point_dense_anderson d={d}", "fixed_point_dense_anderson", (W, c, z0), args,

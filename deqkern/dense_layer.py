@@ -94,10 +94,17 @@ class DenseImplicitLayer(nn.Module):
         nn.Linear's product is), so the solve reads half-precision data and accumulates in float32, and the gradient
         reaches the float32 parameters through the casts; otherwise as given."""
         device_type = W.device.type
-        if not torch.is_autocast_enabled(device_type):
+        if W.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):  # autocast lowers float32 only
             return W, c, z0
         dtype = torch.get_autocast_dtype(device_type)
         return W.to(dtype), c.to(dtype), None if z0 is None else z0.to(dtype)
+
+    @staticmethod
+    def in_weight_dtype(W: torch.Tensor, c: torch.Tensor, z0: Optional[torch.Tensor]):
+        """(c, z0) in W's dtype, for the certified layers: they solve in their weight's dtype (under torch.autocast
+        their injection comes out in half precision, and is widened back exactly), so that the certificate proven
+        for W holds for the solve."""
+        return c.to(W.dtype), None if z0 is None else z0.to(W.dtype)
 
     def injection_values(self, x: torch.Tensor) -> torch.Tensor:
         """c(x), the injection the solve adds: x U^T + b."""

@@ -42,7 +42,8 @@ def case_id(case):
     return f"B{b}-D{d}-{a}-{kit.dtype_id(t)}"
 
 
-# SMALL reaches both Triton kernels: rows in registers (d <= TRITON_DENSE_ANDERSON_REGISTER_WIDTH) and the scratch kernel.
+# SMALL reaches both Triton kernels: rows in registers (d <= TRITON_DENSE_ANDERSON_REGISTER_WIDTH) and the scratch
+# kernel.
 CASES = kit.backend_params([(case_id(c), c) for c in dict.fromkeys(GRID + SMALL)], small={case_id(c) for c in SMALL})
 
 
@@ -144,17 +145,22 @@ def test_empty_batch(backend):
         assert [tuple(t.shape) for t in out] == [(0, 4), (0,), (0,), (0,)]
 
 
+@pytest.mark.parametrize("wide_history", [False, True], ids=["int32-history", "int64-history"])
 @pytest.mark.parametrize("m", [3, 5])
 @pytest.mark.parametrize("adjoint", [False, True], ids=["forward", "adjoint"])
-def test_triton_scratch_kernel(adjoint, m):
+def test_triton_scratch_kernel(adjoint, m, wide_history, monkeypatch):
     """The Triton scratch kernel (rows wider than the register kernel holds) at a small width, with column blocks
     that do not divide it, a history ring that wraps (m = 3 and 5, MP = 4 and 8), and a program whose rows are all
-    flagged (BLOCK_B = 2, rows 0 and 1 bad) next to programs that iterate: the reference's result, float64."""
+    flagged (BLOCK_B = 2, rows 0 and 1 bad) next to programs that iterate, history offsets in int32 and in int64:
+    the reference's result, float64."""
     reason = kit.unavailable("triton")
     if reason:
         pytest.skip(reason)
+    from deqkern.triton_kernels import fixed_point_dense_anderson
     from deqkern.triton_kernels.fixed_point_dense_anderson import launch
 
+    if wide_history:  # the int64 history offsets of histories of 2^31 elements or more, at a small size
+        monkeypatch.setattr(fixed_point_dense_anderson, "WIDE_HISTORY_ELEMENTS", 0)
     W, c, z0 = kit.dense_problem(5, 20, device=kit.device_of("triton"))
     grad_z = kit.random_like(c)
     c[0, 1] = NAN

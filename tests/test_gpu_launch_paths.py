@@ -24,25 +24,32 @@ def skip_without_gpu(backend):
 @pytest.mark.parametrize("method", ["picard", "anderson"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_solve_runs_on_the_current_stream(backend, method):
-    """c is written on a side stream behind a ~50 ms sleep, and the solve is called on that stream without waiting:
-    launched on any other stream, the kernel would read c before it is written."""
+    """c holds NaN until a side stream, behind a ~50 ms sleep, copies the real values in; the solve is called on that
+    stream without waiting. Launched on any other stream, the kernel would read the NaN rows and flag them (0
+    iterations, residual NaN) instead of solving. A first call warms the kernel (Triton compiles and autotunes,
+    which synchronises) so that the timed order is the launch's own."""
     skip_without_gpu(backend)
     W, c_host, z0 = kit.dense_problem(37, 33, torch.float32)
-    W, z0 = W.cuda(), z0.cuda()
-    c_source = c_host.cuda()
+    W, z0, c_source = W.cuda(), z0.cuda(), c_host.cuda()
+    if method == "picard":
+        def solve(c):
+            return kernel("fixed_point_dense", backend)(W, c, z0, "tanh", 1.0, 1e-5, 200)
+        ref = fixed_point_dense_ref(W.cpu(), c_host, z0.cpu(), "tanh", 1.0, 1e-5, 200)
+    else:
+        def solve(c):
+            return kernel("fixed_point_dense_anderson", backend)(W, c, z0, "tanh", 5, 1.0, 1e-4, 1e-5, 200)
+        ref = fixed_point_dense_anderson_ref(W.cpu(), c_host, z0.cpu(), "tanh", 5, 1.0, 1e-4, 1e-5, 200)
+    solve(c_source)  # warm-up
+    c = torch.full_like(c_source, float("nan"))
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)  # cycles: ~50 ms at ~2 GHz
-        c = c_source * 1.0  # allocated and written on the side stream, after the sleep
-        if method == "picard":
-            out = kernel("fixed_point_dense", backend)(W, c, z0, "tanh", 1.0, 1e-5, 200)
-            ref = fixed_point_dense_ref(W.cpu(), c_host, z0.cpu(), "tanh", 1.0, 1e-5, 200)
-        else:
-            out = kernel("fixed_point_dense_anderson", backend)(W, c, z0, "tanh", 5, 1.0, 1e-4, 1e-5, 200)
-            ref = fixed_point_dense_anderson_ref(W.cpu(), c_host, z0.cpu(), "tanh", 5, 1.0, 1e-4, 1e-5, 200)
+        c.copy_(c_source)
+        out = solve(c)
     side.synchronize()
     kit.assert_solve_matches(out, ref, torch.float32)
+    assert bool(out[3].all())
 
 
 @pytest.mark.parametrize("method", ["picard", "anderson"])
@@ -62,7 +69,7 @@ def test_a_grid_of_hundreds_of_thousands_of_blocks(backend, method):
         ref = fixed_point_dense_anderson_ref(W, c, z0, *args)
     torch.cuda.synchronize()
     kit.assert_solve_matches(out, ref, torch.float32)
-    assert int(out[1].min()) == 6  # every block ran: none left at the not-iterated 0
+    assert bool((out[1] >= 1).all())  # every block ran: none left at the not-iterated 0
 
 
 @pytest.mark.parametrize("d, path", [(60, "W in shared memory, 4-row tiles"), (300, "W in global memory, 4-row tiles")])

@@ -90,6 +90,28 @@ def test_half_implicit_gradients(dtype, method):
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=kit.dtype_id)
+def test_half_jacobian_penalty(dtype):
+    """The Jacobian penalty of a half solve is computed in float32 (2 w / N underflows float16 at everyday sizes):
+    its value and its gradient (alone: the loss is 0 * z) match float32's on the same data."""
+    W, c, _ = kit.dense_problem(64, 32, dtype, seed=6)
+
+    def penalty_and_gradients(W, c):
+        W, c = W.clone().requires_grad_(), c.clone().requires_grad_()
+        z, info = deqkern.fixed_point_dense(W, c, tol=1e-6, max_iter=300, jacobian_penalty=1.0,
+                                            on_nonconvergence="raise")
+        (0 * z).sum().backward()  # the gradient is the penalty's alone
+        return info.jacobian_penalty, W.grad, c.grad
+
+    value, *grads = penalty_and_gradients(W, c)
+    value32, *grads32 = penalty_and_gradients(W.float(), c.float())
+    assert value.dtype == torch.float32 and abs(value.item() - value32.item()) <= 1e-2 * value32.item()
+    for g, g32 in zip(grads, grads32):
+        assert g.dtype == dtype and g32.norm() > 0
+        error = ((g.double() - g32.double()).norm() / g32.double().norm()).item()
+        assert error < kit.TOLERANCES[dtype].solve_rel, error
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=kit.dtype_id)
 def test_half_opcheck(dtype):
     """The registered ops' fake kernels give the half solve's metadata (a float32 residual) on the CPU backend."""
     W, c, z0 = kit.dense_problem(5, 7, dtype)
@@ -118,6 +140,20 @@ def test_deqlinear_under_autocast():
         assert p.dtype == p.grad.dtype == torch.float32 and bool(torch.isfinite(p.grad).all())
         assert ((p.grad - g32).norm() / g32.norm()).item() < 5e-2
     assert ((out16.float() - out32).norm() / out32.norm()).item() < kit.TOLERANCES[torch.bfloat16].rtol
+
+
+@pytest.mark.parametrize("name", ["LipschitzDEQ", "LinfContractiveDEQ", "PositiveConcaveDEQ"])
+def test_certified_layers_solve_in_their_weight_dtype_under_autocast(name):
+    """Under a bfloat16 autocast a certified layer's injection comes out in bfloat16; the layer widens it back and
+    solves in its weight's dtype (float32), so that its certificate holds for the solve: the output is float32 and
+    equals the float32 layer's given the same (rounded) injection."""
+    torch.manual_seed(0)
+    layer = getattr(deqkern.nn, name)(12, 24, tol=1e-6, max_iter=300).eval()
+    x = torch.randn(16, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float32 and bool(layer.last_info.converged.all())
+    assert ((out - layer(x)).norm() / layer(x).norm()).item() < kit.TOLERANCES[torch.bfloat16].rtol
 
 
 # ---------------------------------------------------------------- TF32 products (Triton), following PyTorch's switch

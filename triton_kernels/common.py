@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from deqkern.core.constants import RESIDUAL_EPS
-from deqkern.core.dtypes import SOLVE_DTYPES, accumulation_dtype
+from deqkern.core.dtypes import SOLVE_DTYPES
 
 from .activations import activation_derivative, apply_activation
 
@@ -243,9 +243,8 @@ def check_dense_inputs(W: torch.Tensor, rows) -> None:
 
 
 def empty_solve_outputs(like: torch.Tensor):
-    """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve with like's batch."""
-    batch = like.shape[0]
-    return (torch.empty_like(like, memory_format=torch.contiguous_format),
-            like.new_empty((batch,), dtype=torch.int32),
-            like.new_empty((batch,), dtype=accumulation_dtype(like.dtype)),
-            like.new_empty((batch,), dtype=torch.bool))
+    """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve with like's batch:
+    the registered ops' fake outputs (deqkern/ops/fixed_point_dense.py), allocated."""
+    from deqkern.ops.fixed_point_dense import fake_solve_outputs
+
+    return fake_solve_outputs(like, like)

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from deqkern.activations import get_activation
-from deqkern.core.dtypes import accumulation_dtype
+from deqkern.core.dtypes import HALF_DTYPES, accumulation_dtype
 
 from .common import (
     INTERPRET,
@@ -156,7 +156,7 @@ else:
     # rewrites its outputs and scratch from scratch, so the tuning runs leave no trace.
     _kernel = triton.autotune(
         configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)],
-        key=["D", "ACTIVATION", "ADJOINT", "IN_REGISTERS", "BLOCK_B", "BLOCK_N", "BLOCK_K"],
+        key=["D", "ACTIVATION", "ADJOINT", "IN_REGISTERS", "DOT_PRECISION", "BLOCK_B", "BLOCK_N", "BLOCK_K"],
     )(_fixed_point_dense_kernel)
 
 
@@ -164,11 +164,14 @@ else:
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
 def _default_config(dtype: torch.dtype, d: int) -> dict:
-    """Block sizes: whole rows in registers for small d, column blocks over a scratch buffer otherwise."""
+    """Block sizes for data of `dtype`: whole rows in registers for small d, column blocks over a scratch buffer
+    otherwise."""
     block_d = max(16, triton.next_power_of_2(d))
     # float32: tl.dot needs every dimension >= 16; beyond 64 the operator tile held across the loop spills (ptxas,
-    # sm_90). float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N) product: keep it at <= 8192 elements.
-    if dtype == torch.float32 and block_d <= 64:
+    # sm_90). Half data (solved in float32) keeps its tiles beside their widened copies: at 64 the adjoint spilled
+    # about 1 KB with 4 warps, so it holds rows of at most 32. float64 multiplies through a (BLOCK_B, BLOCK_K, BLOCK_N)
+    # product: keep it at <= 8192 elements.
+    if dtype == torch.float32 and block_d <= 64 or dtype in HALF_DTYPES and block_d <= 32:
         return dict(IN_REGISTERS=True, BLOCK_B=16, BLOCK_N=block_d, BLOCK_K=block_d)
     if dtype == torch.float64 and block_d <= 32:
         return dict(IN_REGISTERS=True, BLOCK_B=min(32, 8192 // block_d**2), BLOCK_N=block_d, BLOCK_K=block_d)
@@ -186,7 +189,10 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
     if batch == 0:
         return out, iters, residual, converged
     compute = accumulation_dtype(W.dtype)
-    cfg = dict(_default_config(compute, d), **(config or {}))
+    cfg = dict(_default_config(W.dtype, d), **(config or {}))
+    products = product_options(compute)
+    torch._check(not products["USE_DOT"] or min(cfg["BLOCK_B"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16,
+                 lambda: f"tl.dot needs blocks of at least 16, got {cfg}")
     if cfg["IN_REGISTERS"]:
         torch._check(cfg["BLOCK_N"] >= d and cfg["BLOCK_K"] == cfg["BLOCK_N"], lambda: f"bad config {cfg}")
         scratch = out  # not read
@@ -202,7 +208,7 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
             stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             scratch.stride(0) if scratch.dim() == 3 else 0, scratch.stride(-2),
-            ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), **cfg,
+            ACTIVATION=act_id, ADJOINT=adjoint, **products, **cfg,
         )
     return out, iters, residual, converged
 

@@ -56,6 +56,8 @@ REGISTER_WIDTH = TRITON_DENSE_ANDERSON_REGISTER_WIDTH  # the widest rows the reg
 # The scratch kernel's warps: with 4, its float64 Gram solve and unrolled history loads spilled 360-770 bytes per thread
 # at d = 100 (ptxas, sm_90); with 8, nothing spills at any width checked (bench/results/compile_check_sm90.md).
 SCRATCH_WARPS = 8
+# A history of this many elements or more is indexed in int64 (int32 products of slot and B * d would overflow).
+WIDE_HISTORY_ELEMENTS = 2**31
 
 
 def _num_warps(block_d: int) -> int:
@@ -81,7 +83,7 @@ def _anderson_kernel(
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MP: tl.constexpr,
+    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
@@ -103,6 +105,8 @@ def _anderson_kernel(
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
     residual = not_iterated_residual(tl.zeros([BLOCK_B], dtype=dtype))
     H = tl.zeros([BLOCK_B, MP, MP], dtype=tl.float64)
+    if WIDE_HISTORY:  # j * stride_h_slot = j * B * d passes 2^31: int64 (only then: it costs registers)
+        stride_h_slot = tl.cast(stride_h_slot, tl.int64)
     p_hx = hist_ptr
     p_hg = hist_ptr + stride_h_kind
     k = tl.full([], 0, tl.int32)
@@ -164,7 +168,8 @@ def _anderson_scratch_kernel(
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b, stride_s_buf, stride_s_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """The same solve as _anderson_kernel for rows of any width, column block by column block (module docstring)."""
     dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the scratch's, the history's, every widened load's
@@ -185,6 +190,8 @@ def _anderson_scratch_kernel(
     iters = tl.zeros([BLOCK_B], dtype=tl.int32)
     residual = not_iterated_residual(tl.zeros([BLOCK_B], dtype=dtype))
     H = tl.zeros([BLOCK_B, MP, MP], dtype=tl.float64)
+    if WIDE_HISTORY:  # j * stride_h_slot = j * B * d passes 2^31: int64 (only then: it costs registers)
+        stride_h_slot = tl.cast(stride_h_slot, tl.int64)
     p_hx = hist_ptr
     p_hg = hist_ptr + stride_h_kind
     k = tl.full([], 0, tl.int32)
@@ -280,7 +287,8 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
     common_args = (batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter), stride_out, stride_in,
                    c.stride(0), c.stride(1), z.stride(0), z.stride(1), grad_z.stride(0), grad_z.stride(1),
                    out.stride(0), out.stride(1), hist.stride(0), hist.stride(1), hist.stride(2))
-    meta = dict(ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), MP=mp)
+    meta = dict(ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), MP=mp,
+                WIDE_HISTORY=hist.numel() >= WIDE_HISTORY_ELEMENTS)
     if in_registers is None:
         in_registers = d <= REGISTER_WIDTH
     with device_guard(z):
@@ -293,6 +301,8 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
         else:
             scratch = z.new_empty((2, batch, d), dtype=compute)
             block = dict(SCRATCH_BLOCKS, **(blocks or {}))
+            torch._check(not meta["USE_DOT"] or min(block["BLOCK_B"], block["BLOCK_N"], block["BLOCK_K"]) >= 16,
+                         lambda: f"tl.dot needs blocks of at least 16, got {block}")
             _anderson_scratch_kernel[(triton.cdiv(batch, block["BLOCK_B"]),)](
                 W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist, scratch, *common_args,
                 scratch.stride(0), scratch.stride(1), **meta, **block, num_warps=SCRATCH_WARPS)

@@ -164,7 +164,7 @@ class LinfContractiveDEQ(CertifiedDEQ):
             options = dict(self.solver_options, beta=self.solver_options["beta"] * alpha)
         else:
             options = dict(self.solver_options, alpha=alpha)
-        c = self.injection_values(u)
+        c, x0 = self.in_weight_dtype(A, self.injection_values(u), x0)
         x, self.last_info = fixed_point_dense(A, c, z0=x0, jacobian_penalty=self.jacobian_penalty_weight(),
                                               **options)
         return x

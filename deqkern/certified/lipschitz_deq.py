@@ -199,7 +199,7 @@ class LipschitzDEQ(CertifiedDEQ):
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         W = self.compute_weight(converged=not self.training, update=self.training)
         self.last_weight = W.detach()
-        c = self.injection_values(x)
+        c, z0 = self.in_weight_dtype(W, self.injection_values(x), z0)
         z, self.last_info = fixed_point_dense(W, c, z0=z0, jacobian_penalty=self.jacobian_penalty_weight(),
                                               **self.solver_options)
         return z

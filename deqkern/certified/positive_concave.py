@@ -215,7 +215,8 @@ class PositiveConcaveDEQ(CertifiedDEQ):
         return F.softplus(self.injection(x)) + self.injection_eps
 
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        W, c, penalty = self.weight, self.injection_values(x), self.jacobian_penalty_weight()
+        W, penalty = self.weight, self.jacobian_penalty_weight()
+        c, z0 = self.in_weight_dtype(W, self.injection_values(x), z0)
         if z0 is not None and self.solver_options["method"] == "picard":
             # the parameterisation guarantees W >= 0 and c > 0; only a given start needs a check
             options = without(self.solver_options, "alpha", "method", "m", "beta")  # the functional runs Picard
@@ -230,7 +231,7 @@ class PositiveConcaveDEQ(CertifiedDEQ):
         cert = PositiveConcaveCertificate.of(self.activation, W, self.injection_eps,
                                              _positive_concave_guarantee(self.activation))
         if x is not None:
-            c = self.injection_values(x)
+            c, _ = self.in_weight_dtype(W, self.injection_values(x), None)
             W64 = W.double()
             cert.add_sample_rates(lambda z: z @ W64.T, c, self.solver_options["tol"], self.solver_options["max_iter"])
             options = dict(self.solver_options, on_nonconvergence="ignore")

@@ -2,7 +2,9 @@
 
 Half-precision data (float16, bfloat16) is stored as given and computed with in float32: products, iterates kept
 by a solve, Anderson Gram matrices and residuals. float32 and float64 data are computed with in their own dtype.
-(csrc/common/params_from_tensors.h and the Triton kernels follow the same rule: at::opmath_type, and widening loads.)
+(The dense solves follow the same rule: the C++ ops widen half data to float32 once per solve,
+csrc/common/params_from_tensors.h: solve_in_accumulation_dtype; the Triton kernels widen it on load,
+triton_kernels/common.py: widen; anderson_step accumulates in at::opmath_type.)
 """
 import torch
 
