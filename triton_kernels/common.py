@@ -188,6 +188,26 @@ def blocked_matvec(p_x, stride_x_b, stride_x_d, o_b, m_b, n0, W_ptr, D, stride_o
 
 
 @triton.jit
+def scratch_map_block(p_x, p_s, p_bias, stride_x_b, stride_bias_b, stride_bias_d, o_b, m_b, n0, W_ptr, D,
+                      stride_w_out, stride_w_in, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr,
+                      USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column block n0 of T(x) for an iterate in a scratch (scratch_prologue's layout): (T(x), x) tiles of the block,
+    T(x) 0 in padded columns."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = o_n < D
+    acc = blocked_matvec(p_x, stride_x_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in, USE_DOT,
+                         DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    b_bias = load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
+    if ADJOINT:
+        b_s = load_rows(p_s, o_b, o_n, m_b, m_n, stride_x_b, 1)
+    else:
+        b_s = b_bias
+    b_t = apply_map(acc, b_bias, b_s, m_b[:, None] & m_n[None, :], ACTIVATION, ADJOINT)
+    return b_t, load_rows(p_x, o_b, o_n, m_b, m_n, stride_x_b, 1)
+
+
+@triton.jit
 def scratch_prologue(W_ptr, z_ptr, c_ptr, gz_ptr, p_x, p_s, stride_x_b, o_b, m_b, D, stride_w_out, stride_w_in,
                      stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
                      ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr,

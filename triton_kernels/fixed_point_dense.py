@@ -35,7 +35,6 @@ from .common import (
     SCRATCH_BLOCKS,
     apply_map,
     bias_of,
-    blocked_matvec,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
@@ -46,6 +45,7 @@ from .common import (
     record_step,
     register_prologue,
     relative_residual,
+    scratch_map_block,
     scratch_prologue,
     squared_norms,
     store_rows,
@@ -117,16 +117,9 @@ def _fixed_point_dense_kernel(
             for n0 in range(0, D, BLOCK_N):
                 o_n = n0 + tl.arange(0, BLOCK_N)
                 m_n = o_n < D
-                m_bn = m_b[:, None] & m_n[None, :]
-                acc = blocked_matvec(p_src, stride_s_b, 1, o_b, m_b, n0, W_ptr, D, stride_w_out, stride_w_in,
-                                     USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
-                b_bias = load_rows(p_bias, o_b, o_n, m_b, m_n, stride_bias_b, stride_bias_d)
-                if ADJOINT:
-                    b_s = load_rows(p_s, o_b, o_n, m_b, m_n, stride_s_b, 1)
-                else:
-                    b_s = b_bias
-                b_t = apply_map(acc, b_bias, b_s, m_bn, ACTIVATION, ADJOINT)
-                b_x = load_rows(p_src, o_b, o_n, m_b, m_n, stride_s_b, 1)
+                b_t, b_x = scratch_map_block(p_src, p_s, p_bias, stride_s_b, stride_bias_b, stride_bias_d, o_b, m_b,
+                                             n0, W_ptr, D, stride_w_out, stride_w_in, ACTIVATION, ADJOINT, USE_DOT,
+                                             DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
                 block_diff, block_t = squared_norms(b_t, b_x)
                 sq_diff += block_diff
                 sq_t += block_t
