@@ -76,7 +76,7 @@ def main():
 
     setup(
         name="deqkern",
-        version="0.1.0",
+        version="0.2.0",
         description="Fused, certified deep equilibrium (DEQ) solvers for PyTorch: CPU C++, CUDA and Triton kernels",
         packages=find_packages(include=["deqkern", "deqkern.*"]) + ["deqkern.triton_kernels"],
         package_dir={"deqkern.triton_kernels": "triton_kernels"},

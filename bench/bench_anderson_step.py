@@ -9,7 +9,7 @@ f is a plain PyTorch callable for both solvers; z0 = 0, float32, tol 1e-4 relati
   random  f(z) = tanh(z W^T + c), W = 0.9 A / ||A||_2 with A Gaussian, c ~ N(0, 1): both solvers need about the same
           number of evaluations, so the end-to-end ratio is bounded by f's share of the time
   conv    a small convolutional DEQ: f(z) = tanh(conv3x3(z) + x) on (B, 16, 8, 8) images (d = 1024 per sample), the
-          kernel scaled to operator norm 0.9 (deqkern.conv_norm), x ~ N(0, 1); the --sizes B applies, d is fixed
+          kernel scaled to operator norm 0.9 (conv_operator_norm), x ~ N(0, 1); the --sizes B applies, d is fixed
 
 Columns: evaluations of f, time per solve, time per iteration, time of f alone (a loop of its own), solver
 overhead per iteration = (solve time - time spent inside f during the solve) / evaluations, and the ratios
@@ -25,7 +25,7 @@ import time
 import torch
 
 import deqkern
-from deqkern.conv_norm import conv_operator_norm
+from deqkern.lipschitz import conv_operator_norm
 from harness import cli, peers, provenance, report, timing, writers
 from harness.peers import MAX_ITER, TOL
 
@@ -65,7 +65,7 @@ EVALS_HEADING = "## f evaluations on the slowly contracting layer (target <= 16)
 
 
 def deqkern_anderson(f, z0):
-    return deqkern.solve(f, z0, "anderson", tol=TOL, max_iter=MAX_ITER, on_nonconvergence="ignore")
+    return deqkern.solve(f, z0, method="anderson", tol=TOL, max_iter=MAX_ITER, on_nonconvergence="ignore")
 
 
 def torchdeq_anderson(f, z0):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deqkern
-from deqkern import _extension
+from deqkern.core.backends import available_backends
 from harness import cli, peers, provenance, report, results, timing, writers
 from harness.peers import COUNTING, MAX_ITER, SEED, TOL, TORCHDEQ_SOLVERS
 
@@ -73,10 +73,8 @@ def _iteration_stats(info):
 
 
 def deqkern_backends(device):
-    if device.type == "cpu":
-        return ["cpu"]
-    backends = ["cuda"] if _extension.CUDA_EXTENSION_BUILT else []
-    return backends + (["triton"] if _extension.triton_available() else [])
+    """The kernel backends that can run on `device` here (the Triton interpreter is no benchmark)."""
+    return [b for b in available_backends(device) if b != "reference" and not (b == "triton" and device.type == "cpu")]
 
 
 # ---------------------------------------------------------------- sections

@@ -18,7 +18,7 @@ Run `python bench/bench_jac_reg.py --help`; results go to --out as Markdown, CSV
 import torch
 
 import deqkern
-from deqkern.demo import load_digits_split
+from deqkern.apps.digits import load_digits_split
 from deqkern.jacobian import jacobian_reg
 from harness import cli, provenance, report, timing, writers
 

@@ -60,8 +60,8 @@ def bench_size(d, dtype_name, n_iter, min_time):
         "1 thread (B = 1: threads split the batch)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lipschitz.PowerIterationWarning)  # tol 1e-300 is never "reached"
-        res = lipschitz.spectral_norm(W, n_iter=n_iter, tol=TOL, u0=u0[0], backend="cpu")
-        row("deqkern-public", lambda: lipschitz.spectral_norm(W, n_iter=n_iter, tol=TOL, u0=u0[0], backend="cpu"),
+        res = lipschitz.spectral_norm(W, max_iter=n_iter, tol=TOL, u0=u0[0], backend="cpu")
+        row("deqkern-public", lambda: lipschitz.spectral_norm(W, max_iter=n_iter, tol=TOL, u0=u0[0], backend="cpu"),
             res.value, int(res.iterations), "spectral_norm: + finite/convergence checks")
     row("pytorch-loop", lambda: pytorch_loop(W, u0[0], n_iter), pytorch_loop(W, u0[0], n_iter), n_iter,
         f"{torch.get_num_threads()} threads")

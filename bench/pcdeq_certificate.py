@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from deqkern.certified import PositiveConcaveDEQ
-from deqkern.certified.bounds import geometric_steps_to_tol
-from deqkern.demo import load_digits_split
+from deqkern.nn.certified import PositiveConcaveDEQ
+from deqkern.nn.certified.bounds import geometric_steps_to_tol
+from deqkern.apps.digits import load_digits_split
 from harness import cli, provenance, writers
 
 COLUMNS = ["activation", "step", "loss", "observed_median", "observed_max", "proven_bound_median",

@@ -99,7 +99,7 @@ def other_ops(backend, device):
     W, c, z0 = problem(4, 64, torch.float32)
     c = c.nan_to_num().to(device)
     W = W.to(device)
-    z, info = deqkern.solve(lambda z: torch.tanh(z @ W.T + c), z0.to(device), "anderson", tol=1e-5, max_iter=80,
+    z, info = deqkern.solve(lambda z: torch.tanh(z @ W.T + c), z0.to(device), method="anderson", tol=1e-5, max_iter=80,
                             on_nonconvergence="ignore")
     synchronize(device)
     residual = ((torch.tanh(z @ W.T + c) - z).norm() / z.norm()).item()

@@ -6,13 +6,13 @@ from .activations import ACTIVATIONS
 from .core.backends import BACKENDS
 from .core.errors import NonConvergenceError, NonConvergenceWarning, PowerIterationWarning, SkippedGradientWarning
 from .core.info import SolverInfo
-from .ops.fixed_point_dense import fixed_point_dense
-from . import lipschitz, nn, jacobian  # noqa: E402
+from .core.backends import available_backends
+from .solvers import fixed_point_dense, solve
+from . import lipschitz, jacobian, nn  # noqa: E402  (layers and tools on top of the solves)
 from .jacobian import jacobian_reg  # noqa: E402
-from .solvers import solve  # noqa: E402
 from .torchdeq_compat import register_torchdeq_solvers  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
@@ -21,6 +21,7 @@ __all__ = [
     "PowerIterationWarning",
     "SkippedGradientWarning",
     "SolverInfo",
+    "available_backends",
     "core",
     "fixed_point_dense",
     "jacobian",

@@ -3,6 +3,20 @@ import argparse
 import sys
 
 
+def info():
+    """What is built, and which backend can run on which device here (and why not)."""
+    import torch
+
+    from . import __version__, _extension
+    from .core.backends import backend_status
+
+    print(f"deqkern {__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    print(f"CPU extension: built; CUDA extension: {'built' if _extension.CUDA_EXTENSION_BUILT else 'not built'}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for backend, why_not in backend_status(device).items():
+            print(f"  {device} tensors, backend {backend}: {'available' if why_not is None else why_not}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="deqkern", description="deqkern command line")
@@ -11,22 +25,15 @@ def main(argv=None):
                         "commands; info: what is built and available")
     known, rest = parser.parse_known_args(argv[:1])
     if known.command == "demo":
-        from .demo import run
+        from .apps.demo import run
 
         run(argv[1:])
     elif known.command == "reproduce":
-        from .reproduce import main as reproduce
+        from .apps.reproduce import main as reproduce
 
         reproduce(argv[1:])  # a claim that does not hold is a finding, printed and written, not an error
     else:
-        import torch
-
-        from . import _extension
-
-        print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-        print(f"CPU extension: built; CUDA extension: {'built' if _extension.CUDA_EXTENSION_BUILT else 'not built'}")
-        print(f"Triton: {'installed' if _extension.triton_available() else 'not installed'}"
-              f"{' (interpreter on)' if _extension.triton_interpreter_on() else ''}")
+        info()
     return 0
 
 

@@ -1,6 +1,6 @@
 """The activation table: one row per activation, shared by every backend.
 
-The integer id is the contract with the kernels: `csrc/activations.h` (CPU and CUDA) and
+The integer id is the contract with the kernels: `csrc/common/activations.h` (CPU and CUDA) and
 `triton_kernels/activations.py` switch on it. Adding an activation is one row here, one `case` there
 and one branch in the Triton helper; the solver kernels themselves do not change.
 """
@@ -64,4 +64,4 @@ def get_activation(name: str) -> Activation:
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(f"deqkern: unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None

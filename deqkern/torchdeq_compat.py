@@ -30,11 +30,10 @@ import warnings
 
 import torch
 
+from .core.constants import SOLVE_METHODS
 from .core.errors import NonConvergenceError, NonConvergenceWarning
-from .core.policy import NONCONVERGENCE_POLICIES
-from .solvers import solve
-
-METHODS = ("anderson", "picard", "broyden")
+from .core.policy import check_policy
+from .solvers.generic import SOLVE_OPTIONS, solve
 _MAX_ROUNDS = 3
 # torchdeq's own relative residual ||f(z) - z|| / (||f(z)|| + 1e-9): the adapter reports and checks torchdeq's stop
 # criterion exactly as torchdeq computes it (deqkern's solves use deqkern.core.constants.RESIDUAL_EPS).
@@ -66,9 +65,10 @@ def _make_solver(method, policy, defaults, SolverStat):
     def solver(func, x0, max_iter=50, tol=1e-3, stop_mode="abs", indexing=None, tau=1.0, return_final=False,
                **kwargs):
         if stop_mode not in ("abs", "rel"):
-            raise ValueError(f"deqkern_{method}: stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+            raise ValueError(f"deqkern.torchdeq_compat ({method}): stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
         if return_final:
-            raise ValueError(f"deqkern_{method}: return_final=True is not supported (deqkern returns the "
+            raise ValueError(f"deqkern.torchdeq_compat ({method}): return_final=True is not supported (deqkern "
+                             "returns the "
                              "lowest-residual iterate)")
         options = dict(defaults)
         options.update(kwargs)  # unknown keys reach deqkern.solve, which raises TypeError
@@ -78,7 +78,7 @@ def _make_solver(method, policy, defaults, SolverStat):
             elif method == "picard":
                 options["alpha"] = float(tau)
             else:
-                raise ValueError(f"deqkern_{method}: tau={tau!r} is not supported by broyden")
+                raise ValueError(f"deqkern.torchdeq_compat ({method}): tau={tau!r} is not supported by broyden")
         max_iter = int(max_iter)
         dtype_tiny = torch.finfo(x0.dtype).tiny if x0.is_floating_point() else 1e-30
 
@@ -131,9 +131,11 @@ def _make_solver(method, policy, defaults, SolverStat):
 
         if policy != "ignore" and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(crit).all()):
-                raise FloatingPointError(f"deqkern_{method}: the solve produced NaN/Inf (not contractive?)")
+                raise FloatingPointError(f"deqkern.torchdeq_compat ({method}): the solve produced NaN/Inf (not "
+                                         "contractive?)")
             if not bool((crit <= tol).all()):
-                msg = (f"deqkern_{method}: {int((crit > tol).sum())} of {crit.numel()} samples did not reach "
+                msg = (f"deqkern.torchdeq_compat ({method}): {int((crit > tol).sum())} of {crit.numel()} samples did "
+                       f"not reach "
                        f"{stop_mode} tol={tol:g} within max_iter={max_iter} (largest {float(crit.max()):.3e})")
                 if policy == "raise":
                     raise NonConvergenceError(msg)
@@ -158,19 +160,45 @@ def register_torchdeq_solvers(prefix: str = "deqkern_", on_nonconvergence: str =
     check_every, backend), overridden by torchdeq's solver_kwargs. Returns the registered names.
     Needs torchdeq (ImportError otherwise); importing deqkern does not.
     """
-    from .deq import SOLVE_OPTIONS
-
     register_solver, SolverStat = _require_torchdeq()
-    if on_nonconvergence not in NONCONVERGENCE_POLICIES:
-        raise ValueError(f"on_nonconvergence must be one of {NONCONVERGENCE_POLICIES}, got {on_nonconvergence!r}")
+    check_policy("register_torchdeq_solvers", on_nonconvergence)
     reserved = {"tol", "max_iter", "on_nonconvergence", "return_trace"}
     unknown = sorted(set(solve_options) - (SOLVE_OPTIONS - reserved))
     if unknown:
-        raise TypeError(f"register_torchdeq_solvers: unknown or reserved option(s) {unknown}; torchdeq sets tol and "
+        raise TypeError(f"deqkern.register_torchdeq_solvers: unknown or reserved option(s) {unknown}; torchdeq "
+                        f"sets tol and "
                         f"max_iter itself; valid: {sorted(SOLVE_OPTIONS - reserved)}")
+    _warn_when_backward_solver_is_unused(prefix)
     names = []
-    for method in METHODS:
+    for method in SOLVE_METHODS:
         name = f"{prefix}{method}"
         register_solver(name, _make_solver(method, on_nonconvergence, solve_options, SolverStat))
         names.append(name)
     return names
+
+
+class UnusedBackwardSolverWarning(UserWarning):
+    """torchdeq was given a deqkern backward solver (b_solver) that its configuration never calls."""
+
+
+def _warn_when_backward_solver_is_unused(prefix):
+    """torchdeq's `ift` defaults to False: a DEQ built with b_solver="deqkern_..." and without ift=True trains with
+    one-step (phantom) gradients and never calls the backward solver, silently. Wraps torchdeq's DEQ base class once
+    so that such a configuration warns when it is built."""
+    from torchdeq import core
+
+    if getattr(core.DEQBase.__init__, "_deqkern_checks_b_solver", False):
+        return
+    original = core.DEQBase.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        b_solver = self.args.get("b_solver", kwargs.get("b_solver"))
+        ift = self.args.get("ift", kwargs.get("ift", False)) or self.args.get("hook_ift", False)
+        if isinstance(b_solver, str) and b_solver.startswith(prefix) and not ift:
+            warnings.warn(f"deqkern.register_torchdeq_solvers: b_solver={b_solver!r} is not used: torchdeq's ift "
+                          "defaults to False (one-step gradients, no backward solve); pass ift=True to get the "
+                          "implicit gradient through deqkern's solver", UnusedBackwardSolverWarning, stacklevel=3)
+
+    __init__._deqkern_checks_b_solver = True
+    core.DEQBase.__init__ = __init__

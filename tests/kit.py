@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from deqkern import _extension
+from deqkern.core.backends import backend_status
 
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 HAS_GPU = torch.cuda.is_available()
@@ -19,18 +19,8 @@ TRITON_INTERPRETED = not HAS_GPU
 
 
 def unavailable(backend):
-    """Why `backend` cannot run here, or None."""
-    if backend == "cuda":
-        if not HAS_GPU:
-            return "no CUDA device"
-        if not _extension.CUDA_EXTENSION_BUILT:
-            return "the CUDA extension is not built"
-    if backend == "triton":
-        if not _extension.triton_available():
-            return "Triton is not installed"
-        if not HAS_GPU and not _extension.triton_interpreter_on():
-            return "no GPU and TRITON_INTERPRET is not set"
-    return None
+    """Why `backend` cannot run here, or None (deqkern.core.backends.backend_status on the backend's device)."""
+    return backend_status(device_of(backend))[backend]
 
 
 def device_of(backend):

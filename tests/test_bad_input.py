@@ -16,7 +16,7 @@ import torch
 
 import deqkern
 from deqkern import jacobian, lipschitz
-from deqkern.certified import positive_concave_fixed_point
+from deqkern.nn.certified import positive_concave_fixed_point
 
 import kit
 
@@ -87,7 +87,7 @@ ERRORS = [
     ("solve-z0-scalar", lambda: deqkern.solve(tanh_f, torch.tensor(1.0)), ValueError, "batch dimension"),
     ("solve-zero-width", lambda: deqkern.solve(tanh_f, torch.ones(2, 0)), ValueError, "at least one entry"),
     ("solve-z0-nan", lambda: deqkern.solve(tanh_f, C2 * NAN), ValueError, "z0 contain"),
-    ("solve-method", lambda: deqkern.solve(tanh_f, C2, "newton"), ValueError, "unknown method"),
+    ("solve-method", lambda: deqkern.solve(tanh_f, C2, method="newton"), ValueError, "unknown method"),
     ("solve-m-17", lambda: deqkern.solve(tanh_f, C2, m=17), ValueError, "m"),
     ("solve-m-bool", lambda: deqkern.solve(tanh_f, C2, m=True), ValueError, "m"),
     ("solve-beta", lambda: deqkern.solve(tanh_f, C2, beta=1.5), ValueError, "beta"),
@@ -103,7 +103,8 @@ ERRORS = [
     ("solve-f-returns-list-later", lambda: deqkern.solve(misbehaving("list"), C2), TypeError, "evaluation 3"),
     ("solve-f-returns-shape-later", lambda: deqkern.solve(misbehaving("shape"), C2), ValueError, "evaluation 3"),
     ("solve-f-returns-nan-later", lambda: deqkern.solve(misbehaving("nan"), C2), FloatingPointError, "overflowed"),
-    ("broyden-f-returns-int-later", lambda: deqkern.solve(misbehaving("int"), C2, "broyden"), TypeError, "evaluation"),
+    ("broyden-f-returns-int-later", lambda: deqkern.solve(misbehaving("int"), C2, method="broyden"), TypeError,
+     "evaluation"),
     # ------------------------------------------------ layers
     ("DEQLinear-hidden-0", lambda: deqkern.nn.DEQLinear(4, 0), ValueError, "hidden_features"),
     ("DEQLinear-in-0", lambda: deqkern.nn.DEQLinear(0, 4), ValueError, "in_features"),
@@ -117,7 +118,7 @@ ERRORS = [
     ("lipschitz-hidden-0", lambda: deqkern.nn.LipschitzDEQ(4, 0), ValueError, "hidden_features"),
     ("lipschitz-gamma", lambda: deqkern.nn.LipschitzDEQ(4, 4, gamma=1.0), ValueError, "gamma"),
     ("DEQ-f", lambda: deqkern.nn.DEQ(3), TypeError, "callable"),
-    ("DEQ-solver", lambda: deqkern.nn.DEQ(lambda z, x: z, solver="newton"), ValueError, "solver"),
+    ("DEQ-method", lambda: deqkern.nn.DEQ(lambda z, x: z, method="newton"), ValueError, "method"),
     ("DEQ-backward", lambda: deqkern.nn.DEQ(lambda z, x: z, backward="adjoint"), ValueError, "backward"),
     ("DEQ-option", lambda: deqkern.nn.DEQ(lambda z, x: z, solver_options=dict(tolerance=1e-3)), TypeError, "tolerance"),
     ("DEQ-tol-bool", lambda: deqkern.nn.DEQ(lambda z, x: z, solver_options=dict(tol=True)), ValueError, "tol"),
@@ -134,7 +135,7 @@ ERRORS = [
     ("spectral-norm-u0-zero", lambda: lipschitz.spectral_norm(torch.eye(3), u0=torch.zeros(3)), ValueError,
      "nonzero"),
     ("spectral-norm-tol-bool", lambda: lipschitz.spectral_norm(torch.eye(3), tol=True), ValueError, "tol"),
-    ("spectral-norm-n-iter", lambda: lipschitz.spectral_norm(torch.eye(3), n_iter=0), ValueError, "max_iter"),
+    ("spectral-norm-n-iter", lambda: lipschitz.spectral_norm(torch.eye(3), max_iter=0), ValueError, "max_iter"),
     ("power-iteration-mode", lambda: lipschitz.power_iteration(torch.eye(3), torch.ones(1, 3), mode="eig"),
      ValueError, "mode"),
     ("power-iteration-shift", lambda: lipschitz.power_iteration(torch.eye(3), torch.ones(1, 3), shift=math.inf),
@@ -166,7 +167,7 @@ def test_empty_batches_return_empty_results_everywhere():
         z, info = deqkern.fixed_point_dense(W4, torch.ones(0, 4), method=method)
         assert z.shape == (0, 4) and info.iterations.shape == info.converged.shape == (0,)
     for method in ("anderson", "picard", "broyden"):
-        z, info = deqkern.solve(tanh_f, torch.ones(0, 3, 2), method, return_trace=True)
+        z, info = deqkern.solve(tanh_f, torch.ones(0, 3, 2), method=method, return_trace=True)
         assert z.shape == (0, 3, 2) and info.iterations.shape == (0,) and info.trace.shape == (0, 0)
     for layer in (deqkern.nn.DEQLinear(4, 5), deqkern.nn.PositiveConcaveDEQ(4, 5), deqkern.nn.LinfContractiveDEQ(4, 5),
                   deqkern.nn.LipschitzDEQ(4, 5)):
@@ -179,8 +180,8 @@ def test_empty_batches_return_empty_results_everywhere():
         for backward in ("ift", "phantom", "one_step"):
             for z_shape in (None, (4,)):
                 x = torch.ones(0, 4, requires_grad=True)
-                z, info = deqkern.nn.DEQ(lambda z, x: torch.tanh(lin(z)) + x, solver=solver, backward=backward,
-                                         z_shape=z_shape)(x)
+                z = deqkern.nn.DEQ(lambda z, x: torch.tanh(lin(z)) + x, method=solver, backward=backward,
+                                   z_shape=z_shape)(x)
                 z.sum().backward()
                 assert z.shape == (0, 4)
     assert lipschitz.power_iteration(torch.eye(3), torch.ones(0, 3)).value.shape == (0,)
@@ -227,7 +228,7 @@ def test_double_backward_raises_instead_of_a_wrong_number(kind):
     x = torch.tensor([[0.3, -0.2]], dtype=torch.float64, requires_grad=True)
     W = 0.4 * torch.eye(2, dtype=torch.float64)
     if kind == "DEQ":
-        z, _ = deqkern.nn.DEQ(lambda z, x: torch.tanh(z @ W.T + x), solver="broyden")(x)
+        z = deqkern.nn.DEQ(lambda z, x: torch.tanh(z @ W.T + x), method="broyden")(x)
     else:
         z, _ = deqkern.fixed_point_dense(W, x, method="picard" if kind == "fixed_point_dense" else "anderson")
     (grad,) = torch.autograd.grad(z.sum(), x, create_graph=True)
@@ -257,7 +258,7 @@ def test_every_layer_pickles_saves_copies_and_builds_on_meta(make):
 
 
 def test_the_command_line_validates_its_arguments():
-    from deqkern.demo import parse_args
+    from deqkern.apps.demo import parse_args
 
     for bad in (["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--lr", "0"], ["--epochs", "two"]):
         with pytest.raises(SystemExit) as raised:

@@ -1,4 +1,4 @@
-"""deqkern.certified: the certified implicit layers, tested against the theory they certify."""
+"""deqkern.nn.certified: the certified implicit layers, tested against the theory they certify."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import deqkern
 import kit
 from deqkern import lipschitz
-from deqkern.certified import (
+from deqkern.nn.certified import (
     LinfContractiveDEQ,
     LipschitzDEQ,
     PositiveConcaveDEQ,
@@ -55,7 +55,7 @@ def test_pc_uniqueness_is_in_the_orthant_for_odd_activations():
     """tanh with a large W has another (negative) fixed point: the nonnegative start is what the theory needs."""
     W, c = _large_pc_problem("tanh")
     z_pos, _ = positive_concave_fixed_point(W, c, "tanh", tol=1e-12, max_iter=1000)
-    z_neg, _ = deqkern.fixed_point_dense(W, c, "tanh", tol=1e-12, max_iter=1000, z0=-torch.ones_like(c))
+    z_neg, _ = deqkern.fixed_point_dense(W, c, activation="tanh", tol=1e-12, max_iter=1000, z0=-torch.ones_like(c))
     assert (z_neg < 0).any() and not torch.allclose(z_neg, z_pos)
     with pytest.raises(ValueError, match="z0 must be >= 0"):
         positive_concave_fixed_point(W, c, "tanh", z0=-torch.ones_like(c))
@@ -446,7 +446,7 @@ def test_layers_are_exported_from_nn():
 
 # ================================================================ every certificate, at every training step
 def _digits(n=256):
-    from deqkern.demo import load_digits_split
+    from deqkern.apps.digits import load_digits_split
 
     (x, y), _ = load_digits_split("cpu", F64)
     return x[:n], y[:n]

@@ -1,4 +1,4 @@
-"""deqkern.certified.conv: the certified convolutional DEQs, tested against the explicitly built conv matrix (the
+"""deqkern.nn.certified.conv: the certified convolutional DEQs, tested against the explicitly built conv matrix (the
 convolution as the (C H W) x (C H W) linear map it is) and against the theory they certify."""
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import deqkern
 import kit
-from deqkern.certified.conv import LinfContractiveConvDEQ, LipschitzConvDEQ, PositiveConcaveConvDEQ
+from deqkern.nn.certified.conv import LinfContractiveConvDEQ, LipschitzConvDEQ, PositiveConcaveConvDEQ
 from deqkern.lipschitz import conv_operator_norm_upper_bound
 
 F64 = torch.float64

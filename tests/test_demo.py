@@ -5,7 +5,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
 from deqkern.__main__ import main  # noqa: E402
-from deqkern.demo import run  # noqa: E402
+from deqkern.apps.demo import run  # noqa: E402
 
 
 def test_demo_compares_the_layer_families(capsys, tmp_path):

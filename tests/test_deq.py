@@ -1,4 +1,6 @@
 """deqkern.nn.DEQ (generic f(z, x)) and the torchdeq drop-in solvers."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -40,7 +42,7 @@ class MLPLayer(nn.Module):
 
 D_IN, D, B = 4, 6, 3
 TIGHT = dict(tol=1e-12, max_iter=300)
-BTIGHT = dict(solver="anderson", tol=1e-12, max_iter=300)
+BTIGHT = dict(method="anderson", tol=1e-12, max_iter=300)
 
 
 def _make(kind, seed=0):
@@ -67,7 +69,8 @@ def test_fixed_point_and_ift_matches_unrolled(kind):
     f, x = _make(kind)
     deq = deqkern.nn.DEQ(f, solver_options=TIGHT, backward_options=BTIGHT, z_shape=(D,))
     assert "f" in dict(deq.named_children())  # f's parameters belong to the DEQ
-    z, info = deq(x)
+    z = deq(x)
+    info = deq.last_info
     with torch.no_grad():
         assert (f(z, x) - z).abs().max() < 1e-10
     assert info.converged.all()
@@ -83,9 +86,9 @@ def test_fixed_point_and_ift_matches_unrolled(kind):
 @pytest.mark.parametrize("solver", ["anderson", "picard", "broyden"])
 def test_solver_methods_and_backward_solvers(kind, solver):
     f, x = _make(kind, seed=1)
-    deq = deqkern.nn.DEQ(f, solver=solver, solver_options=TIGHT,
-                         backward_options=dict(BTIGHT, solver=solver), z_shape=(D,))
-    z, _ = deq(x)
+    deq = deqkern.nn.DEQ(f, method=solver, solver_options=TIGHT,
+                         backward_options=dict(BTIGHT, method=solver), z_shape=(D,))
+    z = deq(x)
     w = torch.randn(B, D, dtype=DT)
     for a, r in zip(_grads(f, x, z, w), _grads(f, x, _unrolled(f, x), w)):
         torch.testing.assert_close(a, r, atol=1e-8, rtol=1e-7)
@@ -95,16 +98,16 @@ def test_phantom_and_one_step():
     f, x = _make("tanh", seed=2)
     w = torch.randn(B, D, dtype=DT)
     ift = deqkern.nn.DEQ(f, solver_options=TIGHT, backward_options=BTIGHT, z_shape=(D,))
-    g_ift = _grads(f, x, ift(x)[0], w)
+    g_ift = _grads(f, x, ift(x), w)
     for backward, opts in (("phantom", dict(phantom_steps=5)), ("one_step", {})):
         deq = deqkern.nn.DEQ(f, backward=backward, solver_options=TIGHT, z_shape=(D,), **opts)
-        g = _grads(f, x, deq(x)[0], w)
+        g = _grads(f, x, deq(x), w)
         assert all(torch.isfinite(t).all() for t in g)
     many = deqkern.nn.DEQ(f, backward="phantom", solver_options=TIGHT, z_shape=(D,), phantom_steps=150,
                           phantom_damping=0.8)
-    z, _ = many(x)
+    z = many(x)
     with torch.no_grad():
-        assert (z - ift(x)[0]).abs().max() < 1e-10  # phantom steps from z* stay at z*
+        assert (z - ift(x)).abs().max() < 1e-10  # phantom steps from z* stay at z*
     for a, r in zip(_grads(f, x, z, w), g_ift):
         torch.testing.assert_close(a, r, atol=1e-8, rtol=1e-7)
 
@@ -118,7 +121,7 @@ def test_gradcheck_ift_tiny():
     def fn(x, W):
         deq = deqkern.nn.DEQ(lambda z, x: torch.tanh(z @ W.T + x), solver_options=dict(tol=1e-14, max_iter=500),
                              backward_options=dict(tol=1e-14, max_iter=500))
-        return deq(x)[0]
+        return deq(x)
 
     assert torch.autograd.gradcheck(fn, (x, W), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -129,7 +132,7 @@ def test_eval_mode_force_matches_finite_differences():
     head = torch.randn(D, dtype=DT)
 
     def energy(x):
-        z, _ = deq(x)
+        z = deq(x)
         return (torch.tanh(z) @ head).sum()
 
     x = torch.randn(B, D_IN, dtype=DT, requires_grad=True)
@@ -154,18 +157,18 @@ def test_torchdeq_eval_mode_has_no_graph_where_deq_has_one():
     td = torchdeq.get_deq(f_solver="anderson", b_solver="anderson", ift=True, f_tol=1e-10, f_max_iter=100).eval()
     z_td = td(lambda z: f(z, x), torch.zeros(B, D, dtype=DT))[0][-1]
     assert not z_td.requires_grad  # torchdeq: no force in eval mode
-    z, _ = deqkern.nn.DEQ(f, solver_options=TIGHT, z_shape=(D,)).eval()(x)
+    z = deqkern.nn.DEQ(f, solver_options=TIGHT, z_shape=(D,)).eval()(x)
     assert z.requires_grad and z.grad_fn is not None
 
 
 def test_unknown_and_misspelled_options_raise():
     f, _ = _make("tanh")
-    with pytest.raises(ValueError, match="solver"):
-        deqkern.nn.DEQ(f, solver="andersen")
+    with pytest.raises(ValueError, match="method"):
+        deqkern.nn.DEQ(f, method="andersen")
     with pytest.raises(ValueError, match="backward"):
         deqkern.nn.DEQ(f, backward="implicit")
     with pytest.raises(ValueError):
-        deqkern.nn.DEQ(f, backward_options=dict(solver="newton"))
+        deqkern.nn.DEQ(f, backward_options=dict(method="newton"))
     with pytest.raises(TypeError, match="tols"):
         deqkern.nn.DEQ(f, solver_options=dict(tols=1e-6))  # misspelled: torchdeq would ignore it
     with pytest.raises(TypeError, match="max_iters"):
@@ -184,7 +187,7 @@ def test_wrong_state_shape_is_named():
         assert any("z_shape" in note for note in raised.value.__notes__)
     with pytest.raises(ValueError, match="z_shape"):
         deqkern.nn.DEQ(lambda z, x: torch.cat([z, z], -1))(x)  # f returns another shape
-    z, _ = deqkern.nn.DEQ(f)(x, z0=torch.zeros(B, D, dtype=DT))  # an explicit z0 sets the shape
+    z = deqkern.nn.DEQ(f)(x, z0=torch.zeros(B, D, dtype=DT))  # an explicit z0 sets the shape
     assert z.shape == (B, D)
 
 
@@ -197,7 +200,7 @@ def test_nonconvergence_policy_forward_and_backward():
         deqkern.nn.DEQ(f, solver_options=dict(loose, on_nonconvergence="raise"), z_shape=(D,))(x)
     deq = deqkern.nn.DEQ(f, solver_options=TIGHT, backward_options=dict(loose, on_nonconvergence="raise"),
                          z_shape=(D,))
-    z, _ = deq(x)
+    z = deq(x)
     with pytest.raises(deqkern.NonConvergenceError):
         z.sum().backward()
 
@@ -272,12 +275,12 @@ def test_jac_reg_option_adds_the_hutchinson_penalty_gradient():
     deq_reg = deqkern.nn.DEQ(f, solver_options=dict(tol=1e-10, max_iter=200), jac_reg=0.3)
     x = torch.randn(3, 4, dtype=torch.float64)
     torch.manual_seed(1)
-    z, _ = deq_reg(x)
+    z = deq_reg(x)
     z.sum().backward()
     got = [p.grad.clone() for p in cell.parameters()]
     penalty = deq_reg.last_jac_loss
     cell.zero_grad()
-    z_plain, _ = deq_plain(x)
+    z_plain = deq_plain(x)
     torch.manual_seed(1)  # the same Rademacher probe as the layer drew
     expected = jac.jacobian_reg(f, z_plain.detach(), x)
     (z_plain.sum() + 0.3 * expected).backward()
@@ -289,3 +292,13 @@ def test_jac_reg_option_adds_the_hutchinson_penalty_gradient():
     assert deq_reg.last_jac_loss is None
     with pytest.raises(ValueError, match="jac_reg must be"):
         deqkern.nn.DEQ(f, jac_reg=(1.0, 2.0))
+
+
+def test_torchdeq_adapter_warns_when_its_backward_solver_is_unused():
+    torchdeq = pytest.importorskip("torchdeq")
+    deqkern.register_torchdeq_solvers()
+    with pytest.warns(deqkern.torchdeq_compat.UnusedBackwardSolverWarning, match="ift=True"):
+        torchdeq.get_deq(f_solver="deqkern_anderson", b_solver="deqkern_anderson")  # torchdeq's ift defaults False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", deqkern.torchdeq_compat.UnusedBackwardSolverWarning)
+        torchdeq.get_deq(f_solver="deqkern_anderson", b_solver="deqkern_anderson", ift=True)

@@ -75,7 +75,7 @@ def _model(kind):
     else:
         f = torch.nn.Sequential(torch.nn.Linear(10, 10, dtype=torch.float64), torch.nn.Tanh())
         torch.nn.init.normal_(f[0].weight, std=0.1)
-        layer = deqkern.nn.DEQ(lambda z, x: f(z + x), solver="anderson", solver_options=dict(tol=1e-10, max_iter=300),
+        layer = deqkern.nn.DEQ(lambda z, x: f(z + x), method="anderson", solver_options=dict(tol=1e-10, max_iter=300),
                                backward_options=dict(tol=1e-10, max_iter=300), z_shape=(10,))
         layer.f_module = f  # registers f's parameters
         proj = torch.nn.Linear(6, 10, dtype=torch.float64)
@@ -86,7 +86,7 @@ def _model(kind):
 def _forward(model, kind, x):
     if kind == "DEQLinear":
         return model["deq"](x)
-    return model["deq"](model["proj"](x))[0]
+    return model["deq"](model["proj"](x))
 
 
 def _data():
@@ -150,9 +150,10 @@ def _collective_worker(rank, method):
         calls.append(1)
         return torch.tanh(z @ W.T + c) + 0.0 * total
 
-    z, info = deqkern.solve(f, torch.zeros_like(c), method, tol=1e-10, max_iter=400,
+    z, info = deqkern.solve(f, torch.zeros_like(c), method=method, tol=1e-10, max_iter=400,
                             process_group=dist.group.WORLD)
-    alone, _ = deqkern.solve(lambda z: torch.tanh(z @ W.T + c), torch.zeros_like(c), method, tol=1e-10, max_iter=400)
+    alone, _ = deqkern.solve(lambda z: torch.tanh(z @ W.T + c), torch.zeros_like(c), method=method, tol=1e-10,
+                             max_iter=400)
     return dict(z=z, alone=alone, converged=bool(info.converged.all()), calls=len(calls),
                 iterations=int(info.iterations.max()))
 

@@ -94,10 +94,11 @@ def test_divergent_generic_solve_is_never_converged(dtype, method, c_value):
     c = torch.full((3, 2), c_value, dtype=dtype)
     f = lambda z: torch.relu(3.0 * z + c)  # noqa: E731  (no fixed point: every method diverges)
     max_iter = iterations_to_overflow(3.0, dtype)
-    z, info = deqkern.solve(f, torch.zeros_like(c), method, tol=1e-6, max_iter=max_iter, on_nonconvergence="ignore")
+    z, info = deqkern.solve(f, torch.zeros_like(c), method=method, tol=1e-6, max_iter=max_iter,
+                            on_nonconvergence="ignore")
     assert not info.converged.any(), info.residual
     with pytest.raises((FloatingPointError, deqkern.NonConvergenceError)):
-        deqkern.solve(f, torch.zeros_like(c), method, tol=1e-6, max_iter=max_iter, on_nonconvergence="raise")
+        deqkern.solve(f, torch.zeros_like(c), method=method, tol=1e-6, max_iter=max_iter, on_nonconvergence="raise")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=kit.dtype_id)
@@ -132,7 +133,7 @@ def test_spectral_norm_keeps_its_scale(backend, dtype, norm):
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, dtype=torch.float64, generator=g)
     W = (A / torch.linalg.matrix_norm(A, ord=2) * norm).to(dtype=dtype, device=kit.device_of(backend))
-    result = lipschitz.spectral_norm(W, n_iter=2000, tol=1e-5 if dtype == torch.float32 else 1e-10, backend=backend)
+    result = lipschitz.spectral_norm(W, max_iter=2000, tol=1e-5 if dtype == torch.float32 else 1e-10, backend=backend)
     assert bool(result.converged)
     assert abs(float(result) / norm - 1) < (1e-3 if dtype == torch.float32 else 1e-8), float(result)
 

@@ -169,7 +169,7 @@ def test_dense_spectral_matches_matrix_norm(activation, use_op, monkeypatch):
         z = layer(x)
         J = ACTIVATIONS[activation].derivative(z @ layer.weight.T + layer.injection(x))[:, :, None] * layer.weight
     expected = torch.linalg.matrix_norm(J, 2)
-    got = jac.jacobian_norm(layer, z, x, kind="spectral", n_iter=2000, tol=1e-12)
+    got = jac.jacobian_norm(layer, z, x, kind="spectral", max_iter=2000, tol=1e-12)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
     radius = jac.jacobian_norm(layer, z, x, kind="radius")
     torch.testing.assert_close(radius, torch.linalg.eigvals(J).abs().amax(-1), rtol=1e-10, atol=1e-12)
@@ -186,7 +186,7 @@ def test_generic_module_spectral_and_radius():
     z = torch.randn(4, 3, 4, dtype=F64)
     x = torch.randn(4, 5, dtype=F64)
     J = explicit_blocks(cell, z, x)
-    got = jac.jacobian_norm(cell, z, x, kind="spectral", n_iter=3000, tol=1e-13)
+    got = jac.jacobian_norm(cell, z, x, kind="spectral", max_iter=3000, tol=1e-13)
     torch.testing.assert_close(got, torch.linalg.matrix_norm(J, 2), rtol=1e-6, atol=1e-12)
     radius = jac.jacobian_norm(cell, z, x, kind="radius")
     torch.testing.assert_close(radius, torch.linalg.eigvals(J).abs().amax(-1), rtol=1e-10, atol=1e-12)
@@ -195,7 +195,7 @@ def test_generic_module_spectral_and_radius():
     W, c, zd = dense_problem(B=3, d=6, seed=10)
     f = dense_f(W, "softsign")
     for kind in ("spectral", "radius"):
-        opts = dict(kind=kind, n_iter=3000, tol=1e-13)
+        opts = dict(kind=kind, max_iter=3000, tol=1e-13)
         torch.testing.assert_close(jac.jacobian_norm(f, zd, c, **opts),
                                    jac.jacobian_norm(W, zd, c, activation="softsign", **opts), rtol=1e-6, atol=1e-12)
 
@@ -222,8 +222,8 @@ def test_generic_radius_falls_back_when_vmap_cannot_batch():
     W, c, z = dense_problem(B=3, d=5, seed=18)
     f = lambda zz, cc: _TanhNoBatching.apply(zz @ W.T + cc)  # noqa: E731
     for kind in ("radius", "spectral"):
-        torch.testing.assert_close(jac.jacobian_norm(f, z, c, kind=kind, n_iter=3000, tol=1e-13),
-                                   jac.jacobian_norm(W, z, c, kind=kind, n_iter=3000, tol=1e-13, activation="tanh"),
+        torch.testing.assert_close(jac.jacobian_norm(f, z, c, kind=kind, max_iter=3000, tol=1e-13),
+                                   jac.jacobian_norm(W, z, c, kind=kind, max_iter=3000, tol=1e-13, activation="tanh"),
                                    rtol=1e-6, atol=1e-12)
 
 
@@ -269,7 +269,7 @@ def test_complex_dominant_eigenvalues_radius():
         kwargs = {"activation": "identity"} if isinstance(f, torch.Tensor) else {}
         radius = jac.jacobian_norm(f, z, c, kind="radius", **kwargs)
         torch.testing.assert_close(radius, torch.full((2,), 0.8, dtype=F64), rtol=1e-12, atol=0)
-        spectral = jac.jacobian_norm(f, z, c, kind="spectral", n_iter=1000, tol=1e-13, **kwargs)
+        spectral = jac.jacobian_norm(f, z, c, kind="spectral", max_iter=1000, tol=1e-13, **kwargs)
         torch.testing.assert_close(spectral, torch.full((2,), 0.8, dtype=F64), rtol=1e-8, atol=0)
 
 
@@ -296,10 +296,10 @@ def test_torchdeq_power_method_fails_where_ours_does_not():
 
 def test_power_iteration_nonconvergence_warns():
     W, c, z = dense_problem(B=2, d=8, seed=15)
-    with pytest.warns(deqkern.NonConvergenceWarning, match="n_iter"):
-        jac.jacobian_norm(dense_f(W, "tanh"), z, c, kind="spectral", n_iter=2, tol=1e-14)
-    with pytest.warns(deqkern.NonConvergenceWarning, match="n_iter"):  # the dense path (fused op or fallback)
-        jac.jacobian_norm(W, z, c, kind="spectral", n_iter=2, tol=1e-14, activation="tanh")
+    with pytest.warns(deqkern.NonConvergenceWarning, match="max_iter"):
+        jac.jacobian_norm(dense_f(W, "tanh"), z, c, kind="spectral", max_iter=2, tol=1e-14)
+    with pytest.warns(deqkern.NonConvergenceWarning, match="max_iter"):  # the dense path (fused op or fallback)
+        jac.jacobian_norm(W, z, c, kind="spectral", max_iter=2, tol=1e-14, activation="tanh")
 
 
 def test_float32_and_no_warning_when_converged():
@@ -331,8 +331,8 @@ def test_bad_inputs():
         deqkern.jacobian_reg(f, torch.zeros(0, 4, dtype=F64), c)
     with pytest.raises(ValueError, match="kind"):
         jac.jacobian_norm(f, z, c, kind="frobenius")
-    with pytest.raises(ValueError, match="n_iter"):
-        jac.jacobian_norm(f, z, c, n_iter=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        jac.jacobian_norm(f, z, c, max_iter=0)
     with pytest.raises(ValueError, match="tol"):
         jac.jacobian_norm(f, z, c, tol=0.0)
     with pytest.raises(ValueError, match="shape of z"):
@@ -402,7 +402,7 @@ def test_tools_use_each_layers_own_map(index):
     assert fro.item() == pytest.approx(J.pow(2).sum().item() / z.numel(), rel=1e-10)
     radius = jac.jacobian_norm(layer, z, x, kind="radius")
     torch.testing.assert_close(radius, torch.linalg.eigvals(J).abs().amax(dim=-1), rtol=1e-9, atol=1e-12)
-    spectral = jac.jacobian_norm(layer, z, x, kind="spectral", tol=1e-12, n_iter=5000)
+    spectral = jac.jacobian_norm(layer, z, x, kind="spectral", tol=1e-12, max_iter=5000)
     torch.testing.assert_close(spectral, torch.linalg.matrix_norm(J, ord=2), rtol=1e-5, atol=1e-12)
     g = torch.Generator().manual_seed(0)
     reg = jac.jacobian_reg(layer, z, x, n_samples=4000, generator=g)  # the layer itself: its map is used
@@ -414,7 +414,7 @@ def test_tools_take_an_nn_deq_by_its_map():
     cell = MLPCell()
     deq = deqkern.nn.DEQ(cell, solver_options=dict(tol=1e-10, max_iter=300), z_shape=(3, 4)).double()
     x = torch.randn(2, 5, dtype=F64)
-    z, _ = deq(x)
+    z = deq(x)
     expected = jac.jacobian_norm(cell, z.detach(), x, kind="spectral")
     torch.testing.assert_close(jac.jacobian_norm(deq, z.detach(), x, kind="spectral"), expected)
 
@@ -481,7 +481,7 @@ def test_jac_reg_probability_and_bad_values():
 def test_jac_reg_lowers_the_jacobian_and_the_iterations_when_training():
     """The paper's direction on digits: the same short training with the penalty ends with a smaller Jacobian
     and fewer forward iterations."""
-    from deqkern.demo import load_digits_split
+    from deqkern.apps.digits import load_digits_split
 
     (x_all, y_all), _ = load_digits_split("cpu", torch.float32)
     result = {}

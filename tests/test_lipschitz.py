@@ -68,7 +68,7 @@ GRAM_CASES = kit.backend_params(
 def test_spectral_norm_matches_svdvals(backend, m, n, kind):
     W = nonnormal_matrix(n) if kind == "nonnormal" else KINDS[kind](m, n)
     expected = torch.linalg.svdvals(W)[0]
-    result = lipschitz.spectral_norm(W.to(device_of(backend)), n_iter=20000, tol=1e-13, backend=backend)
+    result = lipschitz.spectral_norm(W.to(device_of(backend)), max_iter=20000, tol=1e-13, backend=backend)
     value, u = result  # unpacks as (value, u)
     print(f"{backend} {m}x{n} {kind}: {value.item():.12g} vs {expected.item():.12g}, {result.iterations.item()} it")
     assert value.dim() == 0 and u.shape == (n,) and result.converged.item()
@@ -88,7 +88,7 @@ ONE_SIDED_CASES = kit.backend_params(
 def test_one_sided_l2_matches_eigvalsh(backend, d, kind):
     W = random_matrix(d, d) if kind == "random" else {"gap": symmetric_gap_matrix, "nonnormal": nonnormal_matrix}[kind](d)
     expected = mu2(W)
-    result = lipschitz.one_sided_l2(W.to(device_of(backend)), n_iter=20000, tol=1e-13, backend=backend)
+    result = lipschitz.one_sided_l2(W.to(device_of(backend)), max_iter=20000, tol=1e-13, backend=backend)
     print(f"{backend} d={d} {kind}: {result.value.item():.12g} vs {expected.item():.12g}, "
           f"{result.iterations.item()} it, shift {result.shift:.4g}")
     assert result.converged.item() and result.u.shape == (d,)
@@ -126,11 +126,11 @@ def test_nonconvergence_is_reported(backend):
     Q = torch.linalg.qr(random_matrix(4, 4, seed=3))[0]
     W = (Q @ torch.diag(sigma) @ Q.T).to(device_of(backend))
     with pytest.warns(lipschitz.PowerIterationWarning, match="did not converge"):
-        result = lipschitz.spectral_norm(W, n_iter=5, tol=1e-12, backend=backend)
+        result = lipschitz.spectral_norm(W, max_iter=5, tol=1e-12, backend=backend)
     assert not result.converged.item() and result.iterations.item() == 5
     assert result.value.item() <= 1.0 + 1e-12  # an unconverged power iteration value is a lower bound
     with pytest.warns(lipschitz.PowerIterationWarning):
-        lipschitz.one_sided_l2(W, n_iter=3, tol=1e-12, backend=backend)
+        lipschitz.one_sided_l2(W, max_iter=3, tol=1e-12, backend=backend)
     with pytest.raises(deqkern.NonConvergenceError):
         lipschitz.power_iteration(W, torch.ones(2, 4, dtype=W.dtype, device=W.device), max_iter=3, tol=1e-12,
                                   backend=backend, on_nonconvergence="raise")
@@ -196,12 +196,12 @@ def test_weighted_one_sided_linf():
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), u0=torch.ones(4)), ValueError, "u0 must be"),
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), u0=torch.zeros(3)), ValueError, "nonzero"),
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), u0=torch.ones(3, dtype=torch.float64)), TypeError, "dtype"),
-        (lambda: lipschitz.spectral_norm(torch.ones(3, 3), n_iter=0), ValueError, "max_iter"),
+        (lambda: lipschitz.spectral_norm(torch.ones(3, 3), max_iter=0), ValueError, "max_iter"),
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), tol=0.0), ValueError, "tol"),
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), tol=-1e-3), ValueError, "tol"),
         (lambda: lipschitz.spectral_norm(torch.ones(3, 3), backend="gpu"), ValueError, "backend"),
         (lambda: lipschitz.one_sided_l2(torch.ones(3, 4)), ValueError, "square"),
-        (lambda: lipschitz.one_sided_l2(torch.ones(3, 3), n_iter=0), ValueError, "n_iter"),
+        (lambda: lipschitz.one_sided_l2(torch.ones(3, 3), max_iter=0), ValueError, "max_iter"),
         (lambda: lipschitz.one_sided_linf(torch.ones(3, 4)), ValueError, "square"),
         (lambda: lipschitz.one_sided_linf(torch.ones(3, 3), weights=torch.tensor([1.0, 0.0, 1.0])), ValueError, "> 0"),
         (lambda: lipschitz.one_sided_linf(torch.ones(3, 3), weights=torch.ones(4)), ValueError, "weights must be"),
@@ -264,7 +264,7 @@ def conv_case(case_id, seed=0):
 def test_conv_operator_norm_matches_the_explicit_matrix(case_id, device):
     weight, input_shape, options = conv_case(case_id)
     expected = torch.linalg.matrix_norm(conv_matrix(weight, input_shape, **options), ord=2)
-    result = lipschitz.conv_operator_norm(weight.to(device), input_shape, n_iter=100000, tol=1e-13, **options)
+    result = lipschitz.conv_operator_norm(weight.to(device), input_shape, max_iter=100000, tol=1e-13, **options)
     value, u = result  # unpacks as (value, u)
     print(f"{case_id}: {value.item():.15g} vs {expected.item():.15g}, {result.iterations.item()} it")
     assert value.dim() == 0 and value.dtype == torch.float64 and u.shape == input_shape
@@ -288,7 +288,7 @@ def test_conv_operator_norm_adjoint_is_exact():
         y = conv(x_grad[None], weight, None, **options)
         grad_x, = torch.autograd.grad(y, x_grad, y)  # the conv's own adjoint: A^T y
         torch.testing.assert_close(grad_x.flatten(), gram, rtol=1e-12, atol=1e-12)
-        result = lipschitz.conv_operator_norm(weight, input_shape, n_iter=1, tol=1e-13, u0=x,
+        result = lipschitz.conv_operator_norm(weight, input_shape, max_iter=1, tol=1e-13, u0=x,
                                               on_nonconvergence="ignore", **options)
         torch.testing.assert_close(result.u.flatten(), gram / gram.norm(), rtol=1e-12, atol=1e-14)
 
@@ -336,7 +336,7 @@ def test_conv_operator_norm_gradient_matches_the_exact_norm(case_id):
     exact_weight = weight.clone().requires_grad_()
     torch.linalg.matrix_norm(conv_matrix(exact_weight, input_shape, **options), ord=2).backward()
     weight.requires_grad_()
-    result = lipschitz.conv_operator_norm(weight, input_shape, n_iter=100000, tol=1e-14, **options)
+    result = lipschitz.conv_operator_norm(weight, input_shape, max_iter=100000, tol=1e-14, **options)
     assert result.value.requires_grad and not result.u.requires_grad  # the vector is held fixed
     result.value.backward()
     kit.report("grad", weight.grad, exact_weight.grad)
@@ -357,13 +357,13 @@ def test_conv_operator_norm_is_not_the_reshaped_kernel_norm():
         operator = torch.linalg.matrix_norm(conv_matrix(weight, (4, 8, 8), padding=1), ord=2)
         reshaped = torch.linalg.matrix_norm(weight.reshape(4, -1), ord=2)
         ratios.append((operator / reshaped).item())
-        value = lipschitz.conv_operator_norm(weight, (4, 8, 8), padding=1, n_iter=100000, tol=1e-8).value
+        value = lipschitz.conv_operator_norm(weight, (4, 8, 8), padding=1, max_iter=100000, tol=1e-8).value
         assert operator * (1 - 1e-4) <= value <= operator * (1 + 1e-12)
     print("operator norm / reshaped-kernel norm:", [f"{r:.3f}" for r in ratios])
     assert min(ratios) > 1.3 and max(ratios) <= 3 and sorted(ratios)[len(ratios) // 2] > 1.5
     # an input of exactly one kernel window (one output pixel): the two coincide
     weight = conv_weight(5, 3, (3, 3), seed=3)
-    torch.testing.assert_close(lipschitz.conv_operator_norm(weight, (3, 3, 3), tol=1e-13, n_iter=10000).value,
+    torch.testing.assert_close(lipschitz.conv_operator_norm(weight, (3, 3, 3), tol=1e-13, max_iter=10000).value,
                                torch.linalg.matrix_norm(weight.reshape(5, -1), ord=2), rtol=1e-9, atol=0)
 
 
@@ -371,14 +371,14 @@ def test_conv_operator_norm_nonconvergence_policy():
     weight, input_shape, options = conv_case("3x3-dilation2")
     exact = torch.linalg.matrix_norm(conv_matrix(weight, input_shape, **options), ord=2)
     with pytest.warns(lipschitz.PowerIterationWarning, match="did not converge"):
-        result = lipschitz.conv_operator_norm(weight, input_shape, n_iter=3, tol=1e-12, **options)
+        result = lipschitz.conv_operator_norm(weight, input_shape, max_iter=3, tol=1e-12, **options)
     assert not result.converged.item() and result.iterations.item() == 3
     assert result.value.item() <= exact.item() * (1 + 1e-12)  # an unconverged value is a lower bound
     with pytest.raises(deqkern.NonConvergenceError):
-        lipschitz.conv_operator_norm(weight, input_shape, n_iter=3, tol=1e-12, on_nonconvergence="raise", **options)
+        lipschitz.conv_operator_norm(weight, input_shape, max_iter=3, tol=1e-12, on_nonconvergence="raise", **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = lipschitz.conv_operator_norm(weight, input_shape, n_iter=3, tol=1e-12, on_nonconvergence="ignore",
+        result = lipschitz.conv_operator_norm(weight, input_shape, max_iter=3, tol=1e-12, on_nonconvergence="ignore",
                                               **options)
     assert not result.converged.item()
 
@@ -426,8 +426,8 @@ _W_NAN[1, 2, 0, 1] = float("nan")
         (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), dilation=0), ValueError, "dilation"),
         (lambda: lipschitz.conv_operator_norm(_W, (3, 2, 5)), ValueError, "output is empty"),
         (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), dilation=3), ValueError, "output is empty"),
-        (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), n_iter=0), ValueError, "n_iter"),
-        (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), n_iter=True), ValueError, "n_iter"),
+        (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), max_iter=0), ValueError, "max_iter"),
+        (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), max_iter=True), ValueError, "max_iter"),
         (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), tol=0.0), ValueError, "tol"),
         (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), tol=-1e-3), ValueError, "tol"),
         (lambda: lipschitz.conv_operator_norm(_W, (3, 5, 5), tol=float("inf")), ValueError, "tol"),

@@ -1,11 +1,18 @@
 """`python -m deqkern reproduce`: each paper's claim, at the quick sizes (seconds), checked in its direction with a
-margin, so that a change that breaks a guarantee or a claim fails here; and the files each claim writes."""
+margin, so that a change that breaks a guarantee or a claim fails here; and the files each claim writes (the .png
+only with matplotlib: without it the run still completes, and says so before it starts)."""
+import importlib.util
+import sys
+
 import pytest
 
 pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
 
-from deqkern.reproduce import CLAIMS, main, run_claim  # noqa: E402
+from deqkern.apps.reproduce import CLAIMS, main, run_claim  # noqa: E402
+from deqkern.apps.reproduce import pcdeq  # noqa: E402
+from deqkern.apps.reproduce.common import NO_PLOT_NOTE, claim_notes, number  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def _rows(result):
@@ -17,19 +24,57 @@ def _claim(name, tmp_path):
     result = run_claim(name, tmp_path, quick=True, show_progress=False)
     for path in result.files:
         assert path.exists() and path.stat().st_size > 200, path
-    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.suffix for p in result.files] == [".md", ".csv"] + [".png"] * HAS_MATPLOTLIB
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.closing_line().startswith(f"{name}: ")
     return result
 
 
 def test_pcdeq(tmp_path):
     result = _claim("pcdeq", tmp_path)
-    theory, trained = (rows for _, rows in result.tables.values())
-    assert {r["weight_norm"] for r in theory} == {0.5, 2.0, 10.0, 100.0}
-    for r in theory:
+    unique, rates, trained = (rows for _, rows in result.tables.values())
+    assert {r["weight_norm"] for r in unique} == set(pcdeq.NORMS)
+    for r in unique:
         assert r["largest_distance"] < 1e-9 and r["monotone_from_zero"]  # one fixed point, whatever ||W||
-        assert r["measured_rate"] <= r["theorem_rate"] + 1e-12 and r["tail_rate"] <= r["theorem_rate"] + 1e-12
+    assert len(rates) == len(pcdeq.NORMS) * pcdeq.BATCH  # one row per sample: each proven rate beside its measured
+    for r in rates:
+        # the theorem's rate, from step 0 in ||.||_z*; the tail rate, from its step j in its ||.||_v
+        assert 0 < r["measured_theorem_rate"] <= r["theorem_rate"] + 1e-12, r
+        assert r["tail_rate"] is not None and r["measured_tail_rate"] <= r["tail_rate"] + 1e-12, r
+        assert r["iterations"] <= r["iterations_bound"], r
+    assert any(r["measured_tail_rate"] > 0.01 for r in rates)  # measured over several steps, not only 0s
     assert all(r["test_accuracy"] > 0.3 for r in trained if r["model"].startswith("pcDEQ"))  # learns (chance 0.1)
+    # the sizes the notes state are the sizes run (quick: fewer starts, a smaller d)
+    md = (tmp_path / "pcdeq.md").read_text()
+    quick = pcdeq.SIZES[True]
+    assert f"{quick['starts']} random nonnegative starts" in md and f"d = {quick['d']}," in md
+    assert f"{pcdeq.SIZES[False]['starts']} random" not in md
+
+
+def test_pcdeq_rates_compare_like_with_like():
+    """The measured rates are those of the proven rates' own steps and norms: measured from step 0 in the max norm
+    (what the table had beside the tail rate), the rate can exceed the tail rate proven from step j in ||.||_v
+    (it does at ||W||_2 = 2), while the measured tail rate, over the same steps in the same norm, cannot."""
+    W, c, _ = pcdeq.random_layer(2.0, pcdeq.SIZES[True]["d"])
+    rows = pcdeq.rates(2.0, W, c)
+    sup = pcdeq._ACTIVATION_SUP["tanh"]
+    old = pcdeq.positive_concave_rates(lambda v: v @ W.T, c, "tanh", sup, pcdeq.TOL, pcdeq.MAX_ITER).measured_rate
+    assert any(m > r["tail_rate"] for m, r in zip(old.tolist(), rows))  # the comparison the table used to invite
+    assert all(pcdeq.rates_within(r) for r in rows)
+    worse = dict(rows[0], measured_tail_rate=rows[0]["tail_rate"] * 1.01 + 1e-9)
+    assert not pcdeq.rates_within(worse)
+    worse = dict(rows[0], measured_theorem_rate=rows[0]["theorem_rate"] * 1.01 + 1e-9)
+    assert not pcdeq.rates_within(worse)
+
+
+def test_notes_state_the_sizes_given():
+    doc = "`claim` (paper): the claim.\n\nMore."
+    summary, notes = claim_notes(doc, "{starts} starts, tol {tol:g}, lr {lr}, widths {widths}", starts=8, tol=1e-4,
+                                 lr=0.5, widths="{32, 128}")
+    assert summary == "`claim` (paper): the claim." and notes == "8 starts, tol 1e-4, lr 0.5, widths {32, 128}"
+    assert [number(x) for x in (1e-13, 3e-3, 2.5e-3, 0.02, 1000.0, 3.0)] == ["1e-13", "3e-3", "2.5e-3", "0.02",
+                                                                             "1000", "3"]
 
 
 def test_jacobian_regularisation_lowers_iterations_and_radius(tmp_path):
@@ -77,3 +122,14 @@ def test_cli(tmp_path, capsys):
     results = main(["lipschitz", "--quick", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert results[0].closing_line() in out and "wrote" in out
+
+
+def test_without_matplotlib_the_run_completes_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    results = main(["jacobian-reg", "--quick", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert NO_PLOT_NOTE in out and out.index(NO_PLOT_NOTE) < out.index("=== jacobian-reg")  # before the run
+    assert [p.name for p in results[0].files] == ["jacobian-reg.md", "jacobian-reg.csv"]
+    assert all(p.stat().st_size > 200 for p in results[0].files) and not (tmp_path / "jacobian-reg.png").exists()
+    assert results[0].closing_line() in out

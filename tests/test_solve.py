@@ -32,12 +32,12 @@ def test_solve_reaches_the_fixed_point(method, backend):
     z_ref, info_ref = deqkern.fixed_point_dense(W, c, tol=1e-12, max_iter=1000)
     z0 = torch.zeros_like(c).to(kit.device_of(backend))
     W_, c_ = W.to(z0.device), c.to(z0.device)
-    z, info = deqkern.solve(lambda z: torch.tanh(z @ W_.T + c_), z0, method, tol=1e-10, max_iter=500,
+    z, info = deqkern.solve(lambda z: torch.tanh(z @ W_.T + c_), z0, method=method, tol=1e-10, max_iter=500,
                             backend=backend)
     assert info.converged.all() and (info.residual <= 1e-10).all()
     torch.testing.assert_close(z.cpu(), z_ref, rtol=1e-8, atol=1e-9)
     if method == "anderson" and backend != "triton":
-        picard = deqkern.solve(lambda z: torch.tanh(z @ W_.T + c_), z0, "picard", tol=1e-10, max_iter=500,
+        picard = deqkern.solve(lambda z: torch.tanh(z @ W_.T + c_), z0, method="picard", tol=1e-10, max_iter=500,
                                backend=backend)[1]
         assert info.iterations.sum() < picard.iterations.sum()
 
@@ -70,7 +70,7 @@ def test_history_buffers_reused_safely(backend):
         assert torch.equal(out[1].iterations, info.iterations)
 
     assert_same(solve(f))
-    from deqkern import solvers
+    from deqkern.solvers import generic as solvers
 
     kept = solvers._HISTORY_CACHE.entry[1][0].data_ptr()  # the buffers are kept, and the next solve reuses them
     assert_same(solve(f))
@@ -103,7 +103,7 @@ def test_lowest_residual_iterate_is_returned(method):
     """f(z) = -1.5 z + c diverges from z0 = 0 under m = 1: residuals 1, 3, ... so the first iterate is the best."""
     c = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with pytest.warns(deqkern.NonConvergenceWarning):
-        z, info = deqkern.solve(lambda z: -1.5 * z + c, torch.zeros_like(c), method, m=1, max_iter=5,
+        z, info = deqkern.solve(lambda z: -1.5 * z + c, torch.zeros_like(c), method=method, m=1, max_iter=5,
                                 return_trace=True)
     torch.testing.assert_close(z, c)  # f(x0) of the best iterate x0
     torch.testing.assert_close(info.residual, info.trace.nan_to_num(math.inf).min(dim=0).values)
@@ -139,7 +139,7 @@ def test_trace_and_check_every():
 def test_nonconvergence_policies():
     W, c, f = tanh_layer(4, 16, norm=0.99)
     with pytest.warns(deqkern.NonConvergenceWarning):
-        deqkern.solve(f, torch.zeros_like(c), "picard", tol=1e-12, max_iter=3)
+        deqkern.solve(f, torch.zeros_like(c), method="picard", tol=1e-12, max_iter=3)
     with pytest.raises(deqkern.NonConvergenceError):
         deqkern.solve(f, torch.zeros_like(c), tol=1e-12, max_iter=3, on_nonconvergence="raise")
     with warnings.catch_warnings():
@@ -155,13 +155,13 @@ def test_bad_input_and_options():
     with pytest.raises(ValueError, match="z0"):
         deqkern.solve(f, z0)
     with pytest.raises(FloatingPointError):
-        deqkern.solve(lambda z: 10.0 * z + 1.0, torch.zeros_like(c), "picard", max_iter=400)
+        deqkern.solve(lambda z: 10.0 * z + 1.0, torch.zeros_like(c), method="picard", max_iter=400)
     with pytest.raises(TypeError):
         deqkern.solve(f, torch.zeros_like(c), tau=0.5)
     with pytest.raises(ValueError, match="shape"):
         deqkern.solve(lambda z: z[:, :4], torch.zeros_like(c))
     with pytest.raises(ValueError, match="method"):
-        deqkern.solve(f, torch.zeros_like(c), "newton")
+        deqkern.solve(f, torch.zeros_like(c), method="newton")
     for bad in (dict(m=0), dict(m=17), dict(beta=0.0), dict(lam=-1.0), dict(tol=0.0), dict(check_every=0)):
         with pytest.raises(ValueError):
             deqkern.solve(f, torch.zeros_like(c), **bad)
@@ -193,8 +193,8 @@ def test_broyden_with_memory_one_solves_a_one_dimensional_contraction():
     pair had been computed as an update of the old approximation. Now each pair updates what it is stored into."""
     c = torch.randn(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     f = lambda z: 0.82 * torch.tanh(z) + c  # noqa: E731
-    picard, _ = deqkern.solve(f, torch.zeros_like(c), "picard", tol=1e-10, max_iter=300)
+    picard, _ = deqkern.solve(f, torch.zeros_like(c), method="picard", tol=1e-10, max_iter=300)
     for m in (1, 2, 5):
-        z, info = deqkern.solve(f, torch.zeros_like(c), "broyden", m=m, tol=1e-10, max_iter=100)
+        z, info = deqkern.solve(f, torch.zeros_like(c), method="broyden", m=m, tol=1e-10, max_iter=100)
         assert info.converged.all() and int(info.iterations.max()) < 20, (m, info.iterations)
         torch.testing.assert_close(z, picard, rtol=1e-8, atol=1e-9)

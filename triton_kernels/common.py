@@ -264,7 +264,7 @@ def check_dense_inputs(W: torch.Tensor, rows) -> None:
 
 def empty_solve_outputs(like: torch.Tensor):
     """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve with like's batch:
-    the registered ops' fake outputs (deqkern/ops/fixed_point_dense.py), allocated."""
-    from deqkern.ops.fixed_point_dense import fake_solve_outputs
+    the registered ops' fake outputs (deqkern/ops/_dense_solve.py), allocated."""
+    from deqkern.ops._dense_solve import fake_solve_outputs
 
     return fake_solve_outputs(like, like)

@@ -1,23 +1,17 @@
-"""The header every results file starts with: on what, when, from which code, under what load, by which command."""
-import datetime
+"""The header every benchmark results file starts with: deqkern.apps.provenance's lines (on what, when, from which
+code and versions, by which command: written once, shared with the reproductions of the papers' claims) plus what
+timings need besides: the threads, the machine's load at start and end, and a stall check."""
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import List
 
 import torch
 
-import deqkern
-from deqkern.reproduce.common import cpu_name
+from deqkern.apps.provenance import device_name, git_commit, package_version, utc_now, versions_line  # noqa: F401
 
 from . import timing
-
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass
@@ -32,7 +26,7 @@ class Provenance:
 def collect(device: torch.device, threads: int) -> Provenance:
     """The shared header lines; call after torch.set_num_threads(threads). On CPU this runs the stall check."""
     name = device_name(device)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    date = utc_now()
     threads_line = (f"threads: torch.set_num_threads({threads}) -> {torch.get_num_threads()}; "
                     f"load average (1/5/15 min) at start: {load_average()}")
     if device.type == "cpu":
@@ -41,8 +35,7 @@ def collect(device: torch.device, threads: int) -> Provenance:
         f"device: {name}",
         f"date (UTC): {date}",
         f"git commit: {git_commit()}",
-        f"versions: torch {torch.__version__}, triton {package_version('triton')}, "
-        f"torchdeq {package_version('torchdeq')}, deqkern {deqkern.__version__}, python {platform.python_version()}",
+        versions_line(),
         threads_line,
         f"command: {shlex.join([sys.executable, *sys.argv])}",
     ])
@@ -51,35 +44,6 @@ def collect(device: torch.device, threads: int) -> Provenance:
 def end_line() -> str:
     """The last header line, written once the run is over: was the machine as quiet at the end as at the start?"""
     return f"load average (1/5/15 min) at end: {load_average()}"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
-
-
-def package_version(name: str) -> str:
-    """Read from the installed metadata, so that the header does not import triton or torchdeq."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def git_commit() -> str:
-    """Short hash of HEAD, with -dirty when tracked files differ from it (untracked files, and the results files
-    under bench/results/ that runs rewrite, do not count)."""
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                                      ":(exclude)bench/results") else "")
-
-
-def _git(*cmd) -> str:
-    try:
-        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        return ""
 
 
 def load_average() -> str:

@@ -1,6 +1,6 @@
 // Schema of anderson_step, one Anderson iteration of deqkern.solve. Kernels: anderson_step_cpu.cpp,
 // anderson_step_cuda.cu, triton_kernels/anderson_step.py; specification: deqkern/reference/anderson_step.py; fake
-// kernel: deqkern/ops/anderson_step.py; the driver loop: deqkern/solvers.py.
+// kernel: deqkern/ops/anderson_step.py; the driver loop: deqkern/solvers/generic.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(deqkern, m) {

@@ -95,7 +95,7 @@ inline void check_power_iteration_args(const at::Tensor& W, const c10::optional<
               max_iter);
 }
 
-// anderson_step: the ring buffers, Gram matrix and per-sample state it updates in place (deqkern/solvers.py).
+// anderson_step: the ring buffers, Gram matrix and per-sample state it updates in place (deqkern/solvers/generic.py).
 inline void check_anderson_step_args(const at::Tensor& X_hist, const at::Tensor& G_hist, const at::Tensor& H,
                                      const at::Tensor& x, const at::Tensor& fx, const at::Tensor& x_next,
                                      const at::Tensor& z_best, const at::Tensor& residual_best,

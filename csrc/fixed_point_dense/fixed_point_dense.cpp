@@ -1,6 +1,6 @@
 // Schemas of fixed_point_dense and its implicit backward. Kernels: fixed_point_dense_cpu.cpp,
 // fixed_point_dense_cuda.cu, triton_kernels/fixed_point_dense.py; specification: deqkern/reference/fixed_point_dense.py;
-// fake kernels and autograd: deqkern/ops/fixed_point_dense.py.
+// fake kernels: deqkern/ops/fixed_point_dense.py; autograd: deqkern/solvers/dense.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(deqkern, m) {

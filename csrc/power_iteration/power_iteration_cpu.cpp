@@ -7,7 +7,8 @@
 //   gram:      y_i = s_i d_i (J v), c_i = s_i y_i            -> z = J^T J v,  value^2 = sum_i y_i^2
 //   symmetric: y_i = s_i d_i (J v), c_i = s_i v_i            -> z = J^T v,    value = sum_i v_i y_i
 // (symmetric then forms z <- (J v + z) / 2 + shift v). Loops use GCC vector extensions compiled for AVX-512,
-// AVX2 and baseline x86-64 (target_clones, chosen at load time). All buffers exist before the first iteration.
+// AVX2+FMA and the baseline ISA and picked at run time (common/cpu/simd.h). All buffers exist before the first
+// iteration.
 // With fewer samples than threads (a single ||W||_2), the rows of W are split between the threads instead, so
 // that each streams only its share of W from its own cache; they meet at one barrier per iteration.
 #include <ATen/Dispatch.h>
@@ -40,29 +41,18 @@
 namespace deqkern {
 namespace {
 
-// One 64-byte SIMD register's worth of T, unaligned-safe (simd.h).
+using cpu::VecOf;
+
+// One 64-byte vector on every instruction set (two ymm or four xmm registers below AVX-512): W's padding and the
+// order of every sum are the same on any CPU (results differ only where AVX2 and AVX-512 fuse a multiply-add).
+constexpr int kVecBytes = 64;
 template <typename T>
-using PiVec = typename cpu::VecOf<T, 64>::type;
-static_assert(sizeof(PiVec<float>) == 64 && sizeof(PiVec<double>) == 64, "vector extension not applied");
-template <typename T>
-constexpr int64_t kPiLanes = 64 / sizeof(T);
+constexpr int64_t kLanes = kVecBytes / sizeof(T);
 
 constexpr int kRowBlock = 4;  // rows of W per pass step: four independent dot products, one fused axpy
 constexpr int64_t kSplitRowsMinElements = 16384;  // 64 KB of float32: beyond one core's L1
 
-#if defined(__GNUC__)
-#define DEQKERN_PI_INLINE inline __attribute__((always_inline))
-#else
-#define DEQKERN_PI_INLINE inline
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DEQKERN_PI_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DEQKERN_PI_CLONES
-#endif
-
-// The op's parameters with W replaced by its zero-padded copy: rows are padded to `ld` (a multiple of kPiLanes) with
+// The op's parameters with W replaced by its zero-padded copy: rows are padded to `ld` (a multiple of kLanes) with
 // zeros in W, v and z, so every loop runs whole vectors.
 template <typename T>
 struct PowerArgs : PowerIterationParams<T> {
@@ -72,41 +62,33 @@ struct PowerArgs : PowerIterationParams<T> {
   int64_t ld = 0;
 };
 
-template <typename T>
-DEQKERN_PI_INLINE PiVec<T> load(const T* p) {
-  return *reinterpret_cast<const PiVec<T>*>(p);
-}
-
-template <typename T>
-DEQKERN_PI_INLINE void store(T* p, PiVec<T> x) {
-  *reinterpret_cast<PiVec<T>*>(p) = x;
-}
-
 // out[r] = W_r . v for the R rows starting at w.
 template <typename T, int R>
-DEQKERN_PI_INLINE void row_dots(const T* w, int64_t ld, const T* v, T (&out)[R]) {
-  PiVec<T> acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = PiVec<T>{};
-  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
-    const PiVec<T> x = load(v + j);
-    for (int r = 0; r < R; ++r) acc[r] += load(w + r * ld + j) * x;
+DEQKERN_ALWAYS_INLINE void row_dots(const T* w, int64_t ld, const T* v, T (&out)[R]) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V{};
+  for (int64_t j = 0; j < ld; j += kLanes<T>) {
+    const V x = *reinterpret_cast<const V*>(v + j);
+    for (int r = 0; r < R; ++r) acc[r] += *reinterpret_cast<const V*>(w + r * ld + j) * x;
   }
-  for (int r = 0; r < R; ++r) out[r] = cpu::horizontal_sum<T, sizeof(PiVec<T>)>(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = cpu::horizontal_sum<T, kVecBytes>(acc[r]);
 }
 
 // z += sum_r c[r] W_r for the same R rows (still in L1 from row_dots).
 template <typename T, int R>
-DEQKERN_PI_INLINE void rows_axpy(const T* w, int64_t ld, const T (&c)[R], T* z) {
-  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
-    PiVec<T> a = load(z + j);
-    for (int r = 0; r < R; ++r) a += c[r] * load(w + r * ld + j);
-    store(z + j, a);
+DEQKERN_ALWAYS_INLINE void rows_axpy(const T* w, int64_t ld, const T (&c)[R], T* z) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  for (int64_t j = 0; j < ld; j += kLanes<T>) {
+    V a = *reinterpret_cast<const V*>(z + j);
+    for (int r = 0; r < R; ++r) a += c[r] * *reinterpret_cast<const V*>(w + r * ld + j);
+    *reinterpret_cast<V*>(z + j) = a;
   }
 }
 
 // Rows [i, i + R) of the one pass; returns their share of the value sum.
 template <typename T, int R>
-DEQKERN_PI_INLINE T pass_rows(const PowerArgs<T>& a, int64_t i, const T* s, const T* v, T* z, T* jv) {
+DEQKERN_ALWAYS_INLINE T pass_rows(const PowerArgs<T>& a, int64_t i, const T* s, const T* v, T* z, T* jv) {
   const T* w = a.W + i * a.ld;
   T d[R], c[R];
   row_dots<T, R>(w, a.ld, v, d);
@@ -128,26 +110,36 @@ DEQKERN_PI_INLINE T pass_rows(const PowerArgs<T>& a, int64_t i, const T* s, cons
 }
 
 template <typename T>
-DEQKERN_PI_INLINE T squared_norm(const T* x, int64_t ld) {
-  PiVec<T> acc = PiVec<T>{};
-  for (int64_t j = 0; j < ld; j += kPiLanes<T>) {
-    const PiVec<T> xj = load(x + j);
+DEQKERN_ALWAYS_INLINE T squared_norm(const T* x, int64_t ld) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  V acc = V{};
+  for (int64_t j = 0; j < ld; j += kLanes<T>) {
+    const V xj = *reinterpret_cast<const V*>(x + j);
     acc += xj * xj;
   }
-  return cpu::horizontal_sum<T, sizeof(PiVec<T>)>(acc);
+  return cpu::horizontal_sum<T, kVecBytes>(acc);
 }
 
 // out <- x / ||x|| when ||x|| > 0; a zero or NaN norm leaves out as it is (no 0 / 0).
 template <typename T>
-DEQKERN_PI_INLINE void normalise_into(const T* x, T* out, int64_t ld) {
+DEQKERN_ALWAYS_INLINE void normalise_into(const T* x, T* out, int64_t ld) {
+  using V = typename VecOf<T, kVecBytes>::type;
   const T norm = std::sqrt(squared_norm(x, ld));
   if (!(norm > T(0))) return;  // out keeps its previous value
   const T inv = T(1) / norm;
-  for (int64_t j = 0; j < ld; j += kPiLanes<T>) store(out + j, load(x + j) * inv);
+  for (int64_t j = 0; j < ld; j += kLanes<T>)
+    *reinterpret_cast<V*>(out + j) = *reinterpret_cast<const V*>(x + j) * inv;
+}
+
+// z = 0 over the padded row.
+template <typename T>
+DEQKERN_ALWAYS_INLINE void zero_row(T* z, int64_t ld) {
+  using V = typename VecOf<T, kVecBytes>::type;
+  for (int64_t j = 0; j < ld; j += kLanes<T>) *reinterpret_cast<V*>(z + j) = V{};
 }
 
 template <typename T>
-DEQKERN_PI_INLINE void solve_sample(const PowerArgs<T>& a, int64_t b) {
+DEQKERN_ALWAYS_INLINE void solve_sample(const PowerArgs<T>& a, int64_t b) {
   T* v = a.v + b * a.ld;
   T* z = a.z + b * a.ld;
   T* jv = a.jv ? a.jv + b * a.m : nullptr;
@@ -158,7 +150,7 @@ DEQKERN_PI_INLINE void solve_sample(const PowerArgs<T>& a, int64_t b) {
   int32_t k_done = 0;
   bool converged = false;
   for (int64_t k = 1; k <= a.max_iter; ++k) {
-    for (int64_t j = 0; j < a.ld; j += kPiLanes<T>) store(z + j, PiVec<T>{});
+    zero_row(z, a.ld);
     T sum = 0;
     int64_t i = 0;
     for (; i + kRowBlock <= a.m; i += kRowBlock) sum += pass_rows<T, kRowBlock>(a, i, s, v, z, jv);
@@ -181,28 +173,36 @@ DEQKERN_PI_INLINE void solve_sample(const PowerArgs<T>& a, int64_t b) {
 }
 
 template <typename T>
-DEQKERN_PI_INLINE void solve_samples(const PowerArgs<T>& a, int64_t begin, int64_t end) {
+DEQKERN_ALWAYS_INLINE void solve_samples(const PowerArgs<T>& a, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) solve_sample(a, b);
 }
 
-DEQKERN_PI_CLONES void solve_samples_float(const PowerArgs<float>& a, int64_t begin, int64_t end) {
+#ifdef DEQKERN_X86_DISPATCH
+template <typename T>
+DEQKERN_TARGET_AVX512 void solve_samples_avx512(const PowerArgs<T>& a, int64_t begin, int64_t end) {
   solve_samples(a, begin, end);
 }
-DEQKERN_PI_CLONES void solve_samples_double(const PowerArgs<double>& a, int64_t begin, int64_t end) {
+template <typename T>
+DEQKERN_TARGET_AVX2 void solve_samples_avx2(const PowerArgs<T>& a, int64_t begin, int64_t end) {
   solve_samples(a, begin, end);
 }
-void solve_samples_dispatch(const PowerArgs<float>& a, int64_t begin, int64_t end) {
-  solve_samples_float(a, begin, end);
-}
-void solve_samples_dispatch(const PowerArgs<double>& a, int64_t begin, int64_t end) {
-  solve_samples_double(a, begin, end);
+#endif
+
+template <typename T>
+void solve_samples_dispatch(const PowerArgs<T>& a, int64_t begin, int64_t end) {
+#ifdef DEQKERN_X86_DISPATCH
+  const int isa = cpu::cpu_isa();
+  if (isa == 2) return solve_samples_avx512(a, begin, end);
+  if (isa == 1) return solve_samples_avx2(a, begin, end);
+#endif
+  solve_samples(a, begin, end);
 }
 
 // z = the pass over rows [r0, r1) only (zeroed first); returns their share of the value sum.
 template <typename T>
-DEQKERN_PI_INLINE T pass_range(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z,
-                               T* jv) {
-  for (int64_t j = 0; j < a.ld; j += kPiLanes<T>) store(z + j, PiVec<T>{});
+DEQKERN_ALWAYS_INLINE T pass_range(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z,
+                                   T* jv) {
+  zero_row(z, a.ld);
   T sum = 0;
   int64_t i = r0;
   for (; i + kRowBlock <= r1; i += kRowBlock) sum += pass_rows<T, kRowBlock>(a, i, s, v, z, jv);
@@ -210,12 +210,28 @@ DEQKERN_PI_INLINE T pass_range(const PowerArgs<T>& a, int64_t r0, int64_t r1, co
   return sum;
 }
 
-DEQKERN_PI_CLONES float pass_range_dispatch(const PowerArgs<float>& a, int64_t r0, int64_t r1, const float* s,
-                                            const float* v, float* z, float* jv) {
+#ifdef DEQKERN_X86_DISPATCH
+template <typename T>
+DEQKERN_TARGET_AVX512 T pass_range_avx512(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z,
+                                          T* jv) {
   return pass_range(a, r0, r1, s, v, z, jv);
 }
-DEQKERN_PI_CLONES double pass_range_dispatch(const PowerArgs<double>& a, int64_t r0, int64_t r1, const double* s,
-                                             const double* v, double* z, double* jv) {
+template <typename T>
+DEQKERN_TARGET_AVX2 T pass_range_avx2(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z,
+                                      T* jv) {
+  return pass_range(a, r0, r1, s, v, z, jv);
+}
+#endif
+
+// Only the pass is compiled per instruction set: the merge of the threads' slots and the normalisation after the
+// barrier, O(threads n) per iteration against the pass's O(m n / threads), stay baseline code.
+template <typename T>
+T pass_range_dispatch(const PowerArgs<T>& a, int64_t r0, int64_t r1, const T* s, const T* v, T* z, T* jv) {
+#ifdef DEQKERN_X86_DISPATCH
+  const int isa = cpu::cpu_isa();
+  if (isa == 2) return pass_range_avx512(a, r0, r1, s, v, z, jv);
+  if (isa == 1) return pass_range_avx2(a, r0, r1, s, v, z, jv);
+#endif
   return pass_range(a, r0, r1, s, v, z, jv);
 }
 
@@ -328,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(
   at::Tensor converged = at::zeros({batch}, W_in.options().dtype(at::kBool));
   at::Tensor u;
   AT_DISPATCH_FLOATING_TYPES(W_in.scalar_type(), "deqkern_power_iteration_cpu", [&] {
-    const int64_t ld = (n + kPiLanes<scalar_t> - 1) / kPiLanes<scalar_t> * kPiLanes<scalar_t>;
+    const int64_t ld = (n + kLanes<scalar_t> - 1) / kLanes<scalar_t> * kLanes<scalar_t>;
     at::Tensor Wp = padded_copy(W_in, ld);
     at::Tensor v = padded_copy(u0_in, ld);
     at::Tensor z = at::zeros({batch, ld}, W_in.options());

@@ -5,7 +5,7 @@ zero-argument loaders, so that Triton is imported only when a Triton kernel is a
 returns the callable, whose signature is the registered op's (csrc/<op>/<op>.cpp).
 """
 import importlib
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -80,3 +80,33 @@ def resolve_backend(backend: str, device: torch.device, what: str = "deqkern") -
             raise ValueError(f"deqkern.{what}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), "
                              f"got {device}")
     return backend
+
+
+def backend_status(device) -> Dict[str, Optional[str]]:
+    """For each backend: None when it can run on tensors of `device` here, else why it cannot (one sentence). The one
+    place that says so: `available_backends`, `python -m deqkern info`, the demo, the tests' kit and the benchmarks
+    read it."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    needs_cuda = "needs CUDA tensors" + ("" if torch.cuda.is_available() else " (no CUDA device here)")
+    status = {"cpu": None if device.type == "cpu" else f"runs on CPU tensors, not {device.type} ones"}
+    if not on_gpu:
+        status["cuda"] = needs_cuda
+    elif not _extension.CUDA_EXTENSION_BUILT:
+        status["cuda"] = ("the CUDA extension (deqkern._C_cuda) is not built: reinstall with a CUDA build of torch and "
+                          "nvcc on PATH")
+    else:
+        status["cuda"] = None
+    if not _extension.triton_available():
+        status["triton"] = "Triton is not installed (pip install triton)"
+    elif on_gpu or (device.type == "cpu" and _extension.triton_interpreter_on()):
+        status["triton"] = None
+    else:
+        status["triton"] = needs_cuda + ", or TRITON_INTERPRET=1 for CPU tensors"
+    status["reference"] = None
+    return status
+
+
+def available_backends(device) -> Tuple[str, ...]:
+    """The backends that can run on tensors of `device` here, kernels first and the reference last."""
+    return tuple(name for name, why_not in backend_status(device).items() if why_not is None)

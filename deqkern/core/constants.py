@@ -21,3 +21,7 @@ ANDERSON_DEFAULT_LAM = 1e-4
 # nothing with 8 warps and 128 spills kilobytes in every configuration tried: bench/results/compile_check_sm90.md);
 # wider rows go through its scratch kernel.
 TRITON_DENSE_ANDERSON_REGISTER_WIDTH = 64
+
+# The methods of the two solves: deqkern.solve (any f) and the fused dense solve.
+SOLVE_METHODS = ("anderson", "picard", "broyden")
+DENSE_METHODS = ("picard", "anderson")

@@ -5,7 +5,6 @@ import torch
 
 from ..activations import get_activation
 from ..core import validation
-from ..dense_layer import DenseImplicitLayer
 
 
 def check_z(what, z, dtypes=None):
@@ -22,8 +21,9 @@ def check_z(what, z, dtypes=None):
 
 def is_dense_layer(obj) -> bool:
     """A deqkern dense implicit layer (DEQLinear, PositiveConcaveDEQ, LinfContractiveDEQ, LipschitzDEQ): its
-    weight, injection_values and activation define the map. Look-alike modules are not guessed at."""
-    return isinstance(obj, DenseImplicitLayer)
+    weight, injection_values and activation define the map. Look-alike modules are not guessed at: the layer's class
+    says so itself (DenseImplicitLayer.defines_dense_map, so that these tools need not import the layers above them)."""
+    return isinstance(obj, torch.nn.Module) and getattr(type(obj), "defines_dense_map", False) is True
 
 
 def layer_map(what, layer_or_f):

@@ -9,7 +9,8 @@ from ..activations import get_activation
 from ..core import validation
 from ..core.errors import NonConvergenceWarning
 from ..core.policy import check_policy, enforce_convergence
-from ..lipschitz import power_iteration
+from ..core.api import api_changes
+from ..lipschitz import gram_power_iteration, power_iteration
 from ._layers import check_z, dense_parts, is_dense_layer, layer_map
 
 KINDS = ("spectral", "radius")
@@ -18,7 +19,7 @@ MAX_EXPLICIT_JACOBIAN = 1024
 # Dense radius: eigvals is run on chunks of samples of at most this many matrix entries (bounds the memory).
 _EIG_CHUNK_ELEMENTS = 1 << 24
 _POWER_ITERATION_SEED = 0
-_ADVICE = "the power iteration's values are lower bounds (close top singular values converge slowly): raise n_iter"
+_ADVICE = "the power iteration's values are lower bounds (close top singular values converge slowly): raise max_iter"
 
 
 def _start_vector(shape, dtype, device):
@@ -26,45 +27,16 @@ def _start_vector(shape, dtype, device):
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def _safe_normalise(v, norm):
-    """v / norm per row, keeping rows whose norm is 0 (there the matrix maps the iterate to 0)."""
-    return torch.where(norm[:, None] > 0, v / norm.clamp_min(torch.finfo(v.dtype).tiny)[:, None], v)
-
-
-def _gram_power_iteration(jvp, vjp, v, n_iter, tol):
-    """Largest singular value of J_b per row of v (B, n) by power iteration on J_b^T J_b.
-
-    jvp(v) = J v and vjp(w) = J^T w, batched over rows. The estimate ||J_b v_b|| (v_b unit) is the square root
-    of a Rayleigh quotient of J^T J: a lower bound of ||J_b||_2 that increases to it. A row whose iterate is
-    mapped to 0 (J_b = 0) gives exactly 0, never NaN. Stops once every row's estimate changes by <= tol
-    relatively. Returns (sigma (B,), converged (B,) bool, iterations).
-    """
-    v = _safe_normalise(v, v.norm(dim=1))
-    sigma_prev = None
-    converged = torch.zeros(v.shape[0], dtype=torch.bool, device=v.device)
-    for k in range(1, n_iter + 1):
-        w = jvp(v)
-        sigma = w.norm(dim=1)
-        a = vjp(w)
-        v = _safe_normalise(a, a.norm(dim=1))
-        if sigma_prev is not None:
-            converged = (sigma - sigma_prev).abs() <= tol * sigma
-            if bool(converged.all()):
-                return sigma, converged, k
-        sigma_prev = sigma
-    return sigma, converged, n_iter
-
-
-def dense_spectral_norm(W, s, n_iter, tol, use_op=True):
+def dense_spectral_norm(W, s, max_iter, tol, use_op=True):
     """(||diag(s_b) W||_2 (B,), converged (B,)) per sample: the fused deqkern.lipschitz.power_iteration, or with
     use_op=False the batched pure-PyTorch power iteration (the same algorithm, a cross-check of the kernels)."""
     u0 = _start_vector(s.shape, s.dtype, s.device)
     if use_op:
         # "ignore": no checks there (jacobian_norm applies the policy once, the same for every path)
-        result = power_iteration(W, u0, mode="gram", row_scale=s, max_iter=n_iter, tol=tol,
+        result = power_iteration(W, u0, mode="gram", row_scale=s, max_iter=max_iter, tol=tol,
                                  on_nonconvergence="ignore")
         return result.value, result.converged
-    sigma, converged, _ = _gram_power_iteration(lambda v: s * (v @ W.T), lambda w: (s * w) @ W, u0, n_iter, tol)
+    sigma, _, _, converged = gram_power_iteration(lambda v: s * (v @ W.T), lambda w: (s * w) @ W, u0, max_iter, tol)
     return sigma, converged
 
 
@@ -112,7 +84,7 @@ def _check_samples_independent(y, z_leaf, what):
         )
 
 
-def _generic_spectral(f, z, x, n_iter, tol, what):
+def _generic_spectral(f, z, x, max_iter, tol, what):
     B = z.shape[0]
     z_leaf, y = _generic_graph(f, z, x, what)
     _check_samples_independent(y, z_leaf, what)
@@ -133,7 +105,7 @@ def _generic_spectral(f, z, x, n_iter, tol, what):
         return _grad(y, z_leaf, w.reshape(shape), retain_graph=True).reshape(B, -1)
 
     v0 = _start_vector((B, z[0].numel()), z.dtype, z.device)
-    sigma, converged, _ = _gram_power_iteration(jvp, vjp, v0, n_iter, tol)
+    sigma, _, _, converged = gram_power_iteration(jvp, vjp, v0, max_iter, tol)
     return sigma.detach(), converged
 
 
@@ -151,46 +123,28 @@ def _generic_per_sample_jacobian(f, z, x, what):
     return rows.reshape(n, B, n).transpose(0, 1)  # [b, i, j] = d y_b[i] / d z_b[j]
 
 
+@api_changes("jacobian_norm", renamed={"n_iter": "max_iter"}, old_positional=("kind", "max_iter", "tol"))
 def jacobian_norm(
     layer_or_f,
     z: torch.Tensor,
     x=None,
-    kind: str = "spectral",
-    n_iter: int = 200,
-    tol: float = 1e-6,
     *,
+    kind: str = "spectral",
+    max_iter: int = 200,
+    tol: float = 1e-6,
     activation: Optional[str] = None,
     on_nonconvergence: str = "warn",
 ) -> torch.Tensor:
-    """Per-sample norm of the layer's Jacobian J_b = d f(z, x)_b / d z_b at the given z: a (B,) tensor.
-
-    kind="spectral": ||J_b||_2 (largest singular value; < 1 everywhere makes f a contraction);
-    kind="radius": rho(J_b) = max |eigenvalue| (< 1 at the fixed point: the Picard iteration converges locally).
-    rho(J_b) <= ||J_b||_2.
-
-    layer_or_f: a deqkern dense layer (DEQLinear or a certified layer; x: its input; W, c and act are the layer's
-    own: `weight`, `injection_values(x)`, `activation`), a (d, d) weight W (x: the injection c (B, d),
-    activation=...), a module with a map `f(z, x)` (an nn.DEQ: its f is used), or any callable f(z, x) -> tensor
-    of z's shape that treats the samples independently (checked: a batch-mixing f raises ValueError).
-    - dense layer, J_b = diag(act'(u_b)) W: spectral by power iteration on J_b^T J_b (the fused
-      deqkern.lipschitz.power_iteration), radius exactly by torch.linalg.eigvals(J_b) in float64.
-    - generic f: spectral by power iteration with Jacobian-vector products by autograd (batched over samples);
-      radius by building J_b explicitly (n batched vector-Jacobian products, n = z[0].numel() <=
-      MAX_EXPLICIT_JACOBIAN, else NotImplementedError) and eigvals.
-    The power iteration stops once every sample's estimate changes by <= tol relatively or after n_iter steps;
-    then the one non-convergence policy of every deqkern solver applies: on_nonconvergence="warn" (default)
-    warns NonConvergenceWarning, "raise" raises NonConvergenceError, "ignore" returns silently. Its estimates are
-    lower bounds of ||J_b||_2 converging to it. The radius is exact for the matrix; note that the eigenvalues of a
-    defective matrix are ill-conditioned (a nilpotent n x n J_b perturbed by eps has radius ~ eps^(1/n)), so a
-    radius computed from a rounded Jacobian can be far from 0 when the exact one is 0 (an exactly triangular J_b
-    gives exactly 0).
-    Never NaN for finite input; NaN/Inf in z or x: ValueError; f overflowing at z: FloatingPointError.
-    Returns detached values (a diagnostic, not a loss: use jacobian_reg to regularise).
+    """Per-sample ||J_b||_2 (kind="spectral", power iteration: the fused op for a dense layer, autograd products for any
+    f) or spectral radius rho(J_b) (kind="radius", eigvals in float64) of J_b = d f(z, x)_b / d z_b at z (B, ...).
+    layer_or_f: a deqkern dense layer (x its input), a (d, d) weight W (x the injection c, activation=...), a module
+    with a map f(z, x) (an nn.DEQ), or any sample-independent callable f(z, x). Returns (B,) detached values.
+    Details: docs/diagnostics.md.
     """
     what = "jacobian_norm"
     check_z(what, z, dtypes=validation.FLOAT_DTYPES)
     validation.check_choice(what, "kind", kind, KINDS)
-    validation.check_int(what, "n_iter", n_iter, 1)
+    validation.check_int(what, "max_iter", max_iter, 1)
     validation.check_positive(what, "tol", tol)
     check_policy(what, on_nonconvergence)
     dense = is_dense_layer(layer_or_f) or isinstance(layer_or_f, torch.Tensor)
@@ -209,7 +163,7 @@ def jacobian_norm(
             _check_finite_result(what, s, "the activation derivative at z W^T + c")
             if kind == "radius":
                 return _dense_radius(W, s)
-            value, converged = dense_spectral_norm(W, s, n_iter, tol)
+            value, converged = dense_spectral_norm(W, s, max_iter, tol)
     else:
         with torch.enable_grad():
             if kind == "radius":
@@ -224,9 +178,9 @@ def jacobian_norm(
                 J = _generic_per_sample_jacobian(f, z, x, what).detach()
                 _check_finite_result(what, J, "the Jacobian of f at z")
                 return torch.linalg.eigvals(J.double()).abs().amax(dim=-1).to(z.dtype)
-            value, converged = _generic_spectral(f, z, x, n_iter, tol, what)
+            value, converged = _generic_spectral(f, z, x, max_iter, tol, what)
     _check_finite_result(what, value, "the power iteration")  # under every policy: a NaN norm is no bound
-    enforce_convergence(what, converged, value, on_nonconvergence, tol=tol, max_iter=n_iter,
+    enforce_convergence(what, converged, value, on_nonconvergence, tol=tol, max_iter=max_iter,
                         quantity="singular value estimate", advice=_ADVICE, warning=NonConvergenceWarning,
                         stacklevel=2)
     return value.detach()

@@ -5,11 +5,19 @@ from typing import Callable, Optional
 
 import torch
 
+from ..activations import get_activation
 from ..core import validation
-from ..dense_layer import dense_jacobian_penalty
 from ._layers import check_z, dense_parts, layer_map
 
 PROBES = ("rademacher", "gaussian")
+
+
+def dense_jacobian_penalty(W, z, c, activation):
+    """||J||_F^2 / z.numel() of f(z) = act(z W^T + c) at z: sum_b sum_i act'(u_bi)^2 ||W_i||^2 / z.numel()
+    (J_b = diag(act'(u_b)) W), differentiable in W, c and z (autograd through torch ops)."""
+    u = z @ W.T + c
+    s = get_activation(activation).derivative(u)
+    return (s.square() * W.square().sum(dim=1)).sum() / z.numel()
 
 
 def _probe(shape, dtype, device, kind, generator):

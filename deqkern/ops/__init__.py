@@ -1,5 +1,6 @@
-"""One module per registered op: its fake kernel(s) (torch.compile, opcheck), its backends in the registry
-(deqkern.core.backends) and, for fixed_point_dense, the autograd function and the public function.
+"""One module per registered op, all of one shape: its fake kernel(s) (torch.compile, opcheck) and its backends in
+the registry (deqkern.core.backends). The autograd and public functions built on them live in deqkern.solvers and
+deqkern.lipschitz.
 
 Every op's pieces share its name: csrc/<op>/<op>.cpp (schema), csrc/<op>/<op>_cpu.cpp and <op>_cuda.cu (kernels),
 triton_kernels/<op>.py, deqkern/reference/<op>.py, deqkern/ops/<op>.py, tests/test_<op>.py, bench/bench_<op>.py.

@@ -1,5 +1,5 @@
 """anderson_step: fake kernel and backends of one Anderson iteration of deqkern.solve (schema:
-csrc/anderson_step/anderson_step.cpp; the driver loop that calls it once per iteration: deqkern/solvers.py)."""
+csrc/anderson_step/anderson_step.cpp; the driver loop that calls it once per iteration: deqkern/solvers/generic.py)."""
 import torch
 
 from ..core.backends import register_kernel_backends

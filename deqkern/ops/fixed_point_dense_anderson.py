@@ -1,11 +1,11 @@
-"""fixed_point_dense_anderson: fake kernels and backends of the Anderson variant of the dense solve (schema:
-csrc/fixed_point_dense_anderson/fixed_point_dense_anderson.cpp). Its autograd and public function are
-fixed_point_dense's (method="anderson")."""
+"""fixed_point_dense_anderson: fake kernels and backends of the dense Anderson solve and its implicit backward
+(schema: csrc/fixed_point_dense_anderson/fixed_point_dense_anderson.cpp; autograd and the public function:
+deqkern/solvers/dense.py, method="anderson")."""
 import torch
 
 from ..core.constants import ANDERSON_MAX_HISTORY
 from ..reference import fixed_point_dense_anderson_backward_ref, fixed_point_dense_anderson_ref
-from .fixed_point_dense import register_dense_solve
+from ._dense_solve import register_dense_solve
 
 
 def _check_options(m, beta, lam, tol, max_iter):

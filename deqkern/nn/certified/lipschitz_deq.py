@@ -1,0 +1,246 @@
+"""The 2-norm contractive DEQ: z = act(W z + U x + b) with ||W||_2 <= gamma / Lip(act), gamma < 1, kept by
+rescaling with a warm-started power iteration; explicit forward and backward iteration bounds.
+
+Holds the layer `LipschitzDEQ` and its `LipschitzCertificate`.
+"""
+import math
+import weakref
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ...activations import get_activation
+from ...core.api import api_changes
+from ...core import validation
+from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
+from ...solvers.dense import fixed_point_dense
+from ._base import CertifiedDEQ
+from .bounds import picard_iteration_bound
+
+
+@dataclass
+class LipschitzCertificate:
+    """What a LipschitzDEQ guarantees (Euclidean norm throughout), for the weight the layer uses in eval mode.
+
+    weight_spectral_norm: ||W||_2 by power iteration run to convergence (deqkern.lipschitz.spectral_norm), a lower
+    bound; weight_norm_bound: a proven upper bound of ||W||_2 (`spectral_norm_upper_bound`), which every figure
+    below uses. contraction_factor q = Lip(act) weight_norm_bound (<= gamma by construction, up to rounding):
+    z -> act(W z + c) is a q-contraction per sample, and so is the adjoint map h -> act'(u) * (h W + grad_z)
+    (|act'| <= Lip(act), ||W^T||_2 = ||W||_2). forward_iterations_bound / backward_iterations_bound:
+    `picard_iteration_bound(q, tol)`, the number of evaluations after which each sample of the solve from 0 has
+    stopped (exact arithmetic; both solves start at 0). input_lipschitz_bound:
+    ||z*(x) - z*(x')||_2 <= Lip(act) injection_norm_bound / (1 - q) ||x - x'||_2 (U's norm bounded likewise).
+    """
+
+    gamma: float
+    activation: str
+    activation_lipschitz: float
+    weight_spectral_norm: float
+    weight_norm_bound: float
+    contraction_factor: float
+    tol: float
+    forward_iterations_bound: Optional[int]
+    backward_tol: float
+    backward_iterations_bound: Optional[int]
+    within_max_iter: bool
+    injection_spectral_norm: float
+    injection_norm_bound: float
+    input_lipschitz_bound: float
+    guarantee: str
+
+
+class WeightBound(NamedTuple):
+    """The proof behind the latest W: weight_norm_bound >= ||W||_2 (at most gamma / Lip(act), up to W's rounding),
+    raw_norm_bound >= ||V||_2, how that bound was proven ("cholesky", "squaring" or "zero") and the slack above
+    the power-iteration estimate that the Cholesky proof needed."""
+
+    weight_norm_bound: float
+    raw_norm_bound: float
+    method: str
+    slack: float
+
+
+class LipschitzDEQ(CertifiedDEQ):
+    """2-norm contractive implicit layer: x (batch, in) -> z* (batch, hidden), z* = act(z* W^T + x U^T + b).
+
+    W = V min(1, (gamma / Lip(act)) / sigma_bar(V)), sigma_bar a certified upper bound of ||V||_2, so
+    ||W||_2 <= gamma / Lip(act) holds for the W of every forward, in training and in eval (up to W's rounding).
+    sigma_bar is proven from a power-iteration estimate (`spectral_norm_upper_bound`: a Cholesky factorisation of
+    sigma_bar^2 I - V^T V, or the squaring bound when the estimate is more than 1% low), so the scale is
+    conservative by at most that slack (`last_weight_bound` says which). The power iteration runs from a persistent
+    vector `power_u` (a buffer): in training mode each forward runs `n_power_iterations` warm-started steps and
+    stores the result (as torch's spectral_norm does; the gradient flows through sigma with the vector held
+    fixed); in eval mode it runs to convergence (`power_tol`, default 1e-10, in float64) and the buffer is left
+    alone. The proof costs one Cholesky of a (hidden, hidden) float64 matrix and one host synchronisation per
+    forward when the estimate is within 1e-8, a few more otherwise. Call `reset_power_iteration()` after editing
+    `weight_raw` by hand (only the estimate's quality depends on it; the bound holds regardless).
+    Plain iteration (alpha = 1) from z0 = 0, or method="anderson" (m, beta): the fixed point is unique (a global
+    contraction), the certificate's iteration bounds are those of the plain iteration.
+    """
+
+    @api_changes("LipschitzDEQ", old_positional=(
+        "gamma", "activation", "tol", "max_iter", "backend", "on_nonconvergence", "backward_tol",
+        "backward_max_iter", "n_power_iterations", "power_tol", "power_max_iter", "init_scale", "method", "m",
+        "beta", "jac_reg", "on_backward_overflow", "device", "dtype"))
+    def __init__(self, in_features: int, hidden_features: int, *, gamma: float = 0.9, activation: str = "tanh",
+                 tol: float = 1e-4, max_iter: int = 100, backend: str = "auto", on_nonconvergence: str = "warn",
+                 backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
+                 n_power_iterations: int = 3, power_tol: Optional[float] = None, power_max_iter: int = 5000,
+                 init_scale: float = 1.0, method: str = "picard", m: int = 5, beta: float = 1.0, jac_reg=None,
+                 on_backward_overflow: str = "raise", device=None, dtype=None):
+        act = get_activation(activation)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 < gamma < 1):
+            raise ValueError(f"deqkern.LipschitzDEQ: gamma must be a number in (0, 1) (the contraction factor Lip(act) "
+                             f"||W||_2 the layer "
+                             f"is kept below), got {gamma!r}")
+        if act.lipschitz <= 0:
+            raise ValueError(f"deqkern.LipschitzDEQ: activation {activation!r} has no positive Lipschitz constant")
+        n_power_iterations = validation.check_int("LipschitzDEQ", "n_power_iterations", n_power_iterations, 1)
+        super().__init__(in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
+                         backward_tol, backward_max_iter, device, dtype, method=method, m=m, beta=beta,
+                         jac_reg=jac_reg, on_backward_overflow=on_backward_overflow)
+        self.gamma = float(gamma)
+        self.activation_lipschitz = float(act.lipschitz)
+        self.max_weight_norm = self.gamma / self.activation_lipschitz
+        self.n_power_iterations = n_power_iterations
+        self.power_tol = power_tol
+        self.power_max_iter = int(power_max_iter)
+        self.init_scale = float(init_scale)
+        self.register_buffer("power_u", torch.empty(hidden_features, device=device, dtype=dtype))
+        self.last_weight: Optional[torch.Tensor] = None  # the W of the latest forward (detached)
+        self.last_weight_bound: Optional[WeightBound] = None  # its proof: ||W||_2 <= weight_norm_bound
+        self._converged_cache = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.weight_raw, std=self.init_scale / math.sqrt(max(1, self.weight_raw.shape[0])))
+        u = torch.randn_like(self.power_u)
+        self.power_u.copy_(u / u.norm().clamp_min(1e-30))
+        self.reset_power_iteration()
+        self.injection.reset_parameters()
+
+    @torch.no_grad()
+    def reset_power_iteration(self):
+        """Runs the power iteration to convergence and stores its vector: call it after changing `weight_raw` by
+        hand (the training-mode forward only takes `n_power_iterations` warm-started steps). A layer built on the
+        meta device has no values to iterate on: the vector is left for `to_empty` and a later call."""
+        if self.weight_raw.is_meta:
+            return
+        self._sigma(self.weight_raw, converged=True, update=True)
+
+    def __getstate__(self):
+        """Pickling, torch.save and deepcopy drop the converged power-iteration cache (weak references)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_converged_cache"] = None
+        return state
+
+    def _power_tol(self) -> float:
+        return 1e-10 if self.power_tol is None else float(self.power_tol)
+
+    def _sigma(self, V: torch.Tensor, converged: bool, update: bool):
+        """(sigma, sigma_bar): sigma = ||V u||_2 at the power-iteration vector u, differentiable in V with u held
+        fixed (a lower bound of ||V||_2, equal to it once u is a top right singular vector), and sigma_bar, a
+        certified upper bound of ||V||_2 proven from it (`spectral_norm_upper_bound`; float64, no grad)."""
+        backend = self.solver_options["backend"]
+        with torch.no_grad():
+            key = (V._version, self.power_u._version)
+            cache = self._converged_cache
+            if (converged and cache is not None and cache[0]() is V and cache[1]() is self.power_u
+                    and cache[2] == key):
+                # repeated eval calls run no power iteration (weak references: a new tensor that reuses a freed
+                # one's memory never matches); a stale vector costs only a looser proof, never a wrong one
+                u = cache[3]
+            else:
+                if converged:  # in float64 to power_tol (warns deqkern.lipschitz.PowerIterationWarning if not)
+                    u = spectral_norm(V.detach().double(), max_iter=self.power_max_iter, tol=self._power_tol(),
+                                      u0=self.power_u.double(), backend=backend).u.to(V.dtype)
+                else:  # a fixed number of warm-started steps: tol below reach, no check
+                    u = power_iteration(V.detach(), self.power_u[None], mode="gram",
+                                        max_iter=self.n_power_iterations, tol=1e-300, backend=backend,
+                                        on_nonconvergence="ignore").u[0]
+                norm = u.norm()
+                usable = torch.isfinite(norm) & (norm > 0)  # V = 0 (or an overflow): keep the previous vector
+                u = torch.where(usable, u / torch.where(usable, norm, torch.ones_like(norm)), self.power_u)
+                if converged and not update:
+                    self._converged_cache = (weakref.ref(V), weakref.ref(self.power_u), key, u)
+            # the proof is always made for the V at hand (never cached: it must hold for this very matrix)
+            # V is square: its Gram V^T V lives in u's space; the proof's Lanczos Ritz vector, when its Rayleigh
+            # quotient is the larger, replaces u (a sharper gradient direction and warm start)
+            estimate = torch.linalg.vector_norm(V.detach().double() @ u.double())
+            bound = spectral_norm_upper_bound(V, estimate, start=u)
+            if bound.vector is not None:
+                ritz = bound.vector.to(V.dtype)
+                better = torch.linalg.vector_norm(V.detach() @ ritz) > torch.linalg.vector_norm(V.detach() @ u)
+                u = torch.where(better, ritz, u)
+            if update:
+                self.power_u.copy_(u)
+        return torch.linalg.vector_norm(V @ u), bound
+
+    def compute_weight(self, converged: bool = True, update: bool = False) -> torch.Tensor:
+        """W = V min(1, (gamma / Lip(act)) / sigma_bar(V)) (differentiable), sigma_bar a certified upper bound of
+        ||V||_2, so ||W||_2 <= gamma / Lip(act) for every V, however few power steps were taken. The gradient is
+        that of torch's spectral_norm (through sigma = ||V u|| with u held fixed): sigma_bar enters as
+        sigma * (sigma_bar / sigma), the ratio held constant. Stores the proof in `last_weight_bound`."""
+        V = self.weight_raw
+        sigma, bound = self._sigma(V, converged, update)
+        # sigma_bar in V's dtype, rounded up: W = V * scale must not exceed the bound by W's own rounding either
+        upper = (bound.value * (1.0 + 4.0 * torch.finfo(V.dtype).eps)).to(V.dtype)
+        sigma_d = sigma.detach()
+        sigma_bar = torch.where(sigma_d > 0, sigma * (upper / torch.where(sigma_d > 0, sigma_d, 1.0)), upper)
+        scale = torch.clamp(self.max_weight_norm / sigma_bar.clamp_min(torch.finfo(V.dtype).tiny), max=1.0)
+        self.last_weight_bound = WeightBound(float(min(bound.value, self.max_weight_norm * (1 + 8 * torch.finfo(
+            V.dtype).eps))), float(bound.value), bound.method, bound.slack)
+        return V * scale
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight of the eval-mode forward (converged power iteration); does not touch the buffer."""
+        return self.compute_weight(converged=True, update=False)
+
+    def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        W = self.compute_weight(converged=not self.training, update=self.training)
+        self.last_weight = W.detach()
+        c, z0 = self.in_weight_dtype(W, self.injection_values(x), z0)
+        z, self.last_info = fixed_point_dense(W, c, z0=z0, jacobian_penalty=self.jacobian_penalty_weight(),
+                                              **self.solver_options)
+        return z
+
+    @torch.no_grad()
+    def certificate(self) -> LipschitzCertificate:
+        W = self.weight.double()
+        backend = self.solver_options["backend"]
+        w_norm = spectral_norm(W, max_iter=self.power_max_iter, tol=1e-13, u0=self.power_u.double(),
+                               backend=backend).value
+        U = self.injection.weight.double()
+        u_norm = spectral_norm(U, max_iter=self.power_max_iter, tol=1e-13, backend=backend).value
+        # the certificate uses proven upper bounds of both norms, not the power iteration's lower bounds
+        w_bound = float(spectral_norm_upper_bound(W, w_norm).value)
+        u_bound = float(spectral_norm_upper_bound(U, u_norm).value)
+        w_norm, u_norm = float(w_norm), float(u_norm)
+        q = self.activation_lipschitz * w_bound
+        opts = self.solver_options
+        tol, max_iter = opts["tol"], opts["max_iter"]
+        btol = tol if opts["backward_tol"] is None else opts["backward_tol"]
+        bmax = max_iter if opts["backward_max_iter"] is None else opts["backward_max_iter"]
+        fwd, bwd = picard_iteration_bound(q, tol), picard_iteration_bound(q, btol)
+        within = fwd is not None and bwd is not None and fwd <= max_iter and bwd <= bmax
+        lip_bound = self.activation_lipschitz * u_bound / (1 - q) if q < 1 else math.inf
+        return LipschitzCertificate(
+            gamma=self.gamma, activation=self.activation, activation_lipschitz=self.activation_lipschitz,
+            weight_spectral_norm=w_norm, weight_norm_bound=w_bound, contraction_factor=q, tol=tol,
+            forward_iterations_bound=fwd, backward_tol=btol, backward_iterations_bound=bwd, within_max_iter=within,
+            injection_spectral_norm=u_norm, injection_norm_bound=u_bound, input_lipschitz_bound=lip_bound,
+            guarantee=(f"q = Lip(act) ||W||_2 = {q:.6g} < 1: unique fixed point, the plain iteration from 0 stops "
+                       f"within {fwd} evaluations at tol={tol:g} and the implicit backward within {bwd} at "
+                       f"tol={btol:g} (exact arithmetic); ||z*(x) - z*(x')||_2 <= {lip_bound:.6g} ||x - x'||_2")
+            if q < 1 else f"q = Lip(act) ||W||_2 = {q:.6g} >= 1: nothing is certified",
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.injection.in_features}, hidden_features={self.weight_raw.shape[0]}, "
+                f"gamma={self.gamma}, activation={self.activation!r}")
+

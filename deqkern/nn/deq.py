@@ -1,0 +1,238 @@
+"""Generic deep equilibrium module: z* = f(z*, x) for any f, solved by `deqkern.solve`, differentiated by IFT,
+phantom gradients or one-step (Jacobian-free) gradients.
+
+Construction of the graph (all three backward modes):
+
+1. Forward solve, without building a graph (`torch.no_grad`): z* = deqkern.solve(lambda z: f(z, x), z0, ...).
+2. When autograd needs the output (grad mode on and x or a parameter of f requires grad; train *and* eval mode):
+
+   - ``"ift"``: z = f(z*, x) once with grad (z* a constant), then an identity autograd.Function on z whose backward
+     replaces the incoming gradient ``v`` by the solution g of the adjoint equation g = J^T g + v, J = df/dz at z*
+     (vector-Jacobian products by torch.autograd.grad on a fresh evaluation f(z*, x)), solved with deqkern.solve
+     and `backward_options`. Autograd then carries g through z = f(z*, x) to the parameters of f and to x:
+     dL/dtheta = g^T df/dtheta, dL/dx = g^T df/dx, which is the implicit-function-theorem gradient.
+   - ``"phantom"``: k damped unrolled steps with grad from z*: z <- (1 - tau) z + tau f(z, x).
+   - ``"one_step"``: z = f(z*.detach(), x) (Jacobian-free backpropagation).
+
+   When autograd does not need the output, z* is returned as is (no extra evaluation of f).
+
+Double backward (create_graph=True through the IFT backward) is not supported.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..core import validation
+from ..core.api import api_changes
+from ..core.autograd import single_backward
+from ..core.constants import SOLVE_METHODS
+from ..core.info import SolverInfo
+from ..core.policy import check_policy
+from ..jacobian.regularization import jacobian_reg
+from ..solvers.generic import SOLVE_OPTIONS, solve
+from .dense_layer import add_penalty_gradient, parse_jac_reg
+
+BACKWARD_MODES = ("ift", "phantom", "one_step")
+DEFAULT_BACKWARD_OPTIONS = dict(method="anderson", tol=1e-6, max_iter=100)
+WHAT = "nn.DEQ"
+
+
+def _check_options(options, what):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"{what} must be a dict, got {type(options).__name__}")
+    options = dict(options)
+    if "solver" in options:
+        raise TypeError(f"deqkern.{WHAT}: {what}['solver'] is now spelled {what}['method'] (renamed in deqkern 0.2.0)")
+    keys = SOLVE_OPTIONS | ({"method"} if what == "backward_options" else set())
+    unknown = sorted(set(options) - keys)
+    if unknown:
+        raise TypeError(f"deqkern.{WHAT}: unknown {what} key(s) {unknown}; valid keys: {sorted(keys)}")
+    check_policy(WHAT, options.get("on_nonconvergence", "warn"), name=f"{what}['on_nonconvergence']")
+    validation.check_positive(WHAT, f"{what}['tol']", options.get("tol", 1e-4))
+    validation.check_int(WHAT, f"{what}['max_iter']", options.get("max_iter", 1), 1)
+    if "method" in options:
+        validation.check_choice(WHAT, f"{what}['method']", options["method"], SOLVE_METHODS)
+    return options
+
+
+_STATE_HINT = "pass z0=... to forward or z_shape=... to DEQ to set the state's shape"
+
+
+def _add_state_note(exc, z, guessed):
+    """Adds (Python >= 3.11) which state f was called on to an exception raised inside f."""
+    note = (f"deqkern.{WHAT}: raised by f(z, x) on a state z of shape {tuple(z.shape)}, dtype {z.dtype}, device "
+            f"{z.device}" + (f" (the default state zeros_like(x): {_STATE_HINT})" if guessed else ""))
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def _check_map_output(out, z, guessed):
+    """f(z, x) must return a tensor of z's shape, dtype and device: checked at every evaluation (metadata only, no
+    synchronisation), so an f that changes its output later is caught when it does."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"deqkern.{WHAT}: f(z, x) must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != z.shape:
+        raise ValueError(f"deqkern.{WHAT}: f(z, x) returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}; "
+                         f"f must map z to z's shape" + (f" ({_STATE_HINT})" if guessed else ""))
+    if out.dtype != z.dtype or out.device != z.device:
+        raise TypeError(f"deqkern.{WHAT}: f(z, x) returned {out.dtype} on {out.device} for a state z of {z.dtype} on "
+                        f"{z.device}: f must keep the state's dtype and device (the default state has x's; pass z0=... "
+                        "to set them)")
+
+
+class _IFTGrad(torch.autograd.Function):
+    """Identity in the forward; in the backward, the incoming gradient v becomes g = (I - J^T)^{-1} v."""
+
+    @staticmethod
+    def forward(ctx, z, z_star, deq, x, info):
+        ctx.deq, ctx.x, ctx.info = deq, x, info
+        ctx.save_for_backward(z_star)
+        return z.view_as(z)
+
+    @staticmethod
+    @single_backward(WHAT)  # the adjoint solve is not differentiable: double backward raises instead of being wrong
+    def backward(ctx, grad):
+        (z_star,) = ctx.saved_tensors
+        deq, x, info = ctx.deq, ctx.x, ctx.info
+        with torch.enable_grad():
+            h = z_star.detach().requires_grad_()
+            fh = deq.f(h, x)
+
+        def adjoint(g):
+            vjp = torch.autograd.grad(fh, h, g, retain_graph=True)[0]
+            return vjp + grad
+
+        g, binfo = solve(adjoint, torch.zeros_like(grad), **deq.backward_options)
+        if info is not None and not torch.compiler.is_compiling():
+            info.backward = binfo
+        deq.last_backward_info = binfo
+        return g.detach(), None, None, None, None
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer z* = f(z*, x) around any `f(z, x) -> z` (an nn.Module or a callable): forward(x, z0=None)
+    returns z* (B, ...); the forward solve's SolverInfo is `last_info` (its `backward` filled once the IFT adjoint
+    solve has run).
+
+    method: the forward solve of deqkern.solve ("anderson", "picard" or "broyden"); solver_options: its other
+    keywords (tol, max_iter, m, beta, alpha, lam, check_every, return_trace, on_nonconvergence, backend,
+    process_group). backward: "ift" (implicit function theorem; backward_options: the adjoint solve's "method" and
+    the same keys, defaults method="anderson", tol=1e-6, max_iter=100), "phantom" (phantom_steps damped unrolled
+    steps, phantom_damping) or "one_step". jac_reg: w or (w, probability), the Hutchinson Jacobian penalty's
+    gradient added in training. z_shape: per-sample shape of the default z0 = zeros(B, *z_shape) (or a callable
+    x -> z0); without it and without z0, z0 = zeros_like(x). Gradients are built whenever autograd needs them, in
+    eval mode too. Unknown options raise TypeError at construction. Details: docs/api.md.
+    """
+
+    @api_changes(WHAT, renamed={"solver": "method"}, old_positional=("method", "backward", "solver_options",
+                 "backward_options", "phantom_steps", "phantom_damping", "z_shape", "jac_reg"))
+    def __init__(
+        self,
+        f: Callable,
+        *,
+        method: str = "anderson",
+        backward: str = "ift",
+        solver_options: Optional[dict] = None,
+        backward_options: Optional[dict] = None,
+        phantom_steps: int = 5,
+        phantom_damping: float = 0.8,
+        z_shape=None,
+        jac_reg=None,
+    ):
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"deqkern.{WHAT}: f must be callable (an nn.Module or a function f(z, x)), got "
+                            f"{type(f).__name__}")
+        validation.check_choice(WHAT, "method", method, SOLVE_METHODS)
+        validation.check_choice(WHAT, "backward", backward, BACKWARD_MODES)
+        self.f = f  # an nn.Module is registered as a submodule by nn.Module.__setattr__
+        self.method = method
+        self.backward_mode = backward
+        self.solver_options = _check_options(solver_options, "solver_options")
+        if "method" in self.solver_options:
+            raise TypeError(f"deqkern.{WHAT}: pass the forward method as method=..., not in solver_options")
+        bwd = dict(DEFAULT_BACKWARD_OPTIONS)
+        bwd.update(_check_options(backward_options, "backward_options"))
+        self.backward_options = bwd
+        validation.check_int(WHAT, "phantom_steps", phantom_steps, 1)
+        self.phantom_steps = phantom_steps
+        self.phantom_damping = validation.check_unit_interval(WHAT, "phantom_damping", phantom_damping)
+        self.z_shape = z_shape
+        self.jac_reg_weight, self.jac_reg_probability = parse_jac_reg(WHAT, jac_reg)
+        self.last_jac_loss: Optional[torch.Tensor] = None
+        self.last_info: Optional[SolverInfo] = None
+        self.last_backward_info: Optional[SolverInfo] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _initial(self, x, z0):
+        if z0 is not None:
+            return z0.detach()
+        if self.z_shape is None:
+            return torch.zeros_like(x)
+        if callable(self.z_shape):
+            return self.z_shape(x).detach()
+        return x.new_zeros((x.shape[0], *tuple(self.z_shape)))
+
+    def _needs_grad(self, x):
+        if not torch.is_grad_enabled():
+            return False
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+        if isinstance(self.f, nn.Module):
+            return any(p.requires_grad for p in self.f.parameters())
+        return True  # a plain callable may close over tensors that require grad: build the graph
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z_init = self._initial(x, z0)
+        x_const = x.detach() if isinstance(x, torch.Tensor) else x
+
+        guessed = z0 is None and self.z_shape is None
+
+        def fixed_point_map(z):
+            try:
+                out = self.f(z, x_const)
+            except Exception as exc:  # the user's error stays the user's: context is added, nothing is replaced
+                _add_state_note(exc, z, guessed)
+                raise
+            _check_map_output(out, z, guessed)
+            return out
+
+        with torch.no_grad():
+            z_star, info = solve(fixed_point_map, z_init, method=self.method, **self.solver_options)
+        z_star = z_star.detach()
+        self.last_info = info
+
+        if not self._needs_grad(x):
+            return z_star
+        if self.backward_mode == "ift":
+            z = self.f(z_star, x)
+            if z.requires_grad:
+                z = _IFTGrad.apply(z, z_star, self, x_const, info)
+        elif self.backward_mode == "one_step":
+            z = self.f(z_star, x)
+        else:  # phantom
+            z, tau = z_star, self.phantom_damping
+            for _ in range(self.phantom_steps):
+                z = self.f(z, x) if tau == 1.0 else (1 - tau) * z + tau * self.f(z, x)
+        return self._with_jacobian_penalty(z, z_star, x)
+
+    def _with_jacobian_penalty(self, z, z_star, x):
+        """z carrying the gradient of jac_reg's weight times the Hutchinson estimate of ||J_f(z*)||_F^2 / numel
+        (one probe, z* held constant as in Bai et al.'s code: one double-backward vector-Jacobian product)."""
+        self.last_jac_loss = None
+        if self.jac_reg_weight == 0.0 or not self.training or not z.requires_grad:
+            return z
+        if self.jac_reg_probability < 1.0 and float(torch.rand(())) >= self.jac_reg_probability:
+            return z
+        penalty = jacobian_reg(self.f, z_star.detach(), x)
+        self.last_jac_loss = penalty.detach()
+        if not penalty.requires_grad:
+            return z
+        return add_penalty_gradient(z, self.jac_reg_weight * penalty)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, backward={self.backward_mode!r}"

@@ -1,0 +1,38 @@
+"""What the two dense solve ops (fixed_point_dense, fixed_point_dense_anderson) register alike: the fake kernels of
+a solve `op`(W, c, z0, activation, *options) and of its implicit backward `op`_backward(W, c, z, grad_z, activation,
+*options), and their backends."""
+import torch
+
+from ..core.backends import register_kernel_backends
+from ..core.dtypes import accumulation_dtype
+
+
+def fake_solve_outputs(x_like, batch_like):
+    """(x, iterations int32, residual in the accumulation dtype, converged bool) of a dense solve, metadata only."""
+    batch = batch_like.shape[0]
+    return (
+        torch.empty_like(x_like, memory_format=torch.contiguous_format),
+        batch_like.new_empty(batch, dtype=torch.int32),
+        batch_like.new_empty(batch, dtype=accumulation_dtype(batch_like.dtype)),
+        batch_like.new_empty(batch, dtype=torch.bool),
+    )
+
+
+def register_dense_solve(op, reference, backward_reference, check_options=lambda *options: None):
+    """Fake kernels and backends of the dense solve `op` and of `op`_backward."""
+
+    @torch.library.register_fake(f"deqkern::{op}")
+    def _forward_fake(W, c, z0, activation, *options):
+        torch._check(W.dim() == 2 and W.shape[0] == W.shape[1], lambda: "W must be square")
+        torch._check(c.shape == z0.shape, lambda: "c and z0 must have the same shape")
+        check_options(*options)
+        return fake_solve_outputs(z0, c)
+
+    @torch.library.register_fake(f"deqkern::{op}_backward")
+    def _backward_fake(W, c, z, grad_z, activation, *options):
+        torch._check(z.shape == grad_z.shape, lambda: "z and grad_z must have the same shape")
+        check_options(*options)
+        return fake_solve_outputs(grad_z, c)
+
+    register_kernel_backends(op, reference, triton_module=op)
+    register_kernel_backends(f"{op}_backward", backward_reference, triton_module=op)

@@ -1,0 +1,190 @@
+"""The public dense solve `deqkern.fixed_point_dense` and its autograd: one fused op for the forward solve
+(fixed_point_dense or fixed_point_dense_anderson, deqkern/ops/) and one for the implicit backward's adjoint solve."""
+import warnings
+from typing import Optional
+
+import torch
+
+from ..activations import get_activation
+from ..core import validation
+from ..core.api import api_changes
+from ..core.autograd import single_backward
+from ..core.backends import BACKENDS, kernel, resolve_backend
+from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M, DENSE_METHODS
+from ..core.dtypes import SOLVE_DTYPES
+from ..core.errors import SkippedGradientWarning
+from ..core.info import SolverInfo
+from ..core.policy import check_policy, enforce_convergence
+from ..ops import fixed_point_dense as _picard_op, fixed_point_dense_anderson as _anderson_op  # noqa: F401 (backends)
+from .dense_penalty import jacobian_penalty_gradient
+
+BACKWARD_OVERFLOW_POLICIES = ("raise", "skip")
+_ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a contractive layer"
+
+
+def _solve_fns(backend: str, method: str, alpha: float, m: int, beta: float, lam: float):
+    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter))."""
+    if method == "anderson":
+        fwd, bwd = kernel("fixed_point_dense_anderson", backend), kernel("fixed_point_dense_anderson_backward", backend)
+        return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
+                lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, m, beta, lam, tol, it))
+    fwd, bwd = kernel("fixed_point_dense", backend), kernel("fixed_point_dense_backward", backend)
+    return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, alpha, tol, it),
+            lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, alpha, tol, it))
+
+
+# ---------------------------------------------------------------- checks
+def check_dense_inputs(what, W, c, z0=None):
+    """W (d, d), c (batch, d) and z0 (batch, d) or None: float16/bfloat16/float32/float64, one dtype, one device."""
+    validation.check_tensor(what, "W", W, dtypes=SOLVE_DTYPES)
+    if W.dim() != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"deqkern.{what}: W must be a square (d, d) matrix, got shape {tuple(W.shape)}")
+    if W.shape[0] == 0:
+        raise ValueError(f"deqkern.{what}: the width d must be >= 1 (a state of no entries has no fixed point to solve "
+                         "for), got W of shape (0, 0)")
+    for name, t in (("c", c), ("z0", z0)):
+        if t is None:
+            continue
+        validation.check_tensor(what, name, t, dtypes=SOLVE_DTYPES, like=W)
+        if t.dim() != 2 or t.shape[1] != W.shape[0]:
+            raise ValueError(f"deqkern.{what}: {name} must be (batch, {W.shape[0]}) to match W, got shape "
+                             f"{tuple(t.shape)}")
+    if z0 is not None and z0.shape != c.shape:
+        raise ValueError(f"deqkern.{what}: z0 must have the shape of c {tuple(c.shape)}, got {tuple(z0.shape)}")
+
+
+def _check_method_options(what, method, alpha, m, beta, lam):
+    validation.check_choice(what, "method", method, DENSE_METHODS)
+    if method != "anderson":
+        return
+    validation.check_anderson_options(what, m, beta, lam)
+    if alpha != 1.0:
+        raise ValueError(f"deqkern.{what}: alpha is Picard's damping; method='anderson' mixes with beta instead, got "
+                         f"alpha={alpha!r}")
+
+
+def check_dense_options(what, activation, alpha, tol, max_iter, backend, on_nonconvergence, backward_tol,
+                        backward_max_iter, method, m, beta, on_backward_overflow, lam=ANDERSON_DEFAULT_LAM,
+                        jacobian_penalty=0.0):
+    """Every option of a dense solve, checked where it is given (a layer checks its options at construction)."""
+    get_activation(activation)
+    validation.check_solver_options(what, alpha, tol, max_iter)
+    bwd_tol = tol if backward_tol is None else backward_tol
+    bwd_max_iter = max_iter if backward_max_iter is None else backward_max_iter
+    validation.check_solver_options(what, alpha, bwd_tol, bwd_max_iter, prefix="backward_")
+    _check_method_options(what, method, alpha, m, beta, lam)
+    check_policy(what, on_nonconvergence)
+    validation.check_nonnegative(what, "jacobian_penalty", jacobian_penalty)
+    validation.check_choice(what, "on_backward_overflow", on_backward_overflow, BACKWARD_OVERFLOW_POLICIES)
+    validation.check_choice(what, "backend", backend, BACKENDS)
+    return bwd_tol, bwd_max_iter
+
+
+# ---------------------------------------------------------------- autograd
+class _FixedPointDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W, c, z0, activation, alpha, tol, max_iter, backend, bwd_tol, bwd_max_iter, policy, info,
+                solver, jacobian_penalty, on_backward_overflow):
+        method, m, beta, lam = solver
+        forward_op, _ = _solve_fns(backend, method, alpha, m, beta, lam)
+        z, iterations, residual, converged = forward_op(W, c, z0, activation, tol, max_iter)
+        ctx.save_for_backward(W, c, z)
+        ctx.options = (activation, alpha, backend, bwd_tol, bwd_max_iter, policy, info, solver)
+        ctx.jacobian_penalty = jacobian_penalty
+        ctx.skip_overflow = on_backward_overflow == "skip"
+        ctx.mark_non_differentiable(iterations, residual, converged)
+        return z, iterations, residual, converged
+
+    @staticmethod
+    @single_backward("fixed_point_dense")  # double backward raises instead of missing the solve's contribution
+    def backward(ctx, grad_z, *unused_grads):
+        W, c, z = ctx.saved_tensors
+        activation, alpha, backend, tol, max_iter, policy, info, (method, m, beta, lam) = ctx.options
+        _, backward_op = _solve_fns(backend, method, alpha, m, beta, lam)
+        grad_u, iterations, residual, converged = backward_op(W, c, z, grad_z, activation, tol, max_iter)
+        backward_info = SolverInfo(iterations, residual, converged)
+        if info is not None and not torch.compiler.is_compiling():
+            info.backward = backward_info
+        if ctx.skip_overflow and not torch.compiler.is_compiling() and not bool(
+                torch.isfinite(residual).all() & torch.isfinite(grad_u).all()):
+            backward_info.gradient_skipped = True
+            warnings.warn("deqkern.fixed_point_dense backward: the adjoint is not finite (an overflow, or NaN/Inf in "
+                          "the incoming gradient); on_backward_overflow='skip' gave this solve zero gradients: skip "
+                          "the optimiser step for this batch", SkippedGradientWarning, stacklevel=2)
+            zero_W = torch.zeros_like(W) if ctx.needs_input_grad[0] else None
+            zero_c = torch.zeros_like(c) if ctx.needs_input_grad[1] else None
+            return zero_W, zero_c, *([None] * 13)
+        enforce_convergence("fixed_point_dense backward", converged, residual, policy, tol=tol, max_iter=max_iter,
+                            inputs={"grad_z": grad_z}, advice=_ADVICE)
+        row_term = None
+        if ctx.jacobian_penalty:
+            grad_u_penalty, row_term, value = jacobian_penalty_gradient(W, c, z, activation, ctx.jacobian_penalty)
+            grad_u = grad_u + grad_u_penalty
+            if info is not None and not torch.compiler.is_compiling():
+                info.jacobian_penalty = value
+        grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_W = grad_u.T @ z
+            if row_term is not None:
+                grad_W.addcmul_(row_term[:, None], W)
+        grad_c = grad_u if ctx.needs_input_grad[1] else None
+        return grad_W, grad_c, *([None] * 13)
+
+
+@api_changes("fixed_point_dense", old_positional=(
+    "activation", "alpha", "tol", "max_iter", "z0", "backend", "on_nonconvergence", "backward_tol", "backward_max_iter",
+    "method", "m", "beta", "lam", "jacobian_penalty", "on_backward_overflow"))
+def fixed_point_dense(
+    W: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    z0: Optional[torch.Tensor] = None,
+    activation: str = "tanh",
+    method: str = "picard",
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    alpha: float = 1.0,
+    m: int = ANDERSON_DEFAULT_M,
+    beta: float = ANDERSON_DEFAULT_BETA,
+    lam: float = ANDERSON_DEFAULT_LAM,
+    backward_tol: Optional[float] = None,
+    backward_max_iter: Optional[int] = None,
+    on_nonconvergence: str = "warn",
+    on_backward_overflow: str = "raise",
+    jacobian_penalty: float = 0.0,
+    backend: str = "auto",
+):
+    """z* = act(z* W^T + c), solved by one fused kernel per solve and differentiated implicitly; returns (z*, info).
+
+    W: (d, d); c: (batch, d); z0: (batch, d) start (default zeros). float32/float64, or float16/bfloat16 (solved in
+    float32, z* rounded once); one device, any strides. Each sample stops once ||f(z) - z|| / (||f(z)|| + 1e-12)
+    <= tol. method "picard" (damping alpha) or "anderson" (history m <= 16, mixing beta, regulariser lam relative
+    to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the gradient of
+    w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
+    gradients and a SkippedGradientWarning. Every option and failure mode: docs/api.md.
+    """
+    what = "fixed_point_dense"
+    check_dense_inputs(what, W, c, z0)
+    bwd_tol, bwd_max_iter = check_dense_options(what, activation, alpha, tol, max_iter, backend, on_nonconvergence,
+                                                backward_tol, backward_max_iter, method, m, beta, on_backward_overflow,
+                                                lam, jacobian_penalty)
+    solver = (method, int(m), float(beta), float(lam))
+    backend = resolve_backend(backend, W.device, what)
+
+    z0 = torch.zeros_like(c) if z0 is None else z0.detach()
+    info = None if torch.compiler.is_compiling() else SolverInfo()
+    if torch.is_grad_enabled() and (W.requires_grad or c.requires_grad):
+        z, iterations, residual, converged = _FixedPointDense.apply(
+            W, c, z0, activation, float(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
+            int(bwd_max_iter), on_nonconvergence, info, solver, float(jacobian_penalty), on_backward_overflow,
+        )
+    else:  # no autograd node to build: call the op directly
+        forward_op, _ = _solve_fns(backend, method, float(alpha), *solver[1:])
+        z, iterations, residual, converged = forward_op(W, c, z0, activation, float(tol), int(max_iter))
+    if info is None:
+        info = SolverInfo(iterations, residual, converged)
+    else:
+        info.iterations, info.residual, info.converged = iterations, residual, converged
+    enforce_convergence(what, converged, residual, on_nonconvergence, tol=tol, max_iter=max_iter,
+                        inputs={"W": W, "c": c, "z0": z0}, advice=_ADVICE)
+    return z, info
