@@ -1,6 +1,6 @@
 // Schema of power_iteration. Kernels: power_iteration_cpu.cpp, power_iteration_cuda.cu,
 // triton_kernels/power_iteration.py; specification: deqkern/reference/power_iteration.py; fake kernel:
-// deqkern/ops/power_iteration.py; public functions: deqkern/lipschitz/power_iteration.py.
+// deqkern/ops/power_iteration.py; public functions: deqkern/lipschitz/matrix_norms.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(deqkern, m) {

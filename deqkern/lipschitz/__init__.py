@@ -2,7 +2,7 @@
 linear maps given as products), proven upper bounds of ||W||_2 and of a convolution's operator norm, one-sided
 constants and l-infinity norms.
 
-- power_iteration.py: `power_iteration` (batched, one fused op), `spectral_norm`, `one_sided_l2`, `one_sided_linf`,
+- matrix_norms.py: `power_iteration` (batched, one fused op), `spectral_norm`, `one_sided_l2`, `one_sided_linf`,
   `linf_norm`;
 - spectral_bound.py: `spectral_norm_upper_bound` (a Cholesky proof of a Lanczos estimate);
 - conv_norm.py: `conv_operator_norm` (a lower bound) and `conv_operator_norm_upper_bound` (proven) of a convolution
@@ -12,7 +12,7 @@ constants and l-infinity norms.
 from ..core.errors import PowerIterationWarning
 from .common import PowerIterationResult, gram_power_iteration
 from .conv_norm import conv_operator_norm, conv_operator_norm_upper_bound
-from .power_iteration import MODES, linf_norm, one_sided_l2, one_sided_linf, power_iteration, spectral_norm
+from .matrix_norms import MODES, linf_norm, one_sided_l2, one_sided_linf, power_iteration, spectral_norm
 from .spectral_bound import SpectralBound, spectral_norm_upper_bound
 
 __all__ = [

@@ -1,5 +1,5 @@
 """power_iteration: fake kernel and backends of the batched power iteration (schema:
-csrc/power_iteration/power_iteration.cpp; public functions: deqkern/lipschitz/power_iteration.py)."""
+csrc/power_iteration/power_iteration.cpp; public functions: deqkern/lipschitz/matrix_norms.py)."""
 import torch
 
 from ..core.backends import register_kernel_backends
