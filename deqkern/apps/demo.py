@@ -1,8 +1,8 @@
 """The main job, `python -m deqkern demo`: deqkern's layer families trained side by side on scikit-learn's
 handwritten digits (no download): DEQLinear with Picard and with Anderson, PositiveConcaveDEQ, LinfContractiveDEQ,
-LipschitzDEQ and a convolutional DEQ through nn.DEQ. Prints, per family, test accuracy, forward and backward
-solver iterations per batch, seconds per epoch and what its certificate guarantees, and writes a PNG plot of
-accuracy and iterations per epoch (--out). `--backends cpu reference ...` (or `--backends available`) trains one
+LipschitzDEQ, a convolutional DEQ through nn.DEQ and a two-branch multiscale DEQ (MDEQ). Prints, per family, test
+accuracy, forward and backward solver iterations per batch, seconds per epoch and what its certificate guarantees,
+and writes a PNG plot of accuracy and iterations per epoch (--out). `--backends cpu reference ...` (or `--backends available`) trains one
 DEQLinear per deqkern backend instead (demo_backends.py).
 """
 import argparse
@@ -49,6 +49,11 @@ def families(hidden, tol, max_iter):
     conv = dnn.DEQ(ConvCell(8), method="anderson", solver_options=dict(tol=tol, max_iter=max_iter,
                                                                    on_nonconvergence="ignore"), z_shape=(8, 8, 8))
     out["conv DEQ (nn.DEQ, Anderson)"] = (DigitsClassifier(conv, 8 * 64), conv, 3e-3)
+    # The MDEQ is no contraction: its solves stop at a looser tolerance, as MDEQ's own training does (30 steps).
+    loose = dict(tol=max(tol, 1e-3), max_iter=min(max_iter, 20), on_nonconvergence="ignore")
+    mdeq = dnn.MultiscaleDEQClassifier(1, 10, channels=(8, 16), expansion=2, final_channels=32, solver_options=loose,
+                                       backward_options=loose)
+    out["MDEQ 8x8 + 4x4 (tol 1e-3)"] = (nn.Sequential(nn.Unflatten(1, (1, 8, 8)), mdeq), mdeq, 3e-3)
     return out
 
 

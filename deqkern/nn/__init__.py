@@ -2,13 +2,15 @@
 `last_info`.
 
 - dense.py: `DEQLinear`, the dense layer on the fused solve; dense_layer.py: the base every dense layer shares;
-- deq.py: `DEQ`, a deep equilibrium layer around any f(z, x);
+- deq.py: `DEQ`, a deep equilibrium layer around any f(z, x), on a tensor state or a tuple of them;
+- multiscale.py: `MultiscaleDEQ` (the MDEQ: one state per resolution) and `MultiscaleDEQClassifier`;
 - certified/: layers whose fixed point provably exists, is unique and is reached (dense and convolutional).
 """
 from .certified import (LinfContractiveConvDEQ, LinfContractiveDEQ, LipschitzConvDEQ, LipschitzDEQ,
                         PositiveConcaveConvDEQ, PositiveConcaveDEQ)
 from .dense import DEQLinear
 from .deq import DEQ
+from .multiscale import MultiscaleDEQ, MultiscaleDEQClassifier
 
 __all__ = [
     "DEQ",
@@ -17,6 +19,8 @@ __all__ = [
     "LinfContractiveDEQ",
     "LipschitzConvDEQ",
     "LipschitzDEQ",
+    "MultiscaleDEQ",
+    "MultiscaleDEQClassifier",
     "PositiveConcaveConvDEQ",
     "PositiveConcaveDEQ",
 ]

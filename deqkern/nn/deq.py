@@ -31,6 +31,7 @@ from ..core.info import SolverInfo
 from ..core.policy import check_policy
 from ..jacobian.regularization import jacobian_reg
 from ..solvers.generic import SOLVE_OPTIONS, solve
+from ..solvers.state import StateLayout, is_structured
 from .dense_layer import add_penalty_gradient, parse_jac_reg
 
 BACKWARD_MODES = ("ift", "phantom", "one_step")
@@ -61,10 +62,11 @@ def _check_options(options, what):
 _STATE_HINT = "pass z0=... to forward or z_shape=... to DEQ to set the state's shape"
 
 
-def _add_state_note(exc, z, guessed):
+def _add_state_note(exc, z, guessed, layout=None):
     """Adds (Python >= 3.11) which state f was called on to an exception raised inside f."""
-    note = (f"deqkern.{WHAT}: raised by f(z, x) on a state z of shape {tuple(z.shape)}, dtype {z.dtype}, device "
-            f"{z.device}" + (f" (the default state zeros_like(x): {_STATE_HINT})" if guessed else ""))
+    what = f"a state z of shape {tuple(z.shape)}" if layout is None else f"a state z that is a {layout.describe()}"
+    note = (f"deqkern.{WHAT}: raised by f(z, x) on {what}, dtype {z.dtype}, device {z.device}"
+            + (f" (the default state zeros_like(x): {_STATE_HINT})" if guessed else ""))
     if hasattr(exc, "add_note"):
         exc.add_note(note)
 
@@ -83,12 +85,39 @@ def _check_map_output(out, z, guessed):
                         "to set them)")
 
 
+def _checked_start(state, name):
+    """A start state, a tensor or a tuple or list of them (checked: one batch size, dtype and device), detached."""
+    if is_structured(state):
+        StateLayout.of(WHAT, state, name)
+        return type(state)(t.detach() for t in state)
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"deqkern.{WHAT}: {name} must be a torch.Tensor or a tuple or list of them, got "
+                        f"{type(state).__name__}")
+    return state.detach()
+
+
+def _inputs_detached(x):
+    """x for the solves, which need no graph to it: a tensor detached, or the tensors of a tuple or list (other items,
+    such as None or a function, kept as they are)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if is_structured(x):
+        return type(x)(t.detach() if isinstance(t, torch.Tensor) else t for t in x)
+    return x
+
+
+def _is_shape_list(z_shape):
+    """z_shape is a sequence of per-sample shapes (a tuple state), not one shape."""
+    return (isinstance(z_shape, (tuple, list)) and len(z_shape) > 0
+            and all(isinstance(shape, (tuple, list, torch.Size)) for shape in z_shape))
+
+
 class _IFTGrad(torch.autograd.Function):
     """Identity in the forward; in the backward, the incoming gradient v becomes g = (I - J^T)^{-1} v."""
 
     @staticmethod
-    def forward(ctx, z, z_star, deq, x, info):
-        ctx.deq, ctx.x, ctx.info = deq, x, info
+    def forward(ctx, z, z_star, deq, f, x, info):
+        ctx.deq, ctx.f, ctx.x, ctx.info = deq, f, x, info
         ctx.save_for_backward(z_star)
         return z.view_as(z)
 
@@ -99,7 +128,7 @@ class _IFTGrad(torch.autograd.Function):
         deq, x, info = ctx.deq, ctx.x, ctx.info
         with torch.enable_grad():
             h = z_star.detach().requires_grad_()
-            fh = deq.f(h, x)
+            fh = ctx.f(h, x)
 
         def adjoint(g):
             vjp = torch.autograd.grad(fh, h, g, retain_graph=True)[0]
@@ -109,7 +138,7 @@ class _IFTGrad(torch.autograd.Function):
         if info is not None and not torch.compiler.is_compiling():
             info.backward = binfo
         deq.last_backward_info = binfo
-        return g.detach(), None, None, None, None
+        return g.detach(), None, None, None, None, None
 
 
 class DEQ(nn.Module):
@@ -168,59 +197,94 @@ class DEQ(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _initial(self, x, z0):
+        """The start: z0 (a tensor, or a tuple or list of them), else zeros of z_shape (one per-sample shape, or a
+        sequence of them for a tuple state) or from the callable z_shape, else zeros_like(x) (of each tensor of a
+        tuple or list x)."""
         if z0 is not None:
-            return z0.detach()
-        if self.z_shape is None:
-            return torch.zeros_like(x)
+            return _checked_start(z0, "z0")
         if callable(self.z_shape):
-            return self.z_shape(x).detach()
-        return x.new_zeros((x.shape[0], *tuple(self.z_shape)))
+            return _checked_start(self.z_shape(x), "z_shape(x)")
+        tensors = [t for t in (x if is_structured(x) else (x,)) if isinstance(t, torch.Tensor)]
+        if self.z_shape is None:
+            if is_structured(x) and len(tensors) == len(x):
+                return type(x)(torch.zeros_like(t) for t in x)
+            if isinstance(x, torch.Tensor):
+                return torch.zeros_like(x)
+            raise TypeError(f"deqkern.{WHAT}: x is a {type(x).__name__}, not a tensor or a tuple of tensors: "
+                            f"{_STATE_HINT}")
+        if not tensors:
+            raise TypeError(f"deqkern.{WHAT}: z_shape needs a tensor in x for the batch size, dtype and device; pass "
+                            "z0=... instead")
+        ref = tensors[0]
+        if _is_shape_list(self.z_shape):
+            return tuple(ref.new_zeros((ref.shape[0], *tuple(shape))) for shape in self.z_shape)
+        return ref.new_zeros((ref.shape[0], *tuple(self.z_shape)))
 
     def _needs_grad(self, x):
         if not torch.is_grad_enabled():
             return False
-        if isinstance(x, torch.Tensor) and x.requires_grad:
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x if is_structured(x) else (x,))):
             return True
         if isinstance(self.f, nn.Module):
             return any(p.requires_grad for p in self.f.parameters())
         return True  # a plain callable may close over tensors that require grad: build the graph
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        z_init = self._initial(x, z0)
-        x_const = x.detach() if isinstance(x, torch.Tensor) else x
+    def _map_of(self, layout):
+        """f as the solvers see it: itself for a tensor state; on the (B, n) packing of a structured state, f of the
+        unpacked views, checked and packed (differentiable)."""
+        if layout is None:
+            return self.f
 
+        def packed(z, x):
+            out = self.f(layout.unpack(z), x)
+            layout.check(WHAT, out, 0, who="f(z, x)")
+            return layout.pack(out)
+
+        return packed
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, z0=None):
+        """x: the input (a tensor or a tuple of them, handed to f as it is); z0: the start, a tensor (B, ...) or a
+        tuple or list of them (a multiscale state). Returns z* of the state's structure."""
+        z_init = self._initial(x, z0)
+        layout = StateLayout.of(WHAT, z_init) if is_structured(z_init) else None
+        f_map = self._map_of(layout)
+        x_const = _inputs_detached(x)
         guessed = z0 is None and self.z_shape is None
 
         def fixed_point_map(z):
             try:
                 out = self.f(z, x_const)
             except Exception as exc:  # the user's error stays the user's: context is added, nothing is replaced
-                _add_state_note(exc, z, guessed)
+                _add_state_note(exc, z if layout is None else z[0], guessed, layout)
                 raise
-            _check_map_output(out, z, guessed)
+            if layout is None:
+                _check_map_output(out, z, guessed)
             return out
 
-        with torch.no_grad():
+        with torch.no_grad():  # solve packs a structured state itself, and checks f's output at every evaluation
             z_star, info = solve(fixed_point_map, z_init, method=self.method, **self.solver_options)
+        if layout is not None:
+            z_star = layout.pack(z_star)
         z_star = z_star.detach()
         self.last_info = info
 
         if not self._needs_grad(x):
-            return z_star
+            return z_star if layout is None else layout.unpack(z_star)
         if self.backward_mode == "ift":
-            z = self.f(z_star, x)
+            z = f_map(z_star, x)
             if z.requires_grad:
-                z = _IFTGrad.apply(z, z_star, self, x_const, info)
+                z = _IFTGrad.apply(z, z_star, self, f_map, x_const, info)
         elif self.backward_mode == "one_step":
-            z = self.f(z_star, x)
+            z = f_map(z_star, x)
         else:  # phantom
             z, tau = z_star, self.phantom_damping
             for _ in range(self.phantom_steps):
-                z = self.f(z, x) if tau == 1.0 else (1 - tau) * z + tau * self.f(z, x)
-        return self._with_jacobian_penalty(z, z_star, x)
+                z = f_map(z, x) if tau == 1.0 else (1 - tau) * z + tau * f_map(z, x)
+        z = self._with_jacobian_penalty(z, z_star, x, f_map)
+        return z if layout is None else layout.unpack(z)
 
-    def _with_jacobian_penalty(self, z, z_star, x):
+    def _with_jacobian_penalty(self, z, z_star, x, f_map):
         """z carrying the gradient of jac_reg's weight times the Hutchinson estimate of ||J_f(z*)||_F^2 / numel
         (one probe, z* held constant as in Bai et al.'s code: one double-backward vector-Jacobian product)."""
         self.last_jac_loss = None
@@ -228,7 +292,7 @@ class DEQ(nn.Module):
             return z
         if self.jac_reg_probability < 1.0 and float(torch.rand(())) >= self.jac_reg_probability:
             return z
-        penalty = jacobian_reg(self.f, z_star.detach(), x)
+        penalty = jacobian_reg(f_map, z_star.detach(), x)
         self.last_jac_loss = penalty.detach()
         if not penalty.requires_grad:
             return z

@@ -20,6 +20,7 @@ from ..core.info import SolverInfo
 from ..core.policy import check_policy, enforce_convergence
 from ..ops import anderson_step  # noqa: F401  (registers the anderson_step backends)
 from ..reference.common import relative_residual
+from .state import StateLayout, is_structured
 
 # The keywords of solve() besides f, z0 and method: what nn.DEQ and the torchdeq adapter forward to it.
 SOLVE_OPTIONS = frozenset(
@@ -249,7 +250,8 @@ def solve(
     process_group=None,
     backend: str = "auto",
 ):
-    """z* = f(z*) for any map f: (B, ...) -> (B, ...) of z0's shape; returns (z*, SolverInfo). Not differentiable.
+    """z* = f(z*) for any map f of a state z0 (B, ...), or of a tuple or list of such tensors (one batch size, dtype
+    and device; f returns the same structure); returns (z*, SolverInfo), z* of z0's structure. Not differentiable.
 
     method "anderson" (history m <= 16, mixing beta, regulariser lam relative to each residual's norm: the dense
     solve's algorithm, deqkern/reference/anderson.py), "picard" (damping alpha) or "broyden" (memory m, plain
@@ -258,12 +260,19 @@ def solve(
     lowest-residual iterate. check_every: how often the host asks "all stopped?" (default 1 on CPU, 4 on GPU).
     process_group: agree that question across ranks when f holds a collective. Details: docs/api.md.
     """
+    layout = None
+    if is_structured(z0):  # packed once into the solver's (B, n) buffer; f sees views in the original shapes
+        if not callable(f):
+            raise TypeError(f"deqkern.solve: f must be callable, got {type(f).__name__}")
+        layout = StateLayout.of("solve", z0)
+        f, z0 = layout.flat_map("solve", f), layout.pack(z0)
     _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
     resolved = resolve_backend(backend, z0.device, "solve")
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CPU if z0.device.type == "cpu" else DEFAULT_CHECK_EVERY_GPU
     if z0.shape[0] == 0 and process_group is None:
-        return _empty_solve(z0, return_trace)
+        z, info = _empty_solve(z0, return_trace)
+        return (z if layout is None else layout.unpack(z)), info
     if method == "broyden":
         out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace, process_group)
     else:
@@ -276,4 +285,6 @@ def solve(
     # The policy sees the last residual, so that an overflow is reported as such (converged is the same).
     enforce_convergence("solve", converged, residual_last, on_nonconvergence, tol=tol, max_iter=max_iter,
                         inputs={"z0": z0}, advice="raise max_iter, or use a contractive f")
+    if layout is not None:
+        z = layout.unpack(z)
     return z, SolverInfo(iterations=iterations, residual=residual_best, converged=converged, trace=trace)
