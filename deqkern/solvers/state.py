@@ -11,6 +11,9 @@ from typing import Callable, Sequence, Tuple, Union
 
 import torch
 
+from ..core import validation
+from ..core.dtypes import SOLVE_DTYPES
+
 State = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -35,23 +38,16 @@ class StateLayout:
         if len(state) == 0:
             raise ValueError(f"deqkern.{what}: {name} is an empty {type(state).__name__}: a state needs at least one "
                              "tensor")
-        for i, t in enumerate(state):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"deqkern.{what}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        first = state[0]
+        for i, t in enumerate(state):  # a tensor of the solves' dtypes, of the first one's dtype and device
+            validation.check_tensor(what, f"{name}[{i}]", t, dtypes=SOLVE_DTYPES, like=first if i else None,
+                                    like_name=f"{name}[0]")
             if t.dim() < 1:
                 raise ValueError(f"deqkern.{what}: {name}[{i}] must have a batch dimension: (B, ...), got a 0-d "
                                  "tensor")
-        first = state[0]
-        for i, t in enumerate(state[1:], start=1):
             if t.shape[0] != first.shape[0]:
                 raise ValueError(f"deqkern.{what}: {name}[{i}] has batch size {t.shape[0]} but {name}[0] has "
                                  f"{first.shape[0]}: every tensor of a state has one batch size")
-            if t.dtype != first.dtype:
-                raise TypeError(f"deqkern.{what}: {name}[{i}] is {t.dtype} but {name}[0] is {first.dtype}: a state "
-                                "has one dtype")
-            if t.device != first.device:
-                raise ValueError(f"deqkern.{what}: {name}[{i}] is on {t.device} but {name}[0] is on {first.device}: "
-                                 "a state lives on one device")
         return cls(type(state), tuple(tuple(t.shape[1:]) for t in state), first.shape[0], first.dtype, first.device)
 
     def describe(self) -> str:
