@@ -90,6 +90,7 @@ if [ "$mode" = gpu ]; then
   # kernels hand data between threads through global memory, which no sanitizer tool checks.
   step racecheck 40 "$sanitizer" --tool racecheck --error-exitcode 2 "$py" bench/sanitize_solves.py --small
   step synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 2 "$py" bench/sanitize_solves.py --small
+  step bench_multiscale 45 "$py" bench/bench_multiscale.py --device cuda --min-time 0.3 --out "$work/results"
 else
   py=${PYTHON:-.venv/bin/python}
   export TRITON_INTERPRET=1
@@ -101,4 +102,5 @@ else
   step bench_anderson 90 "$py" bench/bench_anderson_step.py --quick --out "$work/results"
   step tests 150 "$py" -m pytest -q -p no:cacheprovider -k "triton and (B3-D5 or B6-D70)" --junitxml "$work/results/tests.xml" tests/test_half_precision.py
   step memcheck_triton 240 "$py" bench/sanitize_solves.py --device cpu --triton --small
+  step bench_multiscale 60 "$py" bench/bench_multiscale.py --quick --out "$work/results"
 fi
