@@ -9,7 +9,7 @@ from typing import List
 
 import torch
 
-from deqkern.apps.provenance import device_name, git_commit, package_version, utc_now, versions_line  # noqa: F401
+from deqkern.apps.provenance import device_name, git_commit, utc_now, versions_line
 
 from . import timing
 

@@ -13,9 +13,10 @@ def api_changes(what, renamed=None, old_positional=()):
     renamed = dict(renamed or {})
 
     def decorate(fn):
-        parameters = inspect.signature(fn).parameters.values()
+        parameters = list(inspect.signature(fn).parameters.values())
         n_positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters)
         has_var_positional = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+        n_shown = n_positional - (1 if parameters and parameters[0].name == "self" else 0)  # a method's self aside
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -26,7 +27,7 @@ def api_changes(what, renamed=None, old_positional=()):
                 extra = len(args) - n_positional
                 names = list(old_positional[:extra]) or ["..."]
                 shown = ", ".join(f"{name}=..." for name in names)
-                raise TypeError(f"deqkern.{what}: takes {n_positional - _bound_self(fn)} positional argument(s) and "
+                raise TypeError(f"deqkern.{what}: takes {n_shown} positional argument(s) and "
                                 f"{extra} more were given: options are keyword-only since deqkern 0.2.0, write "
                                 f"{shown}")
             return fn(*args, **kwargs)
@@ -35,8 +36,3 @@ def api_changes(what, renamed=None, old_positional=()):
 
     return decorate
 
-
-def _bound_self(fn):
-    """1 for a method (its `self` is counted among the positional parameters), else 0."""
-    params = list(inspect.signature(fn).parameters)
-    return 1 if params and params[0] == "self" else 0

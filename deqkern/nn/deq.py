@@ -65,6 +65,7 @@ _STATE_HINT = "pass z0=... to forward or z_shape=... to DEQ to set the state's s
 def _add_state_note(exc, z, guessed, layout=None):
     """Adds (Python >= 3.11) which state f was called on to an exception raised inside f."""
     what = f"a state z of shape {tuple(z.shape)}" if layout is None else f"a state z that is a {layout.describe()}"
+    z = z if layout is None else z[0]
     note = (f"deqkern.{WHAT}: raised by f(z, x) on {what}, dtype {z.dtype}, device {z.device}"
             + (f" (the default state zeros_like(x): {_STATE_HINT})" if guessed else ""))
     if hasattr(exc, "add_note"):
@@ -86,14 +87,11 @@ def _check_map_output(out, z, guessed):
 
 
 def _checked_start(state, name):
-    """A start state, a tensor or a tuple or list of them (checked: one batch size, dtype and device), detached."""
-    if is_structured(state):
-        StateLayout.of(WHAT, state, name)
-        return type(state)(t.detach() for t in state)
-    if not isinstance(state, torch.Tensor):
+    """A start state: a tensor, or a tuple or list (checked where it is packed, by StateLayout.of)."""
+    if not is_structured(state) and not isinstance(state, torch.Tensor):
         raise TypeError(f"deqkern.{WHAT}: {name} must be a torch.Tensor or a tuple or list of them, got "
                         f"{type(state).__name__}")
-    return state.detach()
+    return state
 
 
 def _inputs_detached(x):
@@ -229,44 +227,39 @@ class DEQ(nn.Module):
             return any(p.requires_grad for p in self.f.parameters())
         return True  # a plain callable may close over tensors that require grad: build the graph
 
-    def _map_of(self, layout):
-        """f as the solvers see it: itself for a tensor state; on the (B, n) packing of a structured state, f of the
-        unpacked views, checked and packed (differentiable)."""
-        if layout is None:
-            return self.f
-
-        def packed(z, x):
-            out = self.f(layout.unpack(z), x)
-            layout.check(WHAT, out, 0, who="f(z, x)")
-            return layout.pack(out)
-
-        return packed
-
     # ------------------------------------------------------------------ forward
     def forward(self, x, z0=None):
         """x: the input (a tensor or a tuple of them, handed to f as it is); z0: the start, a tensor (B, ...) or a
         tuple or list of them (a multiscale state). Returns z* of the state's structure."""
         z_init = self._initial(x, z0)
+        # A structured state is packed once: the solve, the backward modes and jac_reg all see the (B, n) packing
+        # and f_map, which hands f the unpacked views and checks and packs its output at every evaluation.
         layout = StateLayout.of(WHAT, z_init) if is_structured(z_init) else None
-        f_map = self._map_of(layout)
         x_const = _inputs_detached(x)
         guessed = z0 is None and self.z_shape is None
 
-        def fixed_point_map(z):
+        def f_noted(z, x):
             try:
-                out = self.f(z, x_const)
+                return self.f(z, x)
             except Exception as exc:  # the user's error stays the user's: context is added, nothing is replaced
-                _add_state_note(exc, z if layout is None else z[0], guessed, layout)
+                _add_state_note(exc, z, guessed, layout)
                 raise
-            if layout is None:
-                _check_map_output(out, z, guessed)
-            return out
 
-        with torch.no_grad():  # solve packs a structured state itself, and checks f's output at every evaluation
-            z_star, info = solve(fixed_point_map, z_init, method=self.method, **self.solver_options)
-        if layout is not None:
-            z_star = layout.pack(z_star)
-        z_star = z_star.detach()
+        if layout is None:
+            f_map, start = self.f, z_init.detach()
+
+            def fixed_point_map(z):
+                out = f_noted(z, x_const)
+                _check_map_output(out, z, guessed)
+                return out
+        else:
+            f_map, start = layout.flat_map(WHAT, f_noted, who="f(z, x)"), layout.pack(z_init).detach()
+
+            def fixed_point_map(z):
+                return f_map(z, x_const)
+
+        with torch.no_grad():
+            z_star, info = solve(fixed_point_map, start, method=self.method, **self.solver_options)
         self.last_info = info
 
         if not self._needs_grad(x):

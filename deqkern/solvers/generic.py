@@ -260,13 +260,13 @@ def solve(
     lowest-residual iterate. check_every: how often the host asks "all stopped?" (default 1 on CPU, 4 on GPU).
     process_group: agree that question across ranks when f holds a collective. Details: docs/api.md.
     """
-    layout = None
-    if is_structured(z0):  # packed once into the solver's (B, n) buffer; f sees views in the original shapes
-        if not callable(f):
-            raise TypeError(f"deqkern.solve: f must be callable, got {type(f).__name__}")
-        layout = StateLayout.of("solve", z0)
-        f, z0 = layout.flat_map("solve", f), layout.pack(z0)
+    # A structured state is packed once into the solver's (B, n) buffer; f sees views in the original shapes.
+    layout = StateLayout.of("solve", z0) if is_structured(z0) else None
+    if layout is not None:
+        z0 = layout.pack(z0)
     _check_options(f, z0, method, m, beta, alpha, lam, tol, max_iter, check_every, on_nonconvergence)
+    if layout is not None:
+        f = layout.flat_map("solve", f)
     resolved = resolve_backend(backend, z0.device, "solve")
     if check_every is None:
         check_every = DEFAULT_CHECK_EVERY_CPU if z0.device.type == "cpu" else DEFAULT_CHECK_EVERY_GPU

@@ -84,18 +84,20 @@ class StateLayout:
                 raise TypeError(f"deqkern.{what}: {who} returned tensor {i} as {t.dtype} on {t.device}{at} but the "
                                 f"state is {self.dtype} on {self.device}: f must keep the state's dtype and device")
 
-    def flat_map(self, what: str, f: Callable, who: str = "f") -> Callable[[torch.Tensor], torch.Tensor]:
-        """g(x (B, n)) = pack(f(unpack(x))), f's output checked at every evaluation and gathered into one reused
-        buffer (the solvers read it before they evaluate f again)."""
+    def flat_map(self, what: str, f: Callable, who: str = "f") -> Callable[..., torch.Tensor]:
+        """g(x (B, n), *args) = pack(f(unpack(x), *args)), f's output checked at every evaluation. Without grad mode
+        (inside a solve) the output is gathered into one reused buffer, which the solvers read before they evaluate
+        f again; with it, into a new tensor, so that a graph runs through the concatenation and no result is
+        overwritten by the next evaluation."""
         evaluations = [0]
         buffer = [None]
 
-        def g(flat):
+        def g(flat, *args):
             evaluations[0] += 1
-            out = f(self.unpack(flat))
+            out = f(self.unpack(flat), *args)
             self.check(what, out, evaluations[0], who)
-            if torch.is_grad_enabled() and any(t.requires_grad for t in out):
-                return self.pack(out)  # a graph through the concatenation, never into a reused buffer
+            if torch.is_grad_enabled():
+                return self.pack(out)
             if buffer[0] is None or buffer[0].shape != flat.shape:
                 buffer[0] = flat.new_empty(flat.shape)
             return self.pack(out, out=buffer[0])
