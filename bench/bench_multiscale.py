@@ -33,12 +33,9 @@ DEQKERN_METHODS = ("anderson", "broyden")
 TORCHDEQ_SOLVERS = ("anderson", "broyden")
 
 
-def _counting(fn, counter):
-    def counted(*args, **kwargs):
-        counter[0] += 1
-        return fn(*args, **kwargs)
-
-    return counted
+# torchdeq's solvers, registered under names that count evaluations of the function each solve is handed (forward:
+# f; backward: the adjoint's vector-Jacobian product).
+COUNTING = peers.CountingSolvers(TORCHDEQ_SOLVERS)
 
 
 class DeqkernMultiscale(nn.Module):
@@ -63,7 +60,8 @@ class TorchDEQMultiscale(nn.Module):
     def __init__(self, deq: deqkern.nn.MultiscaleDEQ, solver: str):
         super().__init__()
         self.inner = deq
-        self.solver = torchdeq_get_deq(solver)
+        self.solver = peers.torchdeq_deq(COUNTING.name(solver, "fwd"), COUNTING.name(solver, "bwd"), tol=TOL,
+                                         max_iter=MAX_ITER)
 
     def forward(self, x):
         shapes = self.inner.state_shapes(x.shape[2], x.shape[3])
@@ -71,28 +69,6 @@ class TorchDEQMultiscale(nn.Module):
         z0 = [x.new_zeros((x.shape[0], *shape)) for shape in shapes]
         z_out, _ = self.solver(lambda *z: list(self.inner.cell(tuple(z), (injection, None))), z0)
         return tuple(z_out[-1])
-
-
-COUNTS = {"fwd": [0], "bwd": [0]}
-
-
-def torchdeq_get_deq(solver):
-    """torchdeq's get_deq with `solver` forward and backward, registered under names that count evaluations of the
-    solved function (forward: f; backward: the adjoint's vector-Jacobian products)."""
-    peers._require_torchdeq()
-    from torchdeq.solver import get_solver, register_solver
-
-    names = {}
-    for direction, counter in COUNTS.items():
-        names[direction] = f"bench_multiscale_{direction}_{solver}"
-
-        def run(func, x0, _solver=get_solver(solver), _counter=counter, **kwargs):
-            return _solver(_counting(func, _counter), x0, **kwargs)
-
-        register_solver(names[direction], run)
-    return peers.torchdeq.get_deq(f_solver=names["fwd"], b_solver=names["bwd"], f_max_iter=MAX_ITER,
-                                  b_max_iter=MAX_ITER, f_tol=TOL, b_tol=TOL, f_stop_mode="rel", b_stop_mode="rel",
-                                  ift=True)
 
 
 def build(in_channels, channels):
@@ -105,21 +81,13 @@ def build(in_channels, channels):
 
 def training_step(model, forward, x, y, optimizer):
     def step():
-        logits = model_head(model, forward(x))
+        logits = model.head(forward(x))
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return step
-
-
-def model_head(model, z):
-    """The classifier's head on the equilibria z (the same modules for every implementation)."""
-    y = model.increase[0](z[0])
-    for i, down in enumerate(model.downsample):
-        y = model.increase[i + 1](z[i + 1]) + down(y)
-    return model.classifier(model.final(y).mean(dim=(2, 3)))
 
 
 def bench_problem(name, batch, min_time, device):
@@ -148,9 +116,9 @@ def bench_problem(name, batch, min_time, device):
             notes[label] = str(error)
             continue
         steps[label] = training_step(model, wrapped, x, y, optimizer)
-        COUNTS["fwd"][0] = COUNTS["bwd"][0] = 0
+        COUNTING.take()
         steps[label]()
-        counts[label] = (COUNTS["fwd"][0], COUNTS["bwd"][0])
+        counts[label] = COUNTING.take()
         notes[label] = "the batch stops at its worst sample"
     times = timing.measure_interleaved(steps, min_time)
     fastest_peer = min((t.median for k, t in times.items() if k.startswith("torchdeq")), default=None)

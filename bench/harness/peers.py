@@ -122,12 +122,12 @@ def torchdeq_solve(solver_name, f, z0):
     return z, info
 
 
-def torchdeq_deq(f_solver, b_solver):
+def torchdeq_deq(f_solver, b_solver, tol=TOL, max_iter=MAX_ITER):
     """torchdeq.get_deq (default core 'sliced') with IFT backward and our tol / max_iter / relative stopping."""
     _require_torchdeq()
     return torchdeq.get_deq(
-        f_solver=f_solver, b_solver=b_solver, f_max_iter=MAX_ITER, b_max_iter=MAX_ITER,
-        f_tol=TOL, b_tol=TOL, f_stop_mode="rel", b_stop_mode="rel", ift=True,
+        f_solver=f_solver, b_solver=b_solver, f_max_iter=max_iter, b_max_iter=max_iter,
+        f_tol=tol, b_tol=tol, f_stop_mode="rel", b_stop_mode="rel", ift=True,
     )
 
 
@@ -135,11 +135,11 @@ class CountingSolvers:
     """torchdeq solvers, registered under name(solver, direction), that count evaluations of f: iterations are
     reported from one untimed call, so the timed calls carry no counting."""
 
-    def __init__(self):
+    def __init__(self, solvers=TORCHDEQ_SOLVERS):
         self.counts = {"fwd": [], "bwd": []}
         if torchdeq is None:
             return
-        for solver in TORCHDEQ_SOLVERS:
+        for solver in solvers:
             for direction, counts in self.counts.items():
                 register_solver(self.name(solver, direction), self._wrap(get_solver(solver), counts))
 

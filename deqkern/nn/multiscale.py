@@ -241,7 +241,10 @@ class MultiscaleDEQClassifier(nn.Module):
         return self.deq.last_info
 
     def forward(self, x: torch.Tensor, z0=None) -> torch.Tensor:
-        z = self.deq(x, z0=z0)
+        return self.head(self.deq(x, z0=z0))
+
+    def head(self, z) -> torch.Tensor:
+        """The logits (B, num_classes) of the equilibria z, a tuple of the branches' states."""
         y = self.increase[0](z[0])
         for i, down in enumerate(self.downsample):
             y = self.increase[i + 1](z[i + 1]) + down(y)
