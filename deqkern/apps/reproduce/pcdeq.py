@@ -10,10 +10,9 @@ import math
 import torch
 from torch import nn
 
-from ...activations import get_activation
 from ...nn.certified import PositiveConcaveConvDEQ, PositiveConcaveDEQ, positive_concave_fixed_point
 from ...nn.certified.positive_concave import _ACTIVATION_SUP
-from ...nn.certified.positive_concave_rates import PERRON_STEPS, positive_concave_rates
+from ...nn.certified.positive_concave_rates import positive_concave_rates
 from ...nn import DEQLinear
 from ..digits import DigitsClassifier, digits, seconds_per_epoch, train_classifier
 from .common import ClaimResult, claim_notes, finish_figure, number, print_table, provenance, write_claim
@@ -47,8 +46,8 @@ float64 limit), each proven rate beside the one measured over the same steps and
   norm ||e||_z* = max_i |e_i| / z*_i, ||e_k||_z* <= q^k ||e_0||_z* (||e_0||_z* = 1), from step 0.
   measured_theorem_rate = (||e_K||_z* / ||e_0||_z*)^(1/K).
 - tail_rate q_j proves ||e_(k+1)||_v <= q_j ||e_k||_v for every k >= j = tail_from_step, in the weighted max norm
-  ||e||_v = max_i |e_i| / v_i with v the near-Perron vector of the Jacobian at z_j that proves it (rebuilt here as
-  positive_concave_rates builds it, and checked to give its q_j). measured_tail_rate =
+  ||e||_v = max_i |e_i| / v_i with v the near-Perron vector of the Jacobian at z_j that proves it (returned by
+  positive_concave_rates with the rate). measured_tail_rate =
   (||e_K||_v / ||e_j||_v)^(1/(K - j)).
 - K, in both measured rates: the last step whose error is above {floor:g} ||z*||_inf (below it, float64 rounding is
   what would be measured); a measured rate is 0 where no step after its start is above it.
@@ -101,35 +100,6 @@ def uniqueness(norm, W, c, g, starts):
                 steps_from_zero=steps)
 
 
-def _tail_norms(W, c, steps):
-    """j -> (v, q) for each step j in steps: v (BATCH, d) the weights of the norm ||e||_v = max_i |e_i| / v_i in which
-    positive_concave_rates proves its tail rate from step j, built as it builds them (the iteration from above for
-    the positive start, PERRON_STEPS power steps on the Jacobian at z_j, + 1e-6), and q the rate they prove."""
-    linear = lambda v: v @ W.T  # noqa: E731
-    derivative, sup = get_activation("tanh").derivative, _ACTIVATION_SUP["tanh"]
-    tiny = torch.finfo(c.dtype).tiny
-    z_upper = torch.full_like(c, sup)
-    for _ in range(MAX_ITER):
-        nxt = torch.tanh(linear(z_upper) + c)
-        moved = (z_upper - nxt).abs().max() > 1e-13 * z_upper.abs().max()
-        z_upper = torch.minimum(nxt, z_upper)
-        if not bool(moved):
-            break
-    z_upper = z_upper * (1 + 1e-12)
-    norms, z = {}, torch.zeros_like(c)
-    for j in range(max(steps) + 1):
-        u = linear(z) + c
-        if j in steps:
-            s, v = derivative(u), z_upper.clone()
-            for _ in range(PERRON_STEPS):
-                v = s * linear(v)
-                v = v / v.amax(dim=1, keepdim=True).clamp_min(tiny)
-            v = v + 1e-6
-            norms[j] = (v, (s * linear(v) / v).amax(dim=1))
-        z = torch.tanh(u)
-    return norms
-
-
 def _measured_rate(inf_norms, norms, j):
     """(norms[K] / norms[j])^(1/(K - j)) with K the last step whose error is above FLOOR ||z*||_inf (inf_norms[k]:
     ||e_k||_inf / ||z*||_inf); 0 where no step after j is above it."""
@@ -153,12 +123,6 @@ def rates(norm, W, c):
             break
     tail_steps = proven.tail_rate_from_step.tolist()
     proven_tail = proven.tail_rate_bound.tolist()
-    norms = _tail_norms(W, c, set(tail_steps))
-    for b, (j, q) in enumerate(zip(tail_steps, proven_tail)):
-        if q < 1 and not math.isclose(norms[j][1][b].item(), q, rel_tol=1e-9, abs_tol=0.0):
-            raise RuntimeError(f"pcdeq: the tail norm rebuilt for sample {b} at step {j} proves "
-                               f"{norms[j][1][b].item()!r}, not positive_concave_rates' {q!r}: rebuild it as "
-                               "positive_concave_rates builds it")
     z_scale = z_star.abs().amax(1)
     errors = []  # e_k, k = 0, 1, ...: until every error is below the floor and every tail step is covered
     z = torch.zeros_like(c)
@@ -176,7 +140,7 @@ def rates(norm, W, c):
         inf_norms = [(e[b].abs().max() / z_scale[b]).item() for e in errors]
         theorem_norms = [(e[b].abs() / z_star[b]).max().item() for e in errors]
         j, q = tail_steps[b], proven_tail[b]
-        v = norms[j][0][b]
+        v = proven.tail_norm_weights[b]
         tail_norms = [(e[b].abs() / v).max().item() for e in errors]
         rows.append(dict(weight_norm=norm, sample=b, theorem_rate=proven.sample_rate_bound[b].item(),
                          measured_theorem_rate=_measured_rate(inf_norms, theorem_norms, 0),

@@ -41,6 +41,7 @@ class PositiveConcaveRates(NamedTuple):
     tail_rate_from_step: torch.Tensor       # that j (int64)
     forward_iterations_bound: torch.Tensor  # int64, -1 where nothing is proven
     measured_rate: torch.Tensor             # float64
+    tail_norm_weights: torch.Tensor         # v (c's shape): the tail rate holds in ||e||_v = max_i |e_i| / v_i
 
 
 def _per_sample_max(t):
@@ -73,10 +74,10 @@ def positive_concave_rates(linear: Callable[[torch.Tensor], torch.Tensor], c: to
     rate = (1.0 - _per_sample_min(t0 / z_upper)).clamp(0, 1)
     theorem = torch.tensor([geometric_steps_to_tol(q, 1.0 + tol * q, tol) if q < 1 else _NO_BOUND
                             for q in rate.tolist()], dtype=torch.int64)
-    tail, tail_rate, tail_step = _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter)
+    tail, tail_rate, tail_step, tail_weights = _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter)
     bound = torch.minimum(theorem, tail)
     return PositiveConcaveRates(rate, tail_rate, tail_step, torch.where(bound == _NO_BOUND, -1, bound),
-                                _measured_rate(step, c, max_iter))
+                                _measured_rate(step, c, max_iter), tail_weights)
 
 
 def _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter):
@@ -84,6 +85,7 @@ def _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter):
     best = torch.full((batch,), _NO_BOUND, dtype=torch.int64)
     best_rate = torch.ones(batch, dtype=torch.float64)
     best_step = torch.zeros(batch, dtype=torch.int64)
+    best_weights = torch.ones_like(c)
     tiny = torch.finfo(c.dtype).tiny
     z = torch.zeros_like(c)
     z_first = act(c)  # z_1 = T(0)
@@ -110,9 +112,9 @@ def _tail_bound(act, linear, derivative, c, z_upper, tol, max_iter):
                 else:
                     continue
                 if k < best[b]:
-                    best[b], best_rate[b], best_step[b] = k, qb, j
+                    best[b], best_rate[b], best_step[b], best_weights[b] = k, qb, j, v[b]
         z = act(u)
-    return best, best_rate, best_step
+    return best, best_rate, best_step, best_weights
 
 
 def _measured_rate(step, c, max_iter):
