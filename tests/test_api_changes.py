@@ -94,3 +94,15 @@ def test_available_backends_says_why_not():
     assert set(status) == {"cpu", "cuda", "triton", "reference"}
     assert deqkern.available_backends("cpu") == tuple(b for b, why in status.items() if why is None)
     assert all(isinstance(why, str) and why for why in status.values() if why is not None)
+
+
+def test_a_cuda_build_without_a_gpu_offers_no_gpu_backend(monkeypatch):
+    # CI's second run: the CUDA extension built and loaded from the wheel, on a machine with no GPU or driver. Every
+    # backend on CUDA tensors must then say why not, or the tests' kit would try to make CUDA tensors.
+    monkeypatch.setattr(deqkern._extension, "CUDA_EXTENSION_BUILT", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status = deqkern.core.backends.backend_status("cuda")
+    assert all(isinstance(why, str) and why for why in status.values()), status
+    assert all("no CUDA device" in status[b] for b in ("cuda", "triton", "reference")), status
+    assert deqkern.available_backends("cuda") == ()
+    assert deqkern.core.backends.backend_status("cpu")["cpu"] is None

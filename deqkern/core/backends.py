@@ -90,6 +90,10 @@ def backend_status(device) -> Dict[str, Optional[str]]:
     on_gpu = device.type == "cuda"
     needs_cuda = "needs CUDA tensors" + ("" if torch.cuda.is_available() else " (no CUDA device here)")
     status = {"cpu": None if device.type == "cpu" else f"runs on CPU tensors, not {device.type} ones"}
+    if on_gpu and not torch.cuda.is_available():
+        # A CUDA build of torch (and of deqkern) on a machine without a GPU or driver: nothing can make CUDA tensors.
+        no_gpu = "no CUDA device here (torch.cuda.is_available() is False)"
+        return {**status, "cuda": no_gpu, "triton": no_gpu, "reference": no_gpu}
     if not on_gpu:
         status["cuda"] = needs_cuda
     elif not _extension.CUDA_EXTENSION_BUILT:
