@@ -222,20 +222,6 @@ def test_user_errors_inside_f_propagate_unchanged():
         assert raised.value is error
 
 
-@pytest.mark.parametrize("kind", ["fixed_point_dense", "anderson", "DEQ"])
-def test_double_backward_raises_instead_of_a_wrong_number(kind):
-    """Issue: d2z/dx2 through the dense Anderson solve came out 0 (true -3.07), through DEQ with Broyden -1.20."""
-    x = torch.tensor([[0.3, -0.2]], dtype=torch.float64, requires_grad=True)
-    W = 0.4 * torch.eye(2, dtype=torch.float64)
-    if kind == "DEQ":
-        z = deqkern.nn.DEQ(lambda z, x: torch.tanh(z @ W.T + x), method="broyden")(x)
-    else:
-        z, _ = deqkern.fixed_point_dense(W, x, method="picard" if kind == "fixed_point_dense" else "anderson")
-    (grad,) = torch.autograd.grad(z.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad.sum().backward()
-
-
 LAYERS = [lambda **kw: deqkern.nn.DEQLinear(4, 5, **kw), lambda **kw: deqkern.nn.PositiveConcaveDEQ(4, 5, **kw),
           lambda **kw: deqkern.nn.LinfContractiveDEQ(4, 5, **kw), lambda **kw: deqkern.nn.LipschitzDEQ(4, 5, **kw)]
 
@@ -264,3 +250,43 @@ def test_the_command_line_validates_its_arguments():
         with pytest.raises(SystemExit) as raised:
             parse_args(bad)
         assert raised.value.code == 2
+
+
+class _TanhMap(torch.nn.Module):
+    def __init__(self, d=3):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+@pytest.mark.parametrize("make", [lambda: deqkern.nn.DEQLinear(3, 5), lambda: deqkern.nn.LipschitzDEQ(3, 5),
+                                  lambda: deqkern.nn.DEQ(_TanhMap())], ids=["DEQLinear", "LipschitzDEQ", "DEQ"])
+def test_a_non_finite_x_is_named_as_the_users_x_with_its_samples(make):
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(samples \[2\]\)"):
+        make()(x)
+
+
+def test_a_non_finite_parameter_of_f_is_named():
+    f = _TanhMap()
+    with torch.no_grad():
+        f.lin.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="f's parameter 'lin.weight' contains NaN or Inf"):
+        deqkern.nn.DEQ(f)(torch.randn(4, 3))
+
+
+def test_divergence_gets_advice_that_fits_divergence():
+    with pytest.raises(FloatingPointError, match="diverged: use a contractive f") as raised:
+        deqkern.nn.DEQ(lambda z, x: 3 * z + x + 1, method="picard", solver_options=dict(max_iter=300))(
+            torch.randn(2, 3))
+    assert "max_iter" not in str(raised.value)
+
+
+def test_a_one_dimensional_input_asks_for_a_batch_dimension():
+    with pytest.raises(ValueError, match="no batch dimension"):
+        deqkern.nn.DEQ(lambda z, x: 0.5 * z + x)(torch.randn(16))
+    z = deqkern.nn.DEQ(lambda z, x: 0.5 * z + x, z_shape=(16,))(torch.randn(1, 16))  # what the error suggests works
+    assert z.shape == (1, 16)

@@ -142,6 +142,34 @@ def test_deqlinear_under_autocast():
     assert ((out16.float() - out32).norm() / out32.norm()).item() < kit.TOLERANCES[torch.bfloat16].rtol
 
 
+class _HalfInputMap(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(self.lin(z) + x)
+
+
+def test_deq_ift_backward_evaluates_f_under_the_forwards_autocast_state():
+    """nn.DEQ in a bfloat16 autocast region with a bfloat16 state: the backward's evaluations of f run under the
+    forward's autocast (before, a float32 weight met the bfloat16 state there: 'mat1 and mat2 must have the same
+    dtype'), and the gradients are close to the float32 model's."""
+    torch.manual_seed(0)
+    f = _HalfInputMap()
+    deq = deqkern.nn.DEQ(f, solver_options=dict(tol=1e-3, max_iter=100), backward_options=dict(tol=1e-2))
+    x = torch.randn(4, 8, requires_grad=True)
+    deq(x).square().sum().backward()
+    grads32 = [t.grad.clone() for t in (x, f.lin.weight)]
+    x.grad = f.lin.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = deq(x.to(torch.bfloat16))
+    assert z.dtype == torch.bfloat16
+    z.float().square().sum().backward()
+    for t, g32 in zip((x, f.lin.weight), grads32):
+        assert t.grad.dtype == torch.float32 and ((t.grad - g32).norm() / g32.norm()).item() < 5e-2
+
+
 @pytest.mark.parametrize("name", ["LipschitzDEQ", "LinfContractiveDEQ", "PositiveConcaveDEQ"])
 def test_certified_layers_solve_in_their_weight_dtype_under_autocast(name):
     """Under a bfloat16 autocast a certified layer's injection comes out in bfloat16; the layer widens it back and

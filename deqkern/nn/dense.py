@@ -9,7 +9,7 @@ from ..activations import get_activation
 from ..core.api import api_changes
 from ..core.info import SolverInfo
 from ..core.validation import check_layer_sizes
-from .dense_layer import DenseImplicitLayer
+from .dense_layer import DenseImplicitLayer, names_its_inputs
 from ..solvers.dense import check_dense_options, fixed_point_dense
 
 
@@ -58,6 +58,7 @@ class DEQLinear(DenseImplicitLayer):
         self.weight.mul_(self.init_scale / torch.linalg.matrix_norm(self.weight.double(), ord=2).clamp_min(1e-12))
         self.injection.reset_parameters()
 
+    @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         penalty = self.jacobian_penalty_weight()
         W, c, z0 = self.autocast_operands(self.weight, self.injection_values(x), z0)

@@ -6,6 +6,7 @@ A dense layer returns the fixed point of f(z, x) = act(z W^T + c(x)), with `weig
 `injection_values(x)` the c(x) it adds (a pcDEQ's is softplus(x U^T + b) + eps, not the raw linear map) and
 `activation` the name of act. `f(z, x)` is that map, differentiable in z, x and the parameters.
 """
+import functools
 import math
 from typing import Optional
 
@@ -13,6 +14,20 @@ import torch
 from torch import nn
 
 from ..activations import get_activation
+from ..core.policy import caller_inputs
+
+
+def names_its_inputs(forward):
+    """Decorator for a dense layer's forward(x, z0=None): a solve that fails on a non-finite input names the layer's
+    x (and its samples) or parameter, not the internal c or W computed from them (core/policy.caller_inputs)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, x, z0=None):
+        named = lambda: {"x": x, "z0": z0, **{f"parameter {n!r}": p for n, p in self.named_parameters()}}  # noqa
+        with caller_inputs(type(self).__name__, named):
+            return forward(self, x, z0)
+
+    return wrapper
 
 
 class _AddPenaltyGradient(torch.autograd.Function):

@@ -16,7 +16,8 @@ Construction of the graph (all three backward modes):
 
    When autograd does not need the output, z* is returned as is (no extra evaluation of f).
 
-Double backward (create_graph=True through the IFT backward) is not supported.
+Second derivatives: with create_graph=True the IFT backward is itself differentiated implicitly
+(nn/implicit_backward.py); phantom and one-step gradients are differentiated as the unrolled steps they are.
 """
 from typing import Callable, Optional
 
@@ -25,14 +26,15 @@ from torch import nn
 
 from ..core import validation
 from ..core.api import api_changes
-from ..core.autograd import single_backward
 from ..core.constants import SOLVE_METHODS
 from ..core.info import SolverInfo
-from ..core.policy import check_policy
+from ..core.policy import caller_inputs, check_policy
 from ..jacobian.regularization import jacobian_reg
 from ..solvers.generic import SOLVE_OPTIONS, solve
 from ..solvers.state import StateLayout, is_structured
 from .dense_layer import add_penalty_gradient, parse_jac_reg
+from .implicit_backward import AutocastState, ImplicitCall, implicit_solution, input_tensors, module_parameters
+from .implicit_backward import replace_input_tensors
 
 BACKWARD_MODES = ("ift", "phantom", "one_step")
 DEFAULT_BACKWARD_OPTIONS = dict(method="anderson", tol=1e-6, max_iter=100)
@@ -110,35 +112,6 @@ def _is_shape_list(z_shape):
             and all(isinstance(shape, (tuple, list, torch.Size)) for shape in z_shape))
 
 
-class _IFTGrad(torch.autograd.Function):
-    """Identity in the forward; in the backward, the incoming gradient v becomes g = (I - J^T)^{-1} v."""
-
-    @staticmethod
-    def forward(ctx, z, z_star, deq, f, x, info):
-        ctx.deq, ctx.f, ctx.x, ctx.info = deq, f, x, info
-        ctx.save_for_backward(z_star)
-        return z.view_as(z)
-
-    @staticmethod
-    @single_backward(WHAT)  # the adjoint solve is not differentiable: double backward raises instead of being wrong
-    def backward(ctx, grad):
-        (z_star,) = ctx.saved_tensors
-        deq, x, info = ctx.deq, ctx.x, ctx.info
-        with torch.enable_grad():
-            h = z_star.detach().requires_grad_()
-            fh = ctx.f(h, x)
-
-        def adjoint(g):
-            vjp = torch.autograd.grad(fh, h, g, retain_graph=True)[0]
-            return vjp + grad
-
-        g, binfo = solve(adjoint, torch.zeros_like(grad), **deq.backward_options)
-        if info is not None and not torch.compiler.is_compiling():
-            info.backward = binfo
-        deq.last_backward_info = binfo
-        return g.detach(), None, None, None, None, None
-
-
 class DEQ(nn.Module):
     """Deep equilibrium layer z* = f(z*, x) around any `f(z, x) -> z` (an nn.Module or a callable): forward(x, z0=None)
     returns z* (B, ...); the forward solve's SolverInfo is `last_info` (its `backward` filled once the IFT adjoint
@@ -207,6 +180,10 @@ class DEQ(nn.Module):
             if is_structured(x) and len(tensors) == len(x):
                 return type(x)(torch.zeros_like(t) for t in x)
             if isinstance(x, torch.Tensor):
+                if x.dim() < 2:
+                    raise ValueError(f"deqkern.{WHAT}: x of shape {tuple(x.shape)} has no batch dimension: the state "
+                                     "zeros_like(x) would be solved as one scalar per entry. Pass x[None] for one "
+                                     "sample, or z0=... or z_shape=... to say what a sample is")
                 return torch.zeros_like(x)
             raise TypeError(f"deqkern.{WHAT}: x is a {type(x).__name__}, not a tensor or a tuple of tensors: "
                             f"{_STATE_HINT}")
@@ -217,6 +194,14 @@ class DEQ(nn.Module):
         if _is_shape_list(self.z_shape):
             return tuple(ref.new_zeros((ref.shape[0], *tuple(shape))) for shape in self.z_shape)
         return ref.new_zeros((ref.shape[0], *tuple(self.z_shape)))
+
+    def _named_tensors(self, x):
+        """x's tensors and f's parameters by name, for an error that names a non-finite one (core/policy.py)."""
+        named = {"x": x} if isinstance(x, torch.Tensor) else {
+            f"x[{i}]": t for i, t in enumerate(x) if isinstance(t, torch.Tensor)} if is_structured(x) else {}
+        if isinstance(self.f, nn.Module):
+            named.update((f"f's parameter {name!r}", p) for name, p in self.f.named_parameters())
+        return named
 
     def _needs_grad(self, x):
         if not torch.is_grad_enabled():
@@ -258,7 +243,7 @@ class DEQ(nn.Module):
             def fixed_point_map(z):
                 return f_map(z, x_const)
 
-        with torch.no_grad():
+        with torch.no_grad(), caller_inputs(WHAT, lambda: self._named_tensors(x)):
             z_star, info = solve(fixed_point_map, start, method=self.method, **self.solver_options)
         self.last_info = info
 
@@ -267,7 +252,7 @@ class DEQ(nn.Module):
         if self.backward_mode == "ift":
             z = f_map(z_star, x)
             if z.requires_grad:
-                z = _IFTGrad.apply(z, z_star, self, f_map, x_const, info)
+                z = self._implicit(z, z_star, x, x_const, f_map, layout, info)
         elif self.backward_mode == "one_step":
             z = f_map(z_star, x)
         else:  # phantom
@@ -276,6 +261,21 @@ class DEQ(nn.Module):
                 z = f_map(z, x) if tau == 1.0 else (1 - tau) * z + tau * f_map(z, x)
         z = self._with_jacobian_penalty(z, z_star, x, f_map)
         return z if layout is None else layout.unpack(z)
+
+    def _implicit(self, y, z_star, x, x_const, f_map, layout, info):
+        """y = f(z*, x) made the implicit function's output: its backward solves the adjoint (nn/implicit_backward.py,
+        second derivatives included)."""
+        params = module_parameters(self.f)
+
+        def aliased_map(z, inputs, param_values):
+            x_aliased = replace_input_tensors(x, inputs)
+            f = self.f if not param_values else (
+                lambda z, x: torch.func.functional_call(self.f, param_values, (z, x)))
+            return f(z, x_aliased) if layout is None else layout.flat_map(WHAT, f, who="f(z, x)")(z, x_aliased)
+
+        device_type = z_star.device.type
+        call = ImplicitCall(self, f_map, aliased_map, x_const, params, z_star, info, AutocastState(device_type))
+        return implicit_solution(y, call, input_tensors(x), params)
 
     def _with_jacobian_penalty(self, z, z_star, x, f_map):
         """z carrying the gradient of jac_reg's weight times the Hutchinson estimate of ||J_f(z*)||_F^2 / numel

@@ -8,15 +8,16 @@ import torch
 from ..activations import get_activation
 from ..core import validation
 from ..core.api import api_changes
-from ..core.autograd import single_backward
+from ..core.autograd import implicit_linear_solution, raise_when_differentiated
 from ..core.backends import BACKENDS, kernel, resolve_backend
 from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M, DENSE_METHODS
 from ..core.dtypes import SOLVE_DTYPES
 from ..core.errors import SkippedGradientWarning
 from ..core.info import SolverInfo
-from ..core.policy import check_policy, enforce_convergence
+from ..core.policy import DIVERGENCE_ADVICE, check_policy, enforce_convergence
 from ..ops import fixed_point_dense as _picard_op, fixed_point_dense_anderson as _anderson_op  # noqa: F401 (backends)
 from .dense_penalty import jacobian_penalty_gradient
+from .generic import solve
 
 BACKWARD_OVERFLOW_POLICIES = ("raise", "skip")
 _ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a contractive layer"
@@ -81,6 +82,29 @@ def check_dense_options(what, activation, alpha, tol, max_iter, backend, on_nonc
 
 
 # ---------------------------------------------------------------- autograd
+_PENALTY_SECOND_ORDER = (b"deqkern.fixed_point_dense: the second derivative of jacobian_penalty's gradient is not "
+                         b"supported: differentiate twice without the penalty (jacobian_penalty=0, jac_reg=None)")
+
+
+def _differentiable_adjoint(W, c, z, grad_z, grad_u_solved, activation, options):
+    """grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), as a differentiable function of W, c, z* and grad_z: y =
+    s * (grad_u* W + grad_z) from the solved grad_u* (the fused kernel's), with the implicit derivative of the linear
+    fixed point (core/autograd.py). Its transposed solve, w = (s * w) W^T + q, runs in deqkern.solve (plain PyTorch
+    around the fused step op: second derivatives are rare enough not to have kernels of their own)."""
+    _, alpha, _, tol, max_iter, policy, _, (method, m, beta, lam) = options
+    s = get_activation(activation).derivative(torch.addmm(c, z, W.T))
+    y = s * (grad_u_solved @ W + grad_z)
+    s_const, W_const = s.detach(), W.detach()
+
+    def solve_transposed(q):
+        options = dict(m=m, beta=beta, lam=lam) if method == "anderson" else dict(alpha=alpha)
+        w, _ = solve(lambda w: torch.addmm(q, s_const * w, W_const.T), torch.zeros_like(q), method=method, tol=tol,
+                     max_iter=max_iter, on_nonconvergence=policy, **options)
+        return w
+
+    return implicit_linear_solution(y, solve_transposed, "fixed_point_dense")
+
+
 class _FixedPointDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W, c, z0, activation, alpha, tol, max_iter, backend, bwd_tol, bwd_max_iter, policy, info,
@@ -96,12 +120,16 @@ class _FixedPointDense(torch.autograd.Function):
         return z, iterations, residual, converged
 
     @staticmethod
-    @single_backward("fixed_point_dense")  # double backward raises instead of missing the solve's contribution
     def backward(ctx, grad_z, *unused_grads):
-        W, c, z = ctx.saved_tensors
+        """First order: the fused adjoint solve. With create_graph=True: the same solve, then its result made a
+        differentiable function of W, c, z* and grad_z (second derivatives, see _differentiable_adjoint)."""
+        create_graph = torch.is_grad_enabled()
+        W, c, z = ctx.saved_tensors  # z is this node's output: with create_graph, differentiable through this node
         activation, alpha, backend, tol, max_iter, policy, info, (method, m, beta, lam) = ctx.options
         _, backward_op = _solve_fns(backend, method, alpha, m, beta, lam)
-        grad_u, iterations, residual, converged = backward_op(W, c, z, grad_z, activation, tol, max_iter)
+        with torch.no_grad():
+            grad_u, iterations, residual, converged = backward_op(W.detach(), c.detach(), z.detach(), grad_z.detach(),
+                                                                  activation, tol, max_iter)
         backward_info = SolverInfo(iterations, residual, converged)
         if info is not None and not torch.compiler.is_compiling():
             info.backward = backward_info
@@ -116,9 +144,16 @@ class _FixedPointDense(torch.autograd.Function):
             return zero_W, zero_c, *([None] * 13)
         enforce_convergence("fixed_point_dense backward", converged, residual, policy, tol=tol, max_iter=max_iter,
                             inputs={"grad_z": grad_z}, advice=_ADVICE)
+        if create_graph:
+            grad_u = _differentiable_adjoint(W, c, z, grad_z, grad_u, activation, ctx.options)
         row_term = None
         if ctx.jacobian_penalty:
-            grad_u_penalty, row_term, value = jacobian_penalty_gradient(W, c, z, activation, ctx.jacobian_penalty)
+            with torch.no_grad():
+                grad_u_penalty, row_term, value = jacobian_penalty_gradient(W.detach(), c.detach(), z.detach(),
+                                                                            activation, ctx.jacobian_penalty)
+            if create_graph:  # the penalty's gradient is closed-form first order: differentiating it again raises
+                grad_u_penalty, row_term = raise_when_differentiated(_PENALTY_SECOND_ORDER, grad_u_penalty, row_term,
+                                                                     anchors=(W, c, z, grad_z))
             grad_u = grad_u + grad_u_penalty
             if info is not None and not torch.compiler.is_compiling():
                 info.jacobian_penalty = value
@@ -126,7 +161,7 @@ class _FixedPointDense(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_W = grad_u.T @ z
             if row_term is not None:
-                grad_W.addcmul_(row_term[:, None], W)
+                grad_W = grad_W + row_term[:, None] * W if create_graph else grad_W.addcmul_(row_term[:, None], W)
         grad_c = grad_u if ctx.needs_input_grad[1] else None
         return grad_W, grad_c, *([None] * 13)
 
@@ -186,5 +221,5 @@ def fixed_point_dense(
     else:
         info.iterations, info.residual, info.converged = iterations, residual, converged
     enforce_convergence(what, converged, residual, on_nonconvergence, tol=tol, max_iter=max_iter,
-                        inputs={"W": W, "c": c, "z0": z0}, advice=_ADVICE)
+                        inputs={"W": W, "c": c, "z0": z0}, advice=_ADVICE, overflow_advice=DIVERGENCE_ADVICE)
     return z, info

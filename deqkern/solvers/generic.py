@@ -17,7 +17,7 @@ from ..core.backends import kernel, resolve_backend
 from ..core.constants import ANDERSON_DEFAULT_BETA, ANDERSON_DEFAULT_LAM, ANDERSON_DEFAULT_M, SOLVE_METHODS
 from ..core.dtypes import SOLVE_DTYPES, accumulation_dtype
 from ..core.info import SolverInfo
-from ..core.policy import check_policy, enforce_convergence
+from ..core.policy import DIVERGENCE_ADVICE, check_policy, enforce_convergence
 from ..ops import anderson_step  # noqa: F401  (registers the anderson_step backends)
 from ..reference.common import relative_residual
 from .state import StateLayout, is_structured
@@ -284,7 +284,8 @@ def solve(
     converged = residual_best <= tol
     # The policy sees the last residual, so that an overflow is reported as such (converged is the same).
     enforce_convergence("solve", converged, residual_last, on_nonconvergence, tol=tol, max_iter=max_iter,
-                        inputs={"z0": z0}, advice="raise max_iter, or use a contractive f")
+                        inputs={"z0": z0}, advice="raise max_iter, or use a contractive f",
+                        overflow_advice=DIVERGENCE_ADVICE)
     if layout is not None:
         z = layout.unpack(z)
     return z, SolverInfo(iterations=iterations, residual=residual_best, converged=converged, trace=trace)

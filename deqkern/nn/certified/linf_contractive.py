@@ -15,6 +15,7 @@ from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import linf_norm, one_sided_linf
 from ...solvers.dense import fixed_point_dense
+from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
 from .bounds import geometric_steps_to_tol
 
@@ -166,6 +167,7 @@ class LinfContractiveDEQ(CertifiedDEQ):
         return 1.0 / (1.0 - min(float(A.detach().diagonal().min()), 0.0))
 
     @api_changes("LinfContractiveDEQ.forward", renamed={"u": "x", "x0": "z0"})
+    @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: the input u (batch, in_features); z0: the start (batch, hidden_features); returns the state x*."""
         A = self.weight

@@ -16,6 +16,7 @@ from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
 from ...solvers.dense import fixed_point_dense
+from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
 from .bounds import picard_iteration_bound
 
@@ -201,6 +202,7 @@ class LipschitzDEQ(CertifiedDEQ):
         """The weight of the eval-mode forward (converged power iteration); does not touch the buffer."""
         return self.compute_weight(converged=True, update=False)
 
+    @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         W = self.compute_weight(converged=not self.training, update=self.training)
         self.last_weight = W.detach()

@@ -14,6 +14,7 @@ from ...activations import ACTIVATIONS, get_activation
 from ...core.api import api_changes
 from ...core import validation
 from ...solvers.dense import check_dense_inputs, fixed_point_dense
+from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
 from ._options import solver_options, without
 from .positive_concave_rates import positive_concave_rates
@@ -224,6 +225,7 @@ class PositiveConcaveDEQ(CertifiedDEQ):
         """s(x) = softplus(x U^T + b) + injection_eps (> 0)."""
         return F.softplus(self.injection(x)) + self.injection_eps
 
+    @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         W, penalty = self.weight, self.jacobian_penalty_weight()
         c, z0 = self.in_weight_dtype(W, self.injection_values(x), z0)
