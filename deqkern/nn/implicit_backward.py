@@ -99,6 +99,9 @@ class _ImplicitSolution(torch.autograd.Function):
     def forward(ctx, y, call: ImplicitCall, n_inputs: int, *explicit):
         ctx.call, ctx.n_inputs, ctx.y_fn = call, n_inputs, y.grad_fn
         ctx.x_fns = [t.grad_fn for t in explicit[:n_inputs]]
+        # ids of the tensors themselves: saved tensors may come back as other objects (saved-tensor hooks)
+        ctx.explicit_order = [id(t) for t in explicit]
+        ctx.explicit_ids = set(ctx.explicit_order)
         out = y.view_as(y)
         ctx.save_for_backward(out, *explicit)
         return out
@@ -128,9 +131,8 @@ def _first_order(call: ImplicitCall, v):
 def _unfollowed_tensor(ctx, explicit):
     """Why a second derivative could not follow f, or None: a leaf of y's graph (x's own history aside) that is
     neither a tensor of x nor a parameter of f (a closure, or a tensor derived outside f)."""
-    known = {id(t) for t in explicit}
     for leaf in graph_leaves(ctx.y_fn, stops=ctx.x_fns):
-        if id(leaf) not in known:
+        if id(leaf) not in ctx.explicit_ids:
             return (f"f depends on a tensor of shape {tuple(leaf.shape)} that is neither a parameter of f nor a tensor "
                     "of x (a closure, or a tensor derived outside f); make it a parameter of an nn.Module f, or pass "
                     "it in x")
@@ -169,8 +171,8 @@ def _second_order(ctx, call: ImplicitCall, out, explicit, v):
         g = implicit_linear_solution(y, _forward_solve(call), WHAT)
         grads = torch.autograd.grad(fz, aliases, g.to(fz.dtype), create_graph=True, allow_unused=True)
     reached = {id(leaf) for leaf in graph_leaves(ctx.y_fn, stops=ctx.x_fns)}
-    for t, grad in zip(explicit, grads):
-        if grad is None and id(t) in reached:  # f read it in the forward but not through its parameter
+    for t, grad, original in zip(explicit, grads, ctx.explicit_order):
+        if grad is None and original in reached:  # f read it in the forward, but not through its alias
             why = (f"f's forward depended on a parameter of shape {tuple(t.shape)} that f does not read when called "
                    "with other parameter values (a weight cached outside f?): compute it inside f")
             return _guarded_first_order(ctx, call, v, explicit, why), [None] * len(explicit)
