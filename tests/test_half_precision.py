@@ -170,6 +170,23 @@ def test_deq_ift_backward_evaluates_f_under_the_forwards_autocast_state():
         assert t.grad.dtype == torch.float32 and ((t.grad - g32).norm() / g32.norm()).item() < 5e-2
 
 
+def test_deq_default_state_follows_fs_dtype_under_autocast():
+    """f(z, x) = tanh(lin(z) + lin(x)) returns bfloat16 under autocast for a float32 x: the default state (no z0)
+    takes that dtype (before, the first evaluation raised 'f must keep the state's dtype'); outside autocast it stays
+    x's dtype."""
+    torch.manual_seed(0)
+    lin, lin2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    deq = deqkern.nn.DEQ(lambda z, x: 0.5 * torch.tanh(lin(z) + lin2(x)), solver_options=dict(tol=1e-2),
+                         backward_options=dict(tol=1e-2))
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = deq(x)
+    assert z.dtype == torch.bfloat16
+    z.float().sum().backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == torch.float32 and bool(torch.isfinite(lin.weight.grad).all())
+    assert deq(x).dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["LipschitzDEQ", "LinfContractiveDEQ", "PositiveConcaveDEQ"])
 def test_certified_layers_solve_in_their_weight_dtype_under_autocast(name):
     """Under a bfloat16 autocast a certified layer's injection comes out in bfloat16; the layer widens it back and
