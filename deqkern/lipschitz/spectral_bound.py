@@ -59,72 +59,122 @@ def _squaring_bound(G: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_scale / (2 ** (SQUARINGS + 1))) * (1.0 + 1e-9)  # 1e-9: rounding of the squarings
 
 
-def _lanczos_top(G: torch.Tensor, start: torch.Tensor, steps: int):
-    """(the largest Ritz value, its unit Ritz vector) of `steps` Lanczos steps on the symmetric G from `start` (full
-    reorthogonalisation, float64): an estimate of lambda_max(G) and of its eigenvector that a few dozen matrix-
-    vector products make far closer than as many power steps when the top eigenvalues are close (Chebyshev
-    acceleration). Only an estimate: the proof is the Cholesky factorisation that follows, which a wrong estimate
-    cannot fool."""
-    n = G.shape[0]
-    steps = max(1, min(steps, n))
-    Q = G.new_zeros(steps, n)
-    alphas, betas = G.new_zeros(steps), G.new_zeros(steps)
-    q = start / torch.linalg.vector_norm(start).clamp_min(torch.finfo(G.dtype).tiny)
-    # an invariant subspace is found when the new direction is rounding noise: from there on q = 0 (the remaining
-    # Ritz values are 0 <= lambda_max(G)), instead of amplified noise
-    negligible = 1e-10 * torch.linalg.matrix_norm(G)
+def _lanczos_steps(G, q, steps, negligible=None):
+    """(alphas, betas, Q) of `steps` Lanczos steps from the unit q, fully reorthogonalised (twice is enough). With
+    `negligible`, a new direction shorter than it is rounding noise of an invariant subspace and becomes 0 (the
+    remaining Ritz values are then 0 <= lambda_max); without, the test is left out (it is a third of the operations
+    of a step, and on small matrices their launch is the cost)."""
+    tiny = torch.finfo(G.dtype).tiny
+    Q = G.new_zeros(steps, G.shape[0])
+    alphas, betas = [], []
     for j in range(steps):
         Q[j] = q
         w = G @ q
-        alphas[j] = q @ w
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)  # full reorthogonalisation (twice is enough)
-        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        betas[j] = torch.linalg.vector_norm(w)
-        betas[j] = torch.where(betas[j] > negligible, betas[j], torch.zeros_like(betas[j]))
-        q = torch.where(betas[j] > 0, w / betas[j].clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(w))
+        alphas.append(q @ w)
+        basis = Q[: j + 1]
+        w = w.addmv(basis.T, basis @ w, alpha=-1.0)
+        w = w.addmv(basis.T, basis @ w, alpha=-1.0)
+        beta = torch.linalg.vector_norm(w)
+        if negligible is not None:
+            beta = torch.where(beta > negligible, beta, torch.zeros_like(beta))
+        betas.append(beta)
+        q = w / beta.clamp_min(tiny) if negligible is None else torch.where(beta > 0, w / beta.clamp_min(tiny), 0.0)
+    return torch.stack(alphas), torch.stack(betas), Q
+
+
+def _lanczos_top(G: torch.Tensor, start: torch.Tensor, steps: int):
+    """(the largest Ritz value, its unit Ritz vector, an estimate of the value's error) of `steps` Lanczos steps on
+    the symmetric G from `start` (full reorthogonalisation, float64): an estimate of lambda_max(G) and of its
+    eigenvector that a few dozen matrix-vector products make far closer than as many power steps when the top
+    eigenvalues are close (Chebyshev acceleration). Only an estimate: the proof is the Cholesky factorisation that
+    follows, which a wrong estimate cannot fool."""
+    steps = max(1, min(steps, G.shape[0]))
+    q = start / torch.linalg.vector_norm(start).clamp_min(torch.finfo(G.dtype).tiny)
+    alphas, betas, Q = _lanczos_steps(G, q, steps)
+    # an invariant subspace met on the way (a beta at rounding level) would have amplified noise into the basis:
+    # then the steps are redone with the test (rare: a rank-deficient G, or one of size about `steps`)
+    negligible = 1e-10 * torch.linalg.matrix_norm(G)
+    if bool((betas[:-1] <= negligible).any()):
+        alphas, betas, Q = _lanczos_steps(G, q, steps, negligible)
     T = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
     values, vectors = torch.linalg.eigh(T)
     ritz = Q.T @ vectors[:, -1]
-    return values[-1], ritz / torch.linalg.vector_norm(ritz).clamp_min(torch.finfo(G.dtype).tiny)
+    # the top Ritz value's error, estimated: r = ||G y - theta y|| (the last beta times the last entry of T's
+    # eigenvector) bounds it by r, and by r^2 / gap once the gap to the next Ritz value is the larger
+    residual = betas[-1] * vectors[-1, -1].abs()
+    gap = (values[-1] - values[-2]) if steps > 1 else residual
+    error = torch.minimum(residual, residual.square() / gap.clamp_min(torch.finfo(G.dtype).tiny))
+    return values[-1], ritz / torch.linalg.vector_norm(ritz).clamp_min(torch.finfo(G.dtype).tiny), error
 
 
 LANCZOS_STEPS = 24
 
 
+def _gram(W: torch.Tensor):
+    """(G, m, n, ||W||_F^2): the smaller Gram matrix of W in float64, its inner and outer sizes."""
+    V = W.detach().double()
+    # not symmetrised: the Cholesky factorisation reads the lower triangle only (each entry fl(G_ij), within the
+    # rounding shift's analysis), and Lanczos needs only an estimate
+    G = V.T @ V if V.shape[0] >= V.shape[1] else V @ V.T
+    return G, max(V.shape), G.shape[0], G.diagonal().sum()
+
+
+def _prove(G, m, n, frobenius_sq, estimate, slacks):
+    """The first (estimate (1 + slack), slack) of `slacks` that a Cholesky factorisation of (estimate (1 + slack))^2 I
+    - G (less the rounding shift) proves to bound ||W||_2, or None. One factorisation and one host read per slack."""
+    for slack in slacks:
+        candidate = estimate * (1.0 + slack)
+        t = candidate.square()
+        trial = -G
+        trial.diagonal().add_(t - _rounding_shift(m, n, t, frobenius_sq))
+        # G and t are finite here (checked before), so a factorisation that completes (info == 0) is finite
+        _, info = torch.linalg.cholesky_ex(trial)
+        if int(info) == 0:
+            return candidate, slack
+    return None
+
+
 @torch.no_grad()
-def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optional[torch.Tensor] = None
-                              ) -> SpectralBound:
+def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optional[torch.Tensor] = None, *,
+                              refine: bool = True, slacks=CERTIFICATE_LADDER) -> SpectralBound:
     """A certified sigma_bar >= ||W||_2 for W (m, n). Computed in float64. The estimate proven is the larger of
     `sigma_estimate` (a float or 0-dim tensor, e.g. a power iteration's lower bound; optional) and the square root
     of the top Ritz value of LANCZOS_STEPS Lanczos steps on the smaller Gram matrix from `start` (a vector of its
     size, e.g. the power iteration's; default a fixed one). The slacks are tried smallest first and the first proof
-    ends the search (one Cholesky and one host synchronisation each; a good estimate costs one). Raises
-    FloatingPointError when W is not finite."""
-    V = W.detach().double()
-    tall = V.shape[0] >= V.shape[1]
-    G = V.T @ V if tall else V @ V.T
-    G = 0.5 * (G + G.T)
-    n, m = G.shape[0], max(V.shape)
-    frobenius_sq = G.diagonal().sum()
+    ends the search (one Cholesky and one host synchronisation each; a good estimate costs one).
+
+    refine=False (with sigma_estimate): first try to prove sigma_estimate itself at `slacks` (a warm-started power
+    iteration's estimate usually proves at the first), and run Lanczos and the full ladder only if none does: the
+    proof without the Lanczos steps' two dozen products (vector None then). Raises FloatingPointError when W is not
+    finite."""
+    G, m, n, frobenius_sq = _gram(W)
     finite, zero = torch.stack([torch.isfinite(frobenius_sq), frobenius_sq == 0]).tolist()
     if not finite:
         raise FloatingPointError("deqkern.spectral_norm_upper_bound: the weight has NaN or Inf entries")
     if zero:
         return SpectralBound(frobenius_sq.new_zeros(()), "zero", 0.0, None)
+    if not refine and sigma_estimate is not None:
+        given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
+        if bool(torch.isfinite(given) & (given > 0)):
+            proven = _prove(G, m, n, frobenius_sq, given, slacks)
+            if proven is not None:
+                return SpectralBound(proven[0], "cholesky", proven[1], None)
     if start is None or start.numel() != n:
         start = default_start(n, torch.float64, G.device)
-    ritz, vector = _lanczos_top(G, start.detach().double().reshape(n), LANCZOS_STEPS)
+    ritz, vector, error = _lanczos_top(G, start.detach().double().reshape(n), LANCZOS_STEPS)
     estimate = ritz.clamp_min(0).sqrt()
     if sigma_estimate is not None:
         given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
         estimate = torch.where(torch.isfinite(given), torch.maximum(estimate, given), estimate)
-    if bool(torch.isfinite(estimate) & (estimate > 0)):
-        for slack in CERTIFICATE_LADDER:
-            candidate = estimate * (1.0 + slack)
-            t = candidate.square()
-            trial = -G
-            trial.diagonal().add_(t - _rounding_shift(m, n, t, frobenius_sq))
-            factor, info = torch.linalg.cholesky_ex(trial)
-            if bool((info == 0) & torch.isfinite(factor).all()):
-                return SpectralBound(candidate, "cholesky", slack, vector)
+    ok, guess = torch.stack([torch.isfinite(estimate) & (estimate > 0),
+                             error / (2 * estimate.square()).clamp_min(torch.finfo(G.dtype).tiny)]).tolist()
+    if ok:
+        # the ladder starts at the first slack above a tenth of the Ritz value's estimated error (relative, halved
+        # for sigma): a guess that saves factorisations bound to fail (measured: 3 for a Gaussian 512 x 512 W), a
+        # tenth so that a pessimistic guess costs little tightness; the proof does not depend on it
+        first = next((i for i, slack in enumerate(CERTIFICATE_LADDER) if slack >= 0.1 * guess),
+                     len(CERTIFICATE_LADDER) - 1)
+        proven = _prove(G, m, n, frobenius_sq, estimate, CERTIFICATE_LADDER[first:])
+        if proven is not None:
+            return SpectralBound(proven[0], "cholesky", proven[1], vector)
     return SpectralBound(_squaring_bound(G), "squaring", float("nan"), vector)
