@@ -66,11 +66,20 @@ def test_pc_uniqueness_is_in_the_orthant_for_odd_activations():
         torch.testing.assert_close(z1, z0, rtol=1e-10, atol=1e-10)
 
 
+def _pc_variant(variant):
+    """(activation, keywords) of a pcDEQ variant: "<activation>" is pcDEQ-1 (softplus injection), "sigmoid+relu"
+    pcDEQ-2 (a ReLU injection with no floor, so that some entries are exactly 0)."""
+    if variant == "sigmoid+relu":
+        return "sigmoid", dict(injection="relu", injection_eps=0.0)
+    return variant, {}
+
+
 @pytest.mark.parametrize("scale", [1.0, 8.0, 50.0])
-@pytest.mark.parametrize("activation", ["tanh", "softsign", "relu6", "sigmoid"])
-def test_pc_monotone_geometric_convergence_from_zero_within_the_certified_rate(activation, scale):
+@pytest.mark.parametrize("variant", ["tanh", "softsign", "relu6", "sigmoid", "sigmoid+relu"])
+def test_pc_monotone_geometric_convergence_from_zero_within_the_certified_rate(variant, scale):
     torch.manual_seed(2)
-    layer = PositiveConcaveDEQ(6, 12, activation=activation, tol=1e-10, max_iter=2000, dtype=F64)
+    activation, keywords = _pc_variant(variant)
+    layer = PositiveConcaveDEQ(6, 12, activation=activation, tol=1e-10, max_iter=2000, dtype=F64, **keywords)
     with torch.no_grad():
         layer.weight_raw.add_(math.log(scale))  # W about `scale` times larger than at init
     if scale > 1:
@@ -80,6 +89,8 @@ def test_pc_monotone_geometric_convergence_from_zero_within_the_certified_rate(a
         layer(x)
         W, c = layer.weight, layer.injection_values(x)
         cert = layer.certificate(x)
+    if keywords:
+        assert (c == 0).any() and (c >= 0).all()  # pcDEQ-2: an injection that is 0 in places
     act = ACT[activation]
     z_star = _iterates(lambda z: act(z @ W.T + c), torch.zeros_like(c), 3000)[-1]  # to rounding level
     assert cert.weight_nonnegative and cert.min_weight >= 0 and 0 < cert.rate_bound < 1
@@ -121,6 +132,16 @@ def test_pc_backward_converges_for_a_large_weight(activation):
     (layer(x) * torch.randn(7, 10, dtype=F64)).sum().backward()
     assert layer.last_info.converged.all() and layer.last_info.backward.converged.all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_pc2_relu_injection_needs_sigmoid():
+    for activation in ("tanh", "softsign", "relu6"):
+        with pytest.raises(ValueError, match="injection='relu' \\(pcDEQ-2\\) needs activation='sigmoid'"):
+            PositiveConcaveDEQ(3, 4, activation=activation, injection="relu")
+    with pytest.raises(ValueError, match="injection"):
+        PositiveConcaveDEQ(3, 4, activation="sigmoid", injection="exp")
+    layer = PositiveConcaveDEQ(3, 4, activation="sigmoid", injection="relu", injection_eps=0.0)
+    assert "injection='relu'" in repr(layer) and layer.certificate().rate_bound == pytest.approx(0.5)
 
 
 def test_pc_functional_rejects_bad_weights_injections_and_activations():
@@ -171,10 +192,12 @@ def test_pc_parameterisation_never_produces_nan(dtype):
     assert layer.certificate(x).weight_nonnegative
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
-def test_pc_gradcheck(activation):
+@pytest.mark.parametrize("variant", ["tanh", "sigmoid", "sigmoid+relu"])
+def test_pc_gradcheck(variant):
     torch.manual_seed(5)
-    layer = PositiveConcaveDEQ(3, 4, activation=activation, tol=1e-13, max_iter=2000, dtype=F64)
+    activation, keywords = _pc_variant(variant)
+    keywords.pop("injection_eps", None)  # a floor keeps the ReLU injection off its kink for the finite differences
+    layer = PositiveConcaveDEQ(3, 4, activation=activation, tol=1e-13, max_iter=2000, dtype=F64, **keywords)
     kit.gradcheck_layer(layer, torch.randn(2, 3, dtype=F64))
 
 
@@ -474,10 +497,13 @@ def _train_and_check(layer, check, steps=24, lr=0.05, batch=64):
     return loss.item()
 
 
-@pytest.mark.parametrize("activation,method", [("tanh", "picard"), ("sigmoid", "picard"), ("sigmoid", "anderson")])
-def test_pc_certificate_holds_at_every_training_step(activation, method):
+@pytest.mark.parametrize("variant,method", [("tanh", "picard"), ("sigmoid", "picard"), ("sigmoid", "anderson"),
+                                            ("sigmoid+relu", "picard")])
+def test_pc_certificate_holds_at_every_training_step(variant, method):
     torch.manual_seed(30)
-    layer = PositiveConcaveDEQ(64, 24, activation=activation, tol=1e-8, max_iter=500, method=method, dtype=F64)
+    activation, keywords = _pc_variant(variant)
+    layer = PositiveConcaveDEQ(64, 24, activation=activation, tol=1e-8, max_iter=500, method=method, dtype=F64,
+                               **keywords)
     bounds = []
 
     def check(layer, x):

@@ -55,10 +55,9 @@ float64 limit), each proven rate beside the one measured over the same steps and
   {max_iter}); iterations: the evaluations positive_concave_fixed_point took at that tol and max_iter (float64).
 
 Part 2, training on the digits ({train} training, {test} test digits; width {width}, {epochs} epochs):
-PositiveConcaveDEQ with tanh, softsign, relu6 and sigmoid (pcDEQ-1 style: a softplus injection; the paper's pcDEQ-2
-pairs sigmoid with a ReLU injection, which deqkern's layer does not have: its sigmoid row uses the softplus
-injection), PositiveConcaveConvDEQ (tanh), an unconstrained DEQLinear and an MLP of the same width: test accuracy,
-forward/backward iterations per batch, time per epoch.
+PositiveConcaveDEQ with tanh, softsign, relu6 and sigmoid (pcDEQ-1: a softplus injection), with sigmoid and a ReLU
+injection (pcDEQ-2: injection="relu", which may be 0), PositiveConcaveConvDEQ (tanh), an unconstrained DEQLinear
+and an MLP of the same width: test accuracy, forward/backward iterations per batch, time per epoch.
 
 Holds when every fixed point was unique and reached monotonically, every measured rate is within its proven rate
 (up to {rate_slack:g}) and every iteration count within its bound, and the best dense pcDEQ's accuracy is within
@@ -167,6 +166,8 @@ def models(width):
         "pcDEQ softsign": (dense("softsign"), 1e-2),
         "pcDEQ relu6": (dense("relu6"), 1e-2),
         "pcDEQ sigmoid": (dense("sigmoid"), 1e-2),
+        "pcDEQ-2 sigmoid, relu injection": (
+            lambda: PositiveConcaveDEQ(64, width, activation="sigmoid", injection="relu", tol=1e-4, max_iter=100), 1e-2),
         "pcDEQ conv tanh": (lambda: PositiveConcaveConvDEQ(1, 8, kernel_size=3, activation="tanh", tol=1e-4,
                                                            max_iter=100), 1e-2),
         "DEQLinear (unconstrained)": (lambda: DEQLinear(64, width, tol=1e-4, max_iter=100,

@@ -49,6 +49,20 @@ def check_injection_eps(what, injection_eps, activation) -> float:
     return float(injection_eps)
 
 
+# The injection s(x) of PositiveConcaveDEQ: softplus(x U^T + b) + eps > 0 (pcDEQ-1), or relu(x U^T + b) + eps >= 0
+# (pcDEQ-2, with sigmoid only: sigmoid(0) = 1/2 > 0 keeps the map positive where the injection is 0).
+INJECTIONS = ("softplus", "relu")
+
+
+def check_injection(what, injection, activation):
+    validation.check_choice(what, "injection", injection, INJECTIONS)
+    if injection == "relu" and activation != "sigmoid":
+        raise ValueError(f"deqkern.{what}: injection='relu' (pcDEQ-2) needs activation='sigmoid': a ReLU injection "
+                         f"may be 0, and only sigmoid (sigmoid(0) = 1/2 > 0) keeps the map positive there; "
+                         f"{activation!r} needs the strictly positive injection='softplus'")
+    return injection
+
+
 def _activation_class(activation):
     injection = "c >= 0" if activation == "sigmoid" else "c > 0"
     return (f"{activation}: nondecreasing, concave and bounded by {_ACTIVATION_SUP[activation]:g} on [0, inf), "
@@ -184,8 +198,10 @@ class PositiveConcaveDEQ(CertifiedDEQ):
     """Positive concave DEQ (pcDEQ): x (batch, in) -> z* (batch, hidden), z* = act(z* W^T + s(x)).
 
     W = softplus(V) is elementwise >= 0 for every V (never NaN: no normalisation by a row sum; a row of very negative
-    V is a zero row, which is fine), s(x) = softplus(x U^T + b) + injection_eps > 0, activation one of tanh, softsign,
-    relu6, sigmoid. Plain iteration (alpha = 1) from z0 = 0. No bound on W is needed: see `certificate()`.
+    V is a zero row, which is fine), s(x) = softplus(x U^T + b) + injection_eps > 0 (pcDEQ-1), activation one of
+    tanh, softsign, relu6, sigmoid; or, with injection="relu" and activation="sigmoid" (pcDEQ-2), s(x) =
+    relu(x U^T + b) + injection_eps >= 0 (injection_eps may be 0). Plain iteration (alpha = 1) from z0 = 0. No bound
+    on W is needed: see `certificate()`.
     method="anderson" (m, beta) is allowed with relu6 and sigmoid only (their fixed point is unique in the whole
     space); the certificate's rate and iteration bound are those of the plain iteration.
     """
@@ -196,15 +212,18 @@ class PositiveConcaveDEQ(CertifiedDEQ):
     def __init__(self, in_features: int, hidden_features: int, *, activation: str = "tanh", tol: float = 1e-4,
                  max_iter: int = 100, backend: str = "auto", on_nonconvergence: str = "warn",
                  backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
-                 injection_eps: float = 1e-3, init_row_sum: float = 0.5, method: str = "picard", m: int = 5,
-                 beta: float = 1.0, jac_reg=None, on_backward_overflow: str = "raise", device=None, dtype=None):
+                 injection: str = "softplus", injection_eps: float = 1e-3, init_row_sum: float = 0.5,
+                 method: str = "picard", m: int = 5, beta: float = 1.0, jac_reg=None,
+                 on_backward_overflow: str = "raise", device=None, dtype=None):
         check_positive_concave_activation("PositiveConcaveDEQ", activation)
+        injection_kind = check_injection("PositiveConcaveDEQ", injection, activation)
         injection_eps = check_injection_eps("PositiveConcaveDEQ", injection_eps, activation)
         check_anderson_allowed("PositiveConcaveDEQ", method, activation)
         super().__init__(in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
                          backward_tol, backward_max_iter, device, dtype, method=method, m=m, beta=beta,
                          jac_reg=jac_reg, on_backward_overflow=on_backward_overflow)
         self.injection_eps = injection_eps
+        self.injection_kind = injection_kind  # (`self.injection` is the nn.Linear x -> x U^T + b)
         self.init_row_sum = float(init_row_sum)
         self.reset_parameters()
 
@@ -222,8 +241,9 @@ class PositiveConcaveDEQ(CertifiedDEQ):
         return F.softplus(self.weight_raw)
 
     def injection_values(self, x: torch.Tensor) -> torch.Tensor:
-        """s(x) = softplus(x U^T + b) + injection_eps (> 0)."""
-        return F.softplus(self.injection(x)) + self.injection_eps
+        """s(x) = softplus(x U^T + b) + injection_eps (> 0), or relu(x U^T + b) + injection_eps (>= 0; pcDEQ-2)."""
+        linear = self.injection(x)
+        return (F.relu(linear) if self.injection_kind == "relu" else F.softplus(linear)) + self.injection_eps
 
     @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -253,4 +273,4 @@ class PositiveConcaveDEQ(CertifiedDEQ):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.injection.in_features}, hidden_features={self.weight_raw.shape[0]}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}, injection={self.injection_kind!r}")
