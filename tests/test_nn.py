@@ -59,3 +59,22 @@ def test_deqlinear_repr_and_bad_activation():
     assert "hidden_features=6" in repr(deqkern.nn.DEQLinear(2, 6))
     with pytest.raises(ValueError, match="unknown activation"):
         deqkern.nn.DEQLinear(2, 6, activation="swish")
+
+
+@pytest.mark.parametrize("layer_class", [deqkern.nn.DEQLinear, deqkern.nn.PositiveConcaveDEQ])
+def test_dense_layers_compile_with_fullgraph_forward_and_backward(layer_class):
+    """torch.compile(fullgraph=True) of a dense layer, forward and backward, equals eager (a regression: the context
+    that names a non-finite input to the user broke the graph until it stood aside while tracing)."""
+    torch.manual_seed(0)
+    layer = layer_class(4, 8, tol=1e-6, max_iter=200)
+    x = torch.randn(3, 4)
+    compiled = torch.compile(lambda x: layer(x).square().sum(), fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    eager = layer(x).square().sum()
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for p, g in zip(layer.parameters(), grads):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

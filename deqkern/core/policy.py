@@ -26,11 +26,18 @@ DIVERGENCE_ADVICE = ("the iteration diverged: use a contractive f (deqkern's cer
 _CALLER_INPUTS = contextvars.ContextVar("deqkern_caller_inputs", default=None)
 
 
-@contextlib.contextmanager
 def caller_inputs(what, tensors):
-    """Within the block, a solve that fails on a non-finite input or result first scans these tensors of the calling
-    layer `what` (name -> tensor, or a function returning that dict, called only on a failure) and names a
-    non-finite one (and its samples, for x)."""
+    """A context: within it, a solve that fails on a non-finite input or result first scans these tensors of the
+    calling layer `what` (name -> tensor, or a function returning that dict, called only on a failure) and names a
+    non-finite one (and its samples, for x). While torch.compile traces, a null context: the checks are off there
+    (checks_enabled), and a context variable would break the graph."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _caller_inputs(what, tensors)
+
+
+@contextlib.contextmanager
+def _caller_inputs(what, tensors):
     token = _CALLER_INPUTS.set((what, tensors))
     try:
         yield
