@@ -151,20 +151,23 @@ class _HalfInputMap(torch.nn.Module):
         return 0.5 * torch.tanh(self.lin(z) + x)
 
 
-def test_deq_ift_backward_evaluates_f_under_the_forwards_autocast_state():
-    """nn.DEQ in a bfloat16 autocast region with a bfloat16 state: the backward's evaluations of f run under the
-    forward's autocast (before, a float32 weight met the bfloat16 state there: 'mat1 and mat2 must have the same
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cuda", torch.float16)], ids=["cpu-bf16", "cuda-f16"])
+def test_deq_ift_backward_evaluates_f_under_the_forwards_autocast_state(device, dtype):
+    """nn.DEQ in a half-precision autocast region with a half state: the backward's evaluations of f run under the
+    forward's autocast (before, a float32 weight met the half state there: 'mat1 and mat2 must have the same
     dtype'), and the gradients are close to the float32 model's."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("float16 autocast needs a GPU here")
     torch.manual_seed(0)
-    f = _HalfInputMap()
+    f = _HalfInputMap().to(device)
     deq = deqkern.nn.DEQ(f, solver_options=dict(tol=1e-3, max_iter=100), backward_options=dict(tol=1e-2))
-    x = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(4, 8, device=device, requires_grad=True)
     deq(x).square().sum().backward()
     grads32 = [t.grad.clone() for t in (x, f.lin.weight)]
     x.grad = f.lin.weight.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = deq(x.to(torch.bfloat16))
-    assert z.dtype == torch.bfloat16
+    with torch.autocast(device, dtype=dtype):
+        z = deq(x.to(dtype))
+    assert z.dtype == dtype
     z.float().square().sum().backward()
     for t, g32 in zip((x, f.lin.weight), grads32):
         assert t.grad.dtype == torch.float32 and ((t.grad - g32).norm() / g32.norm()).item() < 5e-2
