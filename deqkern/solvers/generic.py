@@ -21,12 +21,17 @@ from ..core.policy import DIVERGENCE_ADVICE, check_policy, enforce_convergence
 from ..ops import anderson_step  # noqa: F401  (registers the anderson_step backends)
 from ..reference.common import relative_residual
 from .state import StateLayout, is_structured
+from .traced import anderson_traced
 
 # The keywords of solve() besides f, z0 and method: what nn.DEQ and the torchdeq adapter forward to it.
 SOLVE_OPTIONS = frozenset(
     ("m", "beta", "alpha", "lam", "tol", "max_iter", "check_every", "return_trace", "on_nonconvergence", "backend",
-     "process_group")
+     "process_group", "loop")
 )
+# loop="auto": a torch.while_loop when torch.compile or torch.export traces the solve (one graph), the Python loop
+# around the fused step op otherwise; "python": the Python loop always (under torch.compile the graph breaks where
+# the host asks "all stopped?").
+LOOPS = ("auto", "python")
 # How often the host asks "all samples stopped?" when check_every is None: on the CPU the question is a 1 us op,
 # cheaper than one extra evaluation of f; on a GPU it is a synchronisation that drains the launch queue.
 DEFAULT_CHECK_EVERY_CPU, DEFAULT_CHECK_EVERY_GPU = 1, 4
@@ -45,6 +50,16 @@ def _check_output(fz, z0, k):
     if fz.dtype != z0.dtype or fz.device != z0.device:
         raise TypeError(f"deqkern.solve: f(z) is {fz.dtype} on {fz.device} at evaluation {k + 1} but z0 is {z0.dtype} "
                         f"on {z0.device}: f must keep the state's dtype and device")
+
+
+def _check_traceable(return_trace, process_group):
+    """What a traced solve (one torch.while_loop) cannot do, refused by name."""
+    if return_trace:
+        raise ValueError("deqkern.solve: return_trace=True is not available under torch.compile or torch.export (the "
+                         "traced solve is one loop with no per-iteration record); read info.residual instead")
+    if process_group is not None:
+        raise ValueError("deqkern.solve: process_group is not available under torch.compile or torch.export (agreeing "
+                         "on 'all stopped' across ranks is a collective per iteration)")
 
 
 def _all_stopped(active, process_group):
@@ -249,6 +264,7 @@ def solve(
     on_nonconvergence: str = "warn",
     process_group=None,
     backend: str = "auto",
+    loop: str = "auto",
 ):
     """z* = f(z*) for any map f of a state z0 (B, ...), or of a tuple or list of such tensors (one batch size, dtype
     and device; f returns the same structure); returns (z*, SolverInfo), z* of z0's structure. Not differentiable.
@@ -258,7 +274,9 @@ def solve(
     PyTorch). f is evaluated once per iteration on the whole batch; the rest of the iteration is one op,
     deqkern::anderson_step. Each sample stops once its relative residual <= tol and is frozen; it returns f of its
     lowest-residual iterate. check_every: how often the host asks "all stopped?" (default 1 on CPU, 4 on GPU).
-    process_group: agree that question across ranks when f holds a collective. Details: docs/api.md.
+    process_group: agree that question across ranks when f holds a collective. loop: "auto" (under torch.compile
+    or torch.export, Anderson and Picard run as one torch.while_loop: fullgraph=True and export work) or "python"
+    (the eager loop always; under torch.compile the graph breaks at each "all stopped?"). Details: docs/api.md.
     """
     # A structured state is packed once into the solver's (B, n) buffer; f sees views in the original shapes.
     layout = StateLayout.of("solve", z0) if is_structured(z0) else None
@@ -273,11 +291,17 @@ def solve(
     if z0.shape[0] == 0 and process_group is None:
         z, info = _empty_solve(z0, return_trace)
         return (z if layout is None else layout.unpack(z)), info
+    validation.check_choice("solve", "loop", loop, LOOPS)
+    traced = torch.compiler.is_compiling() and method != "broyden" and loop == "auto"
+    if traced:
+        _check_traceable(return_trace, process_group)
+    if method == "picard":
+        m, beta = 1, alpha
     if method == "broyden":
         out = _broyden(f, z0, m, tol, max_iter, check_every, return_trace, process_group)
+    elif traced:  # torch.compile / torch.export: the whole solve as one torch.while_loop (traced.py)
+        out = anderson_traced(f, z0, lambda fz: _check_output(fz, z0, 0), m, beta, lam, tol, max_iter)
     else:
-        if method == "picard":
-            m, beta = 1, alpha
         out = _anderson(f, z0, kernel("anderson_step", resolved), m, beta, lam, tol, max_iter, check_every,
                         return_trace, process_group)
     z, iterations, residual_best, residual_last, trace = out

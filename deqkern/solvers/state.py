@@ -93,10 +93,11 @@ class StateLayout:
         buffer = [None]
 
         def g(flat, *args):
-            evaluations[0] += 1
+            if not torch.compiler.is_compiling():  # a traced loop body mutates nothing it closes over
+                evaluations[0] += 1
             out = f(self.unpack(flat), *args)
             self.check(what, out, evaluations[0], who)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # traced: a loop body writes no closure
                 return self.pack(out)
             if buffer[0] is None or buffer[0].shape != flat.shape:
                 buffer[0] = flat.new_empty(flat.shape)

@@ -1,0 +1,164 @@
+"""Benchmark of a convolutional DEQ under torch.compile: deqkern eager, torch.compile (default), torch.compile with
+fullgraph=True, and torchdeq, interleaved, forward (inference) and training step.
+
+Problem: z* = tanh(conv3x3(z*) + x) with 8 channels of 8 x 8 (the conv's weight scaled to 0.5 at init), followed
+by a linear head and cross-entropy on random labels; B = 64, float32, Anderson (m 5), tol 1e-4, max_iter 50, seed 0;
+one Adam step with learning rate 0 (every repeat solves the same problem).
+
+  deqkern eager                 nn.DEQ, IFT backward
+  deqkern compile               torch.compile(model): the solve is one torch.while_loop graph (deqkern/solvers/
+                                traced.py); the IFT backward runs eagerly (a graph break)
+  deqkern compile, loop='python'   torch.compile(model) with solver_options loop="python": the graph breaks at
+                                each "all stopped?" and the eager loop with the fused step runs
+  deqkern compile fullgraph     torch.compile(model, fullgraph=True), training with backward="phantom" (its own
+                                eager row beside it); IFT training does not compile with fullgraph yet (the
+                                backward's adjoint solve calls autograd). Inference compiles to the one graph of
+                                "deqkern compile" (torch._dynamo.explain: no break), so it has no row of its own
+  torchdeq                      torchdeq.get_deq(f_solver="anderson", b_solver="anderson", ift=True) around the same
+                                cell (eager: torchdeq's loop reads the host every iteration)
+
+Compilation happens before timing (warm-up); the ratio is each row's time against deqkern eager's of the same task
+and gradient. Run `python bench/bench_compiled.py --help`; results go to --out as Markdown, CSV and a PNG plot.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deqkern
+from harness import cli, peers, provenance, report, timing, writers
+
+SEED, TOL, MAX_ITER, CHANNELS, SIZE, CLASSES = 0, 1e-4, 50, 8, 8, 10
+COLUMNS = ["task", "B", "implementation", "median_ms", "p20_ms", "p80_ms", "repeats", "speedup_vs_eager", "note"]
+TITLE = "Convolutional DEQ under torch.compile: eager, compiled, one graph, and torchdeq"
+
+
+class Cell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.5)
+
+    def forward(self, z, x):
+        return torch.tanh(self.conv(z) + x)
+
+
+class Model(nn.Module):
+    """cell -> DEQ (deqkern's, or torchdeq's around the same cell) -> linear head."""
+
+    def __init__(self, cell, head, backward="ift", torchdeq_solver=None, loop="auto"):
+        super().__init__()
+        self.cell, self.head = cell, head
+        options = dict(tol=TOL, max_iter=MAX_ITER, on_nonconvergence="ignore", loop=loop)
+        self.torchdeq = None if torchdeq_solver is None else peers.torchdeq_deq(torchdeq_solver, torchdeq_solver,
+                                                                                  tol=TOL, max_iter=MAX_ITER)
+        self.deq = deqkern.nn.DEQ(cell, backward=backward, solver_options=options,
+                                  backward_options=dict(options, method="anderson"))
+
+    def forward(self, x):
+        if self.torchdeq is None:
+            z = self.deq(x)
+        else:
+            z_out, _ = self.torchdeq(lambda z: self.cell(z, x), torch.zeros_like(x))
+            z = z_out[-1]
+        return self.head(z.flatten(1))
+
+
+def variants(batch):
+    """{(task, name): (callable, eager baseline name)} over one shared cell and head."""
+    torch.manual_seed(SEED)
+    cell, head = Cell(), nn.Linear(CHANNELS * SIZE * SIZE, CLASSES)
+    x = torch.randn(batch, CHANNELS, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (batch,))
+    # one Model per compiled variant (sharing the cell and head): torch.compile caches graphs per module instance
+    # guard, so that no variant runs another's graph
+    def ift():
+        return Model(cell, head)
+    params = list(cell.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=0.0)
+
+    def train(model):
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def infer(model):
+        def forward():
+            with torch.no_grad():
+                model(x)
+        return forward
+
+    out = {
+        ("forward", "deqkern eager"): (infer(ift()), "deqkern eager"),
+        ("forward", "deqkern compile"): (infer(torch.compile(ift())), "deqkern eager"),
+        ("forward", "deqkern compile, loop='python'"): (infer(torch.compile(Model(cell, head, loop="python"))),
+                                                        "deqkern eager"),
+        ("train IFT", "deqkern eager"): (train(ift()), "deqkern eager"),
+        ("train IFT", "deqkern compile"): (train(torch.compile(ift())), "deqkern eager"),
+        ("train IFT", "deqkern compile, loop='python'"): (train(torch.compile(Model(cell, head, loop="python"))),
+                                                          "deqkern eager"),
+        ("train phantom", "deqkern eager"): (train(Model(cell, head, backward="phantom")), "deqkern eager"),
+        ("train phantom", "deqkern compile fullgraph"): (
+            train(torch.compile(Model(cell, head, backward="phantom"), fullgraph=True)), "deqkern eager"),
+    }
+    if peers.torchdeq is not None:
+        theirs = Model(cell, head, torchdeq_solver="anderson")
+        out[("forward", "torchdeq anderson")] = (infer(theirs), "deqkern eager")
+        out[("train IFT", "torchdeq anderson")] = (train(theirs), "deqkern eager")
+    return out
+
+
+def bench_batch(batch, min_time):
+    # every variant compiles the same forward code for its own module instance: room for all of them, so that none
+    # falls back to eager after the default limit of recompilations
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    fns = variants(batch)
+    for fn, _ in fns.values():  # compile (and warm up) before anything is timed
+        fn()
+        fn()
+    timings = timing.measure_interleaved({f"{task}|{name}": fn for (task, name), (fn, _) in fns.items()}, min_time)
+    rows = []
+    for (task, name), (_, baseline) in fns.items():
+        t = timings[f"{task}|{name}"]
+        base = timings[f"{task}|{baseline}"].median
+        note = "backward eager (graph break)" if (task, name) == ("train IFT", "deqkern compile") else (
+            "graph breaks in the solve" if "python" in name else "")
+        rows.append(dict(task=task, B=batch, implementation=name, **t.fields(), speedup_vs_eager=base / t.median,
+                         note=note))
+    return rows
+
+
+def speedup_panels(rows):
+    panel = {}
+    for r in rows:
+        if r["implementation"] != "deqkern eager":
+            panel.setdefault(f"{r['task']} B={r['B']}", {})[r["implementation"]] = r["speedup_vs_eager"]
+    return {"speed-up over deqkern eager (same task and gradient)": panel}
+
+
+def main(argv=None):
+    p = cli.BenchParser(__doc__, sizes={"cpu": [(64,)]}, quick_sizes=[(8,)],
+                        quick_help="smoke run: B=8, short timings", min_time=(3.0, 0.3))
+    args = p.parse_args(argv)
+    device = cli.start(args)
+    prov = provenance.collect(device, args.threads)
+    prov.lines.append(f"problem: conv DEQ tanh(conv3x3(z) + x), {CHANNELS} channels of {SIZE} x {SIZE}, Anderson, "
+                      f"tol {TOL:g}, max_iter {MAX_ITER}, linear head, cross-entropy, Adam lr 0, float32, seed {SEED}; "
+                      f"compiled before timing; variants interleaved, median / p20 / p80 over >= {args.min_time:g} s")
+    print("\n".join(prov.lines), flush=True)
+    rows = []
+    for (batch,) in args.size_list:
+        rows += bench_batch(batch, args.min_time)
+        print(f"done B={batch}", flush=True)
+    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
+    print("\n" + table)
+    report.write(report.stem_path(args.out, f"compiled_{device.type}", args.quick), TITLE, prov, [table],
+                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

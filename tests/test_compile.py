@@ -1,0 +1,111 @@
+"""deqkern.solve and nn.DEQ under torch.compile(fullgraph=True) and torch.export: the traced solve is one
+torch.while_loop (deqkern/solvers/traced.py). Few and small: each compile costs seconds on CI's two cores."""
+import pytest
+import torch
+
+import deqkern
+from deqkern.reference import anderson_step_ref
+from deqkern.solvers.traced import anderson_step_traced
+
+F64 = torch.float64
+TIGHT = dict(tol=1e-10, max_iter=200)
+
+
+class ConvCell(torch.nn.Module):
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, dtype=F64)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.5)
+
+    def forward(self, z, x):
+        return torch.tanh(self.conv(z) + x)
+
+
+def _inputs(batch=4, seed=0):
+    return torch.randn(batch, 3, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("k", [0, 2, 5, 9])
+def test_the_traced_step_is_the_specification(k):
+    """anderson_step_traced (k a tensor, functional) against anderson_step_ref (k an int, in place), float64, with
+    a sample already stopped and the history partly filled."""
+    g = torch.Generator().manual_seed(k)
+    B, m, n = 3, 4, 6
+    X, G = torch.randn(B, m, n, dtype=F64, generator=g), torch.randn(B, m, n, dtype=F64, generator=g)
+    x, fx = torch.randn(B, n, dtype=F64, generator=g), torch.randn(B, n, dtype=F64, generator=g)
+    z_best = torch.randn(B, n, dtype=F64, generator=g)
+    residual_best = torch.tensor([float("nan"), 0.5, 10.0], dtype=F64)
+    residual = torch.rand(B, dtype=F64, generator=g)
+    active = torch.tensor([True, True, False])
+    iterations = torch.tensor([k, k, 1], dtype=torch.int32)
+    expected = [t.clone() for t in (X, G, x, fx, x, z_best, residual_best, residual, active, iterations)]
+    H = torch.zeros(B, m, m, dtype=F64)
+    X_e, G_e, x_e, fx_e, x_next_e, z_best_e, rb_e, r_e, active_e, it_e = expected
+    anderson_step_ref(X_e, G_e, H, x_e, fx_e, x_next_e, z_best_e, rb_e, r_e, active_e, it_e, k, 1.0, 1e-4, 1e-8)
+    got = anderson_step_traced(torch.tensor(k), x, fx, X, G, z_best, residual_best, residual, active, iterations,
+                               beta=1.0, lam=1e-4, tol=1e-8)
+    filled = min(k + 1, m)  # the specification's history beyond the filled slots is never read
+    for name, out, ref in zip(("x_next", "X_hist", "G_hist", "z_best", "residual_best", "residual", "active",
+                               "iterations"), got, (x_next_e, X_e, G_e, z_best_e, rb_e, r_e, active_e, it_e)):
+        if name in ("X_hist", "G_hist"):
+            out, ref = out[:, :filled], ref[:, :filled]
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("method", ["anderson", "picard"])
+def test_solve_compiles_to_one_graph_that_equals_eager(method):
+    cell, x = ConvCell(), _inputs()
+
+    def run(x):
+        return deqkern.solve(lambda z: cell(z, x), torch.zeros_like(x), method=method, **TIGHT)
+
+    explanation = torch._dynamo.explain(run)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    z_eager, info_eager = run(x)
+    z, info = torch.compile(run, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(z, z_eager, rtol=1e-10, atol=1e-10)
+    assert torch.equal(info.iterations, info_eager.iterations) and bool(info.converged.all())
+
+
+def test_phantom_training_compiles_fullgraph_and_equals_eager():
+    torch.manual_seed(0)
+    deq = deqkern.nn.DEQ(ConvCell(), backward="phantom", solver_options=TIGHT)
+    x = _inputs()
+    deq(x).square().sum().backward()
+    expected = [p.grad.clone() for p in deq.parameters()]
+    deq.zero_grad()
+    torch.compile(lambda x: deq(x).square().sum(), fullgraph=True, backend="aot_eager")(x).backward()
+    for p, g in zip(deq.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-10)
+
+
+def test_export_with_a_dynamic_batch_and_one_recompile_for_a_new_batch_size():
+    deq = deqkern.nn.DEQ(ConvCell(), solver_options=TIGHT).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(deq, (_inputs(4),), dynamic_shapes=({0: batch},))
+    for size in (2, 7, 16):
+        x = _inputs(size, seed=size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), deq(x), rtol=1e-8, atol=1e-9)
+
+    compilations = []
+
+    def counting_backend(graph_module, example_inputs):
+        compilations.append(len(example_inputs))
+        return graph_module.forward
+
+    compiled = torch.compile(deq, fullgraph=True, backend=counting_backend)
+    with torch.no_grad():
+        for size in (3, 5, 8):
+            compiled(_inputs(size, seed=size))
+    assert len(compilations) <= 2  # the first batch size, then one dynamic graph for every other
+
+
+def test_what_a_traced_solve_cannot_do_is_refused_by_name():
+    x = _inputs(2)
+    with pytest.raises(Exception, match="return_trace=True is not available under torch.compile"):
+        torch.compile(lambda x: deqkern.solve(lambda z: 0.5 * z + x, torch.zeros_like(x), return_trace=True)[0],
+                      fullgraph=True, backend="eager")(x)
+    with pytest.raises(ValueError, match="loop"):
+        deqkern.solve(lambda z: 0.5 * z + x, torch.zeros_like(x), loop="while")
