@@ -109,3 +109,37 @@ def test_what_a_traced_solve_cannot_do_is_refused_by_name():
                       fullgraph=True, backend="eager")(x)
     with pytest.raises(ValueError, match="loop"):
         deqkern.solve(lambda z: 0.5 * z + x, torch.zeros_like(x), loop="while")
+
+
+def test_lipschitz_deq_compiles_fullgraph_with_its_proof_as_one_op():
+    """LipschitzDEQ proves ||W||_2 at every forward with host decisions (a Cholesky ladder): traced, the proof is one
+    opaque op (deqkern::proven_spectral_bound), so the layer compiles with fullgraph=True, train and eval, and equals
+    eager exactly, the bound holding by SVD."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = deqkern.nn.LipschitzDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 4, dtype=F64)
+    compiled = torch.compile(lambda x: twin(x).square().sum(), fullgraph=True, backend="aot_eager")
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        twin.train(mode == "train")
+        layer(x).square().sum().backward()
+        compiled(x).backward()
+        for p, q in zip(layer.parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
+        assert torch.equal(twin.power_u, layer.power_u)
+        assert torch.linalg.matrix_norm(twin.last_weight, ord=2).item() <= 0.9 * (1 + 1e-12)
+        layer.zero_grad()
+        twin.zero_grad()
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_proven_spectral_bound_op_passes_opcheck_and_is_a_bound(refine):
+    g = torch.Generator().manual_seed(1)
+    W, u = torch.randn(6, 6, dtype=F64, generator=g), torch.randn(6, dtype=F64, generator=g)
+    u = u / u.norm()
+    torch.library.opcheck(torch.ops.deqkern.proven_spectral_bound.default, (W, u, refine))
+    value, vector = torch.ops.deqkern.proven_spectral_bound(W, u, refine)
+    assert torch.linalg.svdvals(W)[0].item() <= value.item() and abs(vector.norm().item() - 1) < 1e-12

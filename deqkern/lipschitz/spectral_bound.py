@@ -12,7 +12,7 @@ for a ladder of deltas, smallest first, and the first that factorises gives sigm
 always valid (lambda_max^k <= ||G^k||_F), at most rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular
 values; with a gap at the top it is far tighter: 1 + 1e-9 on 128 x 128 Gaussian matrices).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -178,3 +178,24 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
         if proven is not None:
             return SpectralBound(proven[0], "cholesky", proven[1], vector)
     return SpectralBound(_squaring_bound(G), "squaring", float("nan"), vector)
+
+
+@torch.library.custom_op("deqkern::proven_spectral_bound", mutates_args=())
+def proven_spectral_bound(W: torch.Tensor, start: torch.Tensor, refine: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """spectral_norm_upper_bound of the estimate ||W start|| as one opaque op, for a layer that proves its weight's
+    norm inside a torch.compile graph (the proof's decisions read the host; inside an op that is the op's business):
+    (sigma_bar, 0-dim float64; the unit vector to keep: the Lanczos Ritz vector where it is the sharper direction,
+    else start). W square, start (n,) of W's dtype."""
+    with torch.no_grad():
+        estimate = torch.linalg.vector_norm(W.double() @ start.double())
+        bound = spectral_norm_upper_bound(W, estimate, start=start, refine=refine)
+        u = start.clone()
+        if bound.vector is not None:
+            ritz = bound.vector.to(W.dtype)
+            u = torch.where(torch.linalg.vector_norm(W @ ritz) > torch.linalg.vector_norm(W @ u), ritz, u)
+        return bound.value.clone(), u
+
+
+@proven_spectral_bound.register_fake
+def _proven_spectral_bound_fake(W, start, refine):
+    return W.new_empty((), dtype=torch.float64), torch.empty_like(start)

@@ -14,6 +14,7 @@ from ...activations import get_activation
 from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
+from ...lipschitz.spectral_bound import SpectralBound, proven_spectral_bound
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
@@ -148,6 +149,13 @@ class LipschitzDEQ(CertifiedDEQ):
         fixed (a lower bound of ||V||_2, equal to it once u is a top right singular vector), and sigma_bar, a
         certified upper bound of ||V||_2 (a SpectralBound; float64, no grad), proven for this V (eval: reused for an
         unchanged V)."""
+        if torch.compiler.is_compiling():  # traced: the proof as one opaque op, no cache (its test reads the host)
+            with torch.no_grad():
+                u = self._power_vector(V, converged)
+                value, u = proven_spectral_bound(V.detach(), u, not converged)
+                if update:
+                    self.power_u.copy_(u)
+            return torch.linalg.vector_norm(V @ u), SpectralBound(value, "cholesky or squaring", math.nan, None)
         with torch.no_grad():
             cache = self._converged_cache
             if (converged and cache is not None and cache[0].shape == V.shape and cache[0].dtype == V.dtype
@@ -201,8 +209,9 @@ class LipschitzDEQ(CertifiedDEQ):
         sigma_d = sigma.detach()
         sigma_bar = torch.where(sigma_d > 0, sigma * (upper / torch.where(sigma_d > 0, sigma_d, 1.0)), upper)
         scale = torch.clamp(self.max_weight_norm / sigma_bar.clamp_min(torch.finfo(V.dtype).tiny), max=1.0)
-        self.last_weight_bound = WeightBound(float(min(bound.value, self.max_weight_norm * (1 + 8 * torch.finfo(
-            V.dtype).eps))), float(bound.value), bound.method, bound.slack)
+        if not torch.compiler.is_compiling():  # its floats read the host
+            self.last_weight_bound = WeightBound(float(min(bound.value, self.max_weight_norm * (1 + 8 * torch.finfo(
+                V.dtype).eps))), float(bound.value), bound.method, bound.slack)
         return V * scale
 
     @property
