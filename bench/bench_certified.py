@@ -18,7 +18,7 @@ import torch
 
 import deqkern
 from deqkern.apps.digits import load_digits_split
-from harness import cli, provenance, report, timing, writers
+from harness import cli, provenance, report, timing
 
 SEED, BATCH, LR = 0, 64, 1e-3
 SIZES = [(64, 64), (64, 128), (64, 256), (64, 512)]
@@ -87,10 +87,7 @@ def main(argv=None):
     for batch, d in args.size_list:
         rows += bench_size(batch, d, args.min_time, x_all, y_all)
         print(f"done B={batch} d={d}", flush=True)
-    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
-    print("\n" + table)
-    report.write(report.stem_path(args.out, f"certified_{device.type}", args.quick), TITLE, prov, [table],
-                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    report.write_table(args, "certified", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deqkern
-from harness import cli, peers, provenance, report, timing, writers
+from harness import cli, peers, provenance, report, timing
 
 SEED, TOL, MAX_ITER, CHANNELS, SIZE, CLASSES = 0, 1e-4, 50, 8, 8, 10
 COLUMNS = ["task", "B", "implementation", "median_ms", "p20_ms", "p80_ms", "repeats", "speedup_vs_eager", "note"]
@@ -153,10 +153,7 @@ def main(argv=None):
     for (batch,) in args.size_list:
         rows += bench_batch(batch, args.min_time)
         print(f"done B={batch}", flush=True)
-    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
-    print("\n" + table)
-    report.write(report.stem_path(args.out, f"compiled_{device.type}", args.quick), TITLE, prov, [table],
-                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    report.write_table(args, "compiled", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows
 
 

@@ -20,7 +20,7 @@ import torch
 import deqkern
 from deqkern.apps.digits import load_digits_split
 from deqkern.jacobian import jacobian_reg
-from harness import cli, provenance, report, timing, writers
+from harness import cli, provenance, report, timing
 
 SEED = 0
 SIZES = [(64, 128), (128, 128), (64, 256)]
@@ -96,10 +96,7 @@ def main(argv=None):
     for batch, d in args.size_list:
         rows += bench_size(batch, d, args.min_time, x_all, y_all)
         print(f"done B={batch} d={d}", flush=True)
-    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
-    print("\n" + table)
-    report.write(report.stem_path(args.out, f"jac_reg_{device.type}", args.quick), TITLE, prov, [table],
-                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    report.write_table(args, "jac_reg", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows
 
 

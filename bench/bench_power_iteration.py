@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from deqkern import lipschitz
-from harness import cli, provenance, report, timing, writers
+from harness import cli, provenance, report, timing
 
 SEED = 0
 TOL = 1e-300
@@ -114,10 +114,7 @@ def main(argv=None):
         for dtype_name in args.dtype_list:
             rows += bench_size(d, dtype_name, args.iters, args.min_time)
             print(f"done d={d} {dtype_name}", flush=True)
-    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
-    print("\n" + table)
-    report.write(report.stem_path(args.out, f"power_iteration_{device.type}", args.quick), TITLE, prov, [table],
-                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    report.write_table(args, "power_iteration", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows
 
 

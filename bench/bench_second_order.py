@@ -22,7 +22,7 @@ import torch
 
 import deqkern
 from deqkern.apps.force_matching import DEQEnergy, force_loss, target_forces
-from harness import cli, provenance, report, timing, writers
+from harness import cli, provenance, report, timing
 
 SEED = 0
 DIM, TOL = 8, 1e-5
@@ -130,10 +130,7 @@ def main(argv=None):
         for scale in SCALES:
             rows += bench_size(batch, hidden, scale, args.min_time)
             print(f"done B={batch} d={hidden} s={scale}", flush=True)
-    table = writers.markdown_table(COLUMNS, ([writers.fmt(r.get(c, "")) for c in COLUMNS] for r in rows))
-    print("\n" + table)
-    report.write(report.stem_path(args.out, f"second_order_{device.type}", args.quick), TITLE, prov, [table],
-                 {"": (COLUMNS, rows)}, speedup_panels(rows))
+    report.write_table(args, "second_order", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows
 
 

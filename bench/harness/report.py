@@ -35,6 +35,16 @@ def write(stem: Path, title: str, prov: provenance.Provenance, blocks: List[str]
     print("\nwrote " + ", ".join(str(p) for p in written))
 
 
+def write_table(args, name: str, title: str, prov: provenance.Provenance, columns: Sequence[str], rows: List[dict],
+                panels: plot.Panels) -> None:
+    """The common end of a benchmark with one table: prints it as Markdown, then writes OUT/NAME_<device>{.md, .csv,
+    .png} (args: the parsed command line of harness.cli, for --out, --device and --quick)."""
+    table = writers.markdown_table(columns, ([writers.fmt(r.get(c, "")) for c in columns] for r in rows))
+    print("\n" + table)
+    write(stem_path(args.out, f"{name}_{args.device}", args.quick), title, prov, [table], {"": (columns, rows)},
+          panels)
+
+
 def _beside(stem: Path, ending: str) -> Path:
     """stem + ending, whatever dots the stem holds (Path.with_suffix would replace the part after the last one)."""
     return stem.parent / (stem.name + ending)
