@@ -14,11 +14,6 @@ returns values whose differentiation in given tensors raises (torch's DelayedErr
 import torch
 
 
-def _message(what, derivative="double backward (create_graph=True, then differentiating the gradient again)",
-             advice="use finite differences or an unrolled solve"):
-    return f"deqkern.{what}: {derivative} is not supported: {advice}".encode()
-
-
 def raise_when_differentiated(message: bytes, *values, anchors=()):
     """values unchanged, but differentiating them raises RuntimeError(message) (None stays None). anchors: the
     tensors a derivative of values may be asked in; each value is tied to them by an exactly-zero term, so that
@@ -55,9 +50,9 @@ class _ImplicitLinearSolution(torch.autograd.Function):
         with torch.no_grad():
             w = ctx.solve_transposed(u.detach())
         if torch.is_grad_enabled():  # a third derivative of the DEQ
-            (w,) = raise_when_differentiated(_message(ctx.what, "a third derivative",
-                                                      "second derivatives are implemented, higher ones are not"), w,
-                                               anchors=ctx.saved_tensors)
+            message = (f"deqkern.{ctx.what}: a third derivative is not supported: second derivatives are "
+                       "implemented, higher ones are not").encode()
+            (w,) = raise_when_differentiated(message, w, anchors=ctx.saved_tensors)
         return w, None, None
 
 

@@ -180,20 +180,28 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
     return SpectralBound(_squaring_bound(G), "squaring", float("nan"), vector)
 
 
+def prove_with_vector(W: torch.Tensor, start: torch.Tensor, refine: bool) -> Tuple[SpectralBound, torch.Tensor]:
+    """spectral_norm_upper_bound of the estimate ||W start|| (W square, start (n,) of W's dtype), and the unit
+    vector to keep: the Lanczos Ritz vector where it is the sharper direction, else start. What a layer that
+    proves its weight's norm at every forward (LipschitzDEQ) calls, eagerly or through the op below."""
+    with torch.no_grad():
+        W = W.detach()
+        bound = spectral_norm_upper_bound(W, torch.linalg.vector_norm(W.double() @ start.double()), start=start,
+                                          refine=refine)
+        if bound.vector is None:
+            return bound, start
+        ritz = bound.vector.to(W.dtype)
+        return bound, torch.where(torch.linalg.vector_norm(W @ ritz) > torch.linalg.vector_norm(W @ start), ritz,
+                                  start)
+
+
 @torch.library.custom_op("deqkern::proven_spectral_bound", mutates_args=())
 def proven_spectral_bound(W: torch.Tensor, start: torch.Tensor, refine: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """spectral_norm_upper_bound of the estimate ||W start|| as one opaque op, for a layer that proves its weight's
-    norm inside a torch.compile graph (the proof's decisions read the host; inside an op that is the op's business):
-    (sigma_bar, 0-dim float64; the unit vector to keep: the Lanczos Ritz vector where it is the sharper direction,
-    else start). W square, start (n,) of W's dtype."""
-    with torch.no_grad():
-        estimate = torch.linalg.vector_norm(W.double() @ start.double())
-        bound = spectral_norm_upper_bound(W, estimate, start=start, refine=refine)
-        u = start.clone()
-        if bound.vector is not None:
-            ritz = bound.vector.to(W.dtype)
-            u = torch.where(torch.linalg.vector_norm(W @ ritz) > torch.linalg.vector_norm(W @ u), ritz, u)
-        return bound.value.clone(), u
+    """prove_with_vector as one opaque op, for a layer that proves its weight's norm inside a torch.compile graph (the
+    proof's decisions read the host; inside an op that is the op's business): (sigma_bar, 0-dim float64; the unit
+    vector to keep)."""
+    bound, u = prove_with_vector(W, start, refine)
+    return bound.value.clone(), u.clone()
 
 
 @proven_spectral_bound.register_fake

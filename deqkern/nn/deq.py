@@ -195,13 +195,13 @@ class DEQ(nn.Module):
             return tuple(ref.new_zeros((ref.shape[0], *tuple(shape))) for shape in self.z_shape)
         return ref.new_zeros((ref.shape[0], *tuple(self.z_shape)))
 
-    def _in_autocast_dtype(self, z_init, x):
+    def _in_autocast_dtype(self, z_init, x_const):
         """The default state under torch.autocast: in the dtype f returns on it (autocast lowers f's products, so f
         of a float32 state may come back in bfloat16), found by one evaluation of f; elsewhere as it is."""
         if not isinstance(z_init, torch.Tensor) or not torch.is_autocast_enabled(z_init.device.type):
             return z_init
         with torch.no_grad():
-            probe = self.f(z_init, _inputs_detached(x))
+            probe = self.f(z_init, x_const)
         if isinstance(probe, torch.Tensor) and probe.is_floating_point() and probe.dtype != z_init.dtype:
             return z_init.to(probe.dtype)
         return z_init
@@ -227,13 +227,13 @@ class DEQ(nn.Module):
     def forward(self, x, z0=None):
         """x: the input (a tensor or a tuple of them, handed to f as it is); z0: the start, a tensor (B, ...) or a
         tuple or list of them (a multiscale state). Returns z* of the state's structure."""
+        x_const = _inputs_detached(x)
         z_init = self._initial(x, z0)
         if z0 is None:
-            z_init = self._in_autocast_dtype(z_init, x)
+            z_init = self._in_autocast_dtype(z_init, x_const)
         # A structured state is packed once: the solve, the backward modes and jac_reg all see the (B, n) packing
         # and f_map, which hands f the unpacked views and checks and packs its output at every evaluation.
         layout = StateLayout.of(WHAT, z_init) if is_structured(z_init) else None
-        x_const = _inputs_detached(x)
         guessed = z0 is None and self.z_shape is None
 
         def f_noted(z, x):

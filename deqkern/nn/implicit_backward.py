@@ -19,7 +19,7 @@ Tensors that f uses but that are neither x's nor its parameters (a closure, a te
 aliased: then the create_graph backward returns the first-order gradient through y's graph, and differentiating it
 again raises, naming the tensor (never a second derivative that misses a term).
 """
-from typing import Optional
+import contextlib
 
 import torch
 
@@ -59,16 +59,8 @@ class AutocastState:
     def __call__(self):
         if not self.enabled:
             return torch.autocast(self.device_type, enabled=False) if torch.is_autocast_enabled(
-                self.device_type) else _NullContext()
+                self.device_type) else contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ImplicitCall:
@@ -116,11 +108,17 @@ class _ImplicitSolution(torch.autograd.Function):
         return (grad_y, None, None) + tuple(grads)
 
 
-def _first_order(call: ImplicitCall, v):
-    """g = (I - J^T)^{-1} v at z*, for y's graph."""
+def _evaluate_at_fixed_point(call: ImplicitCall):
+    """(h, f(h, x)) with h a leaf copy of z* that requires grad, under the forward's autocast state: the graph the
+    adjoint's vector-Jacobian products are taken on."""
     with torch.enable_grad(), call.autocast():
         h = call.z_star.detach().requires_grad_()
-        fh = call.f_map(h, call.x)
+        return h, call.f_map(h, call.x)
+
+
+def _first_order(call: ImplicitCall, v):
+    """g = (I - J^T)^{-1} v at z*, for y's graph."""
+    h, fh = _evaluate_at_fixed_point(call)
 
     def vjp(g):
         return torch.autograd.grad(fh, h, g.to(fh.dtype), retain_graph=True)[0]
@@ -128,10 +126,10 @@ def _first_order(call: ImplicitCall, v):
     return call.adjoint_solve(vjp, v).detach()
 
 
-def _unfollowed_tensor(ctx, explicit):
-    """Why a second derivative could not follow f, or None: a leaf of y's graph (x's own history aside) that is
-    neither a tensor of x nor a parameter of f (a closure, or a tensor derived outside f)."""
-    for leaf in graph_leaves(ctx.y_fn, stops=ctx.x_fns):
+def _unfollowed_tensor(ctx, leaves):
+    """Why a second derivative could not follow f, or None: a leaf of y's graph (`leaves`, x's own history aside)
+    that is neither a tensor of x nor a parameter of f (a closure, or a tensor derived outside f)."""
+    for leaf in leaves:
         if id(leaf) not in ctx.explicit_ids:
             return (f"f depends on a tensor of shape {tuple(leaf.shape)} that is neither a parameter of f nor a tensor "
                     "of x (a closure, or a tensor derived outside f); make it a parameter of an nn.Module f, or pass "
@@ -139,22 +137,23 @@ def _unfollowed_tensor(ctx, explicit):
     return None
 
 
-def _guarded_first_order(ctx, call, v, explicit, why):
-    """The first-order gradient for y's graph, whose differentiation in any tensor y depends on raises, naming why."""
+def _guarded_first_order(call, v, anchors, why):
+    """The first-order gradient for y's graph, whose differentiation in any of `anchors` (the tensors y depends on)
+    raises, naming why."""
     message = (f"deqkern.{WHAT}: a second derivative (differentiating a gradient taken with create_graph=True) "
                f"cannot be computed here: {why}").encode()
     with torch.no_grad():
         g = _first_order(call, v)
-    anchors = [*explicit, *graph_leaves(ctx.y_fn, stops=ctx.x_fns), v]
-    return raise_when_differentiated(message, g, anchors=anchors)[0]
+    return raise_when_differentiated(message, g, anchors=[*anchors, v])[0]
 
 
 def _second_order(ctx, call: ImplicitCall, out, explicit, v):
     """(gradient for y, gradients of x's tensors and f's parameters): the latter differentiable (see the module); or,
     where f uses a tensor the aliases cannot reach, the first-order gradient for y, guarded."""
-    why = _unfollowed_tensor(ctx, explicit)
+    leaves = graph_leaves(ctx.y_fn, stops=ctx.x_fns)  # walked once: Python over f's graph
+    why = _unfollowed_tensor(ctx, leaves)
     if why is not None:
-        return _guarded_first_order(ctx, call, v, explicit, why), [None] * len(explicit)
+        return _guarded_first_order(call, v, [*explicit, *leaves], why), [None] * len(explicit)
     n_inputs = ctx.n_inputs
     z_star = call.z_star.detach()
     with torch.enable_grad(), call.autocast():
@@ -170,12 +169,12 @@ def _second_order(ctx, call: ImplicitCall, out, explicit, v):
         y = vjp(g_solved, create_graph=True) + v
         g = implicit_linear_solution(y, _forward_solve(call), WHAT)
         grads = torch.autograd.grad(fz, aliases, g.to(fz.dtype), create_graph=True, allow_unused=True)
-    reached = {id(leaf) for leaf in graph_leaves(ctx.y_fn, stops=ctx.x_fns)}
+    reached = {id(leaf) for leaf in leaves}
     for t, grad, original in zip(explicit, grads, ctx.explicit_order):
         if grad is None and original in reached:  # f read it in the forward, but not through its alias
             why = (f"f's forward depended on a parameter of shape {tuple(t.shape)} that f does not read when called "
                    "with other parameter values (a weight cached outside f?): compute it inside f")
-            return _guarded_first_order(ctx, call, v, explicit, why), [None] * len(explicit)
+            return _guarded_first_order(call, v, [*explicit, *leaves], why), [None] * len(explicit)
     return None, list(grads)
 
 
@@ -183,9 +182,8 @@ def _forward_solve(call: ImplicitCall):
     """u -> w = (I - J)^{-1} u at z*, J w by a double vector-Jacobian product on one fresh evaluation of f."""
 
     def solve_transposed(u):
-        with torch.enable_grad(), call.autocast():
-            h = call.z_star.detach().requires_grad_()
-            fh = call.f_map(h, call.x)
+        h, fh = _evaluate_at_fixed_point(call)
+        with torch.enable_grad():
             probe = torch.zeros_like(fh, requires_grad=True)
             jt = torch.autograd.grad(fh, h, probe, create_graph=True)[0]
 
@@ -203,7 +201,7 @@ def implicit_solution(y, call: ImplicitCall, inputs, params) -> torch.Tensor:
     return _ImplicitSolution.apply(y, call, len(inputs), *inputs, *[p for _, p in params])
 
 
-def module_parameters(f) -> Optional[list]:
+def module_parameters(f) -> list:
     """(name, parameter) of f's parameters that require grad, when f is an nn.Module; else []."""
     if not isinstance(f, torch.nn.Module):
         return []

@@ -14,7 +14,7 @@ from ...activations import get_activation
 from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
-from ...lipschitz.spectral_bound import SpectralBound, proven_spectral_bound
+from ...lipschitz.spectral_bound import SpectralBound, prove_with_vector, proven_spectral_bound
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
@@ -164,12 +164,9 @@ class LipschitzDEQ(CertifiedDEQ):
                 # comparison), not by version counters, which a write through .data does not bump
                 u, bound = cache[1], cache[2]
             else:
-                u = self._power_vector(V, converged)
-                bound = self._prove(V, u, converged)
-                if bound.vector is not None:  # Lanczos ran: its Ritz vector, when the sharper, replaces u
-                    ritz = bound.vector.to(V.dtype)
-                    better = torch.linalg.vector_norm(V.detach() @ ritz) > torch.linalg.vector_norm(V.detach() @ u)
-                    u = torch.where(better, ritz, u)
+                # a converged vector's estimate (eval) is proven as it is, with no Lanczos steps; a few warm-started
+                # steps' (training) is sharpened by Lanczos first (measured: under Adam's steps it is 1e-4 to 1e-2 low)
+                bound, u = prove_with_vector(V, self._power_vector(V, converged), refine=not converged)
                 if converged and not update:
                     self._converged_cache = (V.detach().clone(), u, bound)
             if update:
@@ -189,13 +186,6 @@ class LipschitzDEQ(CertifiedDEQ):
         norm = u.norm()
         usable = torch.isfinite(norm) & (norm > 0)
         return torch.where(usable, u / torch.where(usable, norm, torch.ones_like(norm)), self.power_u)
-
-    def _prove(self, V, u, converged):
-        """The proof for V (spectral_norm_upper_bound) of the estimate ||V u||: a converged u's (eval) is proven as
-        it is, with no Lanczos steps (the work is not done twice); a few warm-started steps' (training) is sharpened
-        by Lanczos steps first (measured: under Adam's steps that estimate is 1e-4 to 1e-2 low)."""
-        estimate = torch.linalg.vector_norm(V.detach().double() @ u.double())
-        return spectral_norm_upper_bound(V, estimate, start=u, refine=not converged)
 
     def compute_weight(self, converged: bool = True, update: bool = False) -> torch.Tensor:
         """W = V min(1, (gamma / Lip(act)) / sigma_bar(V)) (differentiable), sigma_bar a certified upper bound of
