@@ -69,11 +69,13 @@ class EpochStats:
 def train_classifier(model: nn.Module, deq_layer: Optional[nn.Module], train, test, epochs: int, lr: float,
                      batch_size: int = 64, seed: int = 0, extra_loss: Optional[Callable[[], torch.Tensor]] = None,
                      after_step: Optional[Callable[[], None]] = None, description: str = "",
-                     show_progress: bool = True) -> List[EpochStats]:
+                     show_progress: bool = True, optimizer: Optional[torch.optim.Optimizer] = None
+                     ) -> List[EpochStats]:
     """Adam on cross-entropy (+ extra_loss() when given), shuffled with a fixed seed per epoch. The iteration
     counts are the means over the epoch's batches of deq_layer.last_info (forward) and .backward (implicit
-    backward); NaN for a model without a DEQ."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    backward); NaN for a model without a DEQ. optimizer: to go on with one (its state kept across calls), else a new
+    Adam at lr."""
+    optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     x_train, y_train = train
     stats = []
     for epoch in range(epochs):

@@ -11,6 +11,7 @@ from ..core.errors import NonConvergenceWarning
 from ..core.policy import check_policy, enforce_convergence
 from ..core.api import api_changes
 from ..lipschitz import gram_power_iteration, power_iteration
+from ..solvers.state import StateLayout, is_structured
 from ._layers import check_z, dense_parts, is_dense_layer, layer_map
 
 KINDS = ("spectral", "radius")
@@ -142,6 +143,11 @@ def jacobian_norm(
     Details: docs/diagnostics.md.
     """
     what = "jacobian_norm"
+    if is_structured(z):  # a state of several tensors: its Jacobian is that of the packed (B, n) map
+        layout = StateLayout.of(what, z, name="z")
+        packed_f = layout.flat_map(what, layer_map(what, layer_or_f), who="f(z, x)")
+        z = layout.pack(z)
+        layer_or_f = lambda flat, x: packed_f(flat, x)  # noqa: E731  (a bare callable: no dense layer is guessed)
     check_z(what, z, dtypes=validation.FLOAT_DTYPES)
     validation.check_choice(what, "kind", kind, KINDS)
     validation.check_int(what, "max_iter", max_iter, 1)

@@ -7,7 +7,8 @@
 - certified/: layers whose fixed point provably exists, is unique and is reached (dense and convolutional).
 """
 from .certified import (LinfContractiveConvDEQ, LinfContractiveDEQ, LipschitzConvDEQ, LipschitzDEQ,
-                        PositiveConcaveConvDEQ, PositiveConcaveDEQ)
+                        LipschitzMultiscaleDEQ, LipschitzMultiscaleDEQClassifier, PositiveConcaveConvDEQ,
+                        PositiveConcaveDEQ)
 from .dense import DEQLinear
 from .deq import DEQ
 from .multiscale import MultiscaleDEQ, MultiscaleDEQClassifier
@@ -19,6 +20,8 @@ __all__ = [
     "LinfContractiveDEQ",
     "LipschitzConvDEQ",
     "LipschitzDEQ",
+    "LipschitzMultiscaleDEQ",
+    "LipschitzMultiscaleDEQClassifier",
     "MultiscaleDEQ",
     "MultiscaleDEQClassifier",
     "PositiveConcaveConvDEQ",

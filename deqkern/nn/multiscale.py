@@ -17,6 +17,7 @@ Jacobian tools) mean what they say. The TINY configuration of the paper's CIFAR-
 `MultiscaleDEQ(3, channels=(8, 16, 32), expansion=5, groups=8, dropout=0.15, weight_norm=True)` with the classifier's
 `head_channels=(4, 8, 16), final_channels=128`.
 """
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -28,9 +29,6 @@ from ..core import validation
 from ..core.api import api_changes
 from ..core.info import SolverInfo
 from .deq import DEQ
-
-WHAT = "nn.MultiscaleDEQ"
-
 
 def _group_norm(groups, channels, dtype=None, device=None):
     """GroupNorm with `groups` groups, or the largest divisor of `channels` below it (a channel count that groups
@@ -113,7 +111,86 @@ class MultiscaleCell(nn.Module):
                      for row, post in zip(self.fuse, self.post_fuse))
 
 
-class MultiscaleDEQ(nn.Module):
+class MultiscaleLayer(nn.Module):
+    """What the multiscale DEQs share (MultiscaleDEQ, nn.certified.LipschitzMultiscaleDEQ): the option checks, the
+    branches' shapes, the input checks, the variational dropout masks, the forward around `self.deq` (an nn.DEQ on
+    the tuple state) and the map f(z, x) of the input itself. A layer defines `_cell_inputs(x, masks)`, the x its
+    cell is solved with, and may define `_forward_context()`, entered around the forward."""
+
+    def _init_branches(self, what, in_channels, channels, expansion, groups, dropout):
+        validation.check_int(what, "in_channels", in_channels, 1)
+        if not isinstance(channels, (tuple, list)) or len(channels) == 0:
+            raise ValueError(f"deqkern.{what}: channels must be a non-empty tuple of channel counts, one per branch, "
+                             f"got {channels!r}")
+        for i, c in enumerate(channels):
+            validation.check_int(what, f"channels[{i}]", c, 1)
+        validation.check_int(what, "expansion", expansion, 1)
+        validation.check_int(what, "groups", groups, 1)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"deqkern.{what}: dropout must be a number in [0, 1), got {dropout!r}")
+        self.in_channels, self.channels, self.dropout = in_channels, tuple(int(c) for c in channels), float(dropout)
+
+    @property
+    def last_info(self) -> Optional[SolverInfo]:
+        return self.deq.last_info
+
+    @property
+    def last_jac_loss(self) -> Optional[torch.Tensor]:
+        return self.deq.last_jac_loss
+
+    def state_shapes(self, height: int, width: int):
+        """The per-sample shapes (C_i, H / 2^i, W / 2^i) of the branches for an input of height x width."""
+        return tuple((c, height >> i, width >> i) for i, c in enumerate(self.channels))
+
+    def _check_input(self, x):
+        what = f"nn.{type(self).__name__}"
+        validation.check_tensor(what, "x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"deqkern.{what}: x must be (batch, in_channels={self.in_channels}, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        factor = 2 ** (len(self.channels) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor or 0 in x.shape[2:]:
+            raise ValueError(f"deqkern.{what}: H and W must be positive multiples of 2^(branches - 1) = {factor} "
+                             f"(each branch halves the resolution, and upsampling must give it back), got "
+                             f"{tuple(x.shape[2:])}")
+        return self.state_shapes(x.shape[2], x.shape[3])
+
+    def dropout_masks(self, like_shapes, reference: torch.Tensor):
+        """One variational dropout mask per branch for this solve (training and dropout > 0), else None."""
+        if not self.training or self.dropout == 0.0:
+            return None
+        keep = 1.0 - self.dropout
+        return tuple(torch.bernoulli(reference.new_full((reference.shape[0], *shape), keep)) / keep
+                     for shape in like_shapes)
+
+    def _forward_context(self):
+        return contextlib.nullcontext()
+
+    def _cell_inputs(self, x, shapes, masks):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, z0=None):
+        """x: (B, in_channels, H, W); z0: a tuple of the branches' states to start from (default zeros). Returns
+        the tuple of the n equilibria."""
+        shapes = self._check_input(x)
+        if z0 is None:
+            z0 = tuple(x.new_zeros((x.shape[0], *shape)) for shape in shapes)
+        with self._forward_context():
+            return self.deq(self._cell_inputs(x, shapes, masks=True), z0=z0)
+
+    def f(self, z, x: torch.Tensor):
+        """The map whose fixed point forward returns, as a function of the input x itself (B, in_channels, H, W)
+        and a state z (the tuple of the branches' tensors), without dropout: for the Jacobian tools
+        (deqkern.jacobian_norm(layer, z, x)). Differentiable in z, x and the parameters."""
+        shapes = self._check_input(x)
+        with self._forward_context():
+            return self.deq.f(z, self._cell_inputs(x, shapes, masks=False))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, channels={self.channels}, dropout={self.dropout}"
+
+
+class MultiscaleDEQ(MultiscaleLayer):
     """Multiscale DEQ: x (B, in_channels, H, W) -> the equilibrium of every branch, a tuple of n tensors
     (B, channels[i], H / 2^i, W / 2^i); H and W divisible by 2^(n - 1). The solver statistics of the latest forward
     are `last_info` (its `backward` after the IFT backward).
@@ -131,19 +208,8 @@ class MultiscaleDEQ(nn.Module):
                  solver_options: Optional[dict] = None, backward_options: Optional[dict] = None,
                  phantom_steps: int = 5, phantom_damping: float = 0.8, jac_reg=None, device=None, dtype=None):
         super().__init__()
-        what = "MultiscaleDEQ"
-        validation.check_int(what, "in_channels", in_channels, 1)
-        if not isinstance(channels, (tuple, list)) or len(channels) == 0:
-            raise ValueError(f"deqkern.{what}: channels must be a non-empty tuple of channel counts, one per branch, "
-                             f"got {channels!r}")
-        for i, c in enumerate(channels):
-            validation.check_int(what, f"channels[{i}]", c, 1)
-        validation.check_int(what, "expansion", expansion, 1)
-        validation.check_int(what, "groups", groups, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"deqkern.{what}: dropout must be a number in [0, 1), got {dropout!r}")
+        self._init_branches("MultiscaleDEQ", in_channels, channels, expansion, groups, dropout)
         factory = {"device": device, "dtype": dtype}
-        self.in_channels, self.channels, self.dropout = in_channels, tuple(int(c) for c in channels), float(dropout)
         self.injection = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False, **factory),
                                        _group_norm(groups, channels[0], **factory), nn.ReLU())
         self.cell = MultiscaleCell(channels, expansion, groups, weight_norm, **factory)
@@ -152,53 +218,16 @@ class MultiscaleDEQ(nn.Module):
                        backward_options=backward_options, phantom_steps=phantom_steps,
                        phantom_damping=phantom_damping, jac_reg=jac_reg)
 
-    @property
-    def last_info(self) -> Optional[SolverInfo]:
-        return self.deq.last_info
-
-    @property
-    def last_jac_loss(self) -> Optional[torch.Tensor]:
-        return self.deq.last_jac_loss
-
-    def state_shapes(self, height: int, width: int):
-        """The per-sample shapes (C_i, H / 2^i, W / 2^i) of the branches for an input of height x width."""
-        return tuple((c, height >> i, width >> i) for i, c in enumerate(self.channels))
-
-    def _check_input(self, x):
-        what = WHAT
-        validation.check_tensor(what, "x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"deqkern.{what}: x must be (batch, in_channels={self.in_channels}, H, W), got shape "
-                             f"{tuple(x.shape)}")
-        factor = 2 ** (len(self.channels) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor or 0 in x.shape[2:]:
-            raise ValueError(f"deqkern.{what}: H and W must be positive multiples of 2^(branches - 1) = {factor} (each "
-                             f"branch halves the resolution, and upsampling must give it back), got "
-                             f"{tuple(x.shape[2:])}")
-
-    def dropout_masks(self, like_shapes, reference: torch.Tensor):
-        """One variational dropout mask per branch for this solve (training and dropout > 0), else None."""
-        if not self.training or self.dropout == 0.0:
-            return None
-        keep = 1.0 - self.dropout
-        return tuple(torch.bernoulli(reference.new_full((reference.shape[0], *shape), keep)) / keep
-                     for shape in like_shapes)
-
-    def forward(self, x: torch.Tensor, z0=None):
-        """x: (B, in_channels, H, W); z0: a tuple of the branches' states to start from (default zeros). Returns
-        the tuple of the n equilibria."""
-        self._check_input(x)
-        shapes = self.state_shapes(x.shape[2], x.shape[3])
-        if z0 is None:
-            z0 = tuple(x.new_zeros((x.shape[0], *shape)) for shape in shapes)
+    @contextlib.contextmanager
+    def _forward_context(self):
         with nn.utils.parametrize.cached():  # weight-normalised weights computed once per forward, not per solve step
             for conv in self._weight_normalised:
                 conv.weight  # noqa: B018  (cached here, with the caller's grad mode: the solve runs under no_grad)
-            injection = self.injection(x)
-            return self.deq((injection, self.dropout_masks(shapes, injection)), z0=z0)
+            yield
 
-    def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, channels={self.channels}, dropout={self.dropout}"
+    def _cell_inputs(self, x, shapes, masks):
+        injection = self.injection(x)
+        return injection, (self.dropout_masks(shapes, injection) if masks else None)
 
 
 class MultiscaleDEQClassifier(nn.Module):
@@ -209,6 +238,8 @@ class MultiscaleDEQClassifier(nn.Module):
     GroupNorm -> ReLU, global average pooling and a linear layer. Every other keyword goes to MultiscaleDEQ.
     """
 
+    DEQ_CLASS = MultiscaleDEQ  # the multiscale layer under the head (LipschitzMultiscaleDEQClassifier changes it)
+
     @api_changes("MultiscaleDEQClassifier")
     def __init__(self, in_channels: int, num_classes: int, channels: Sequence[int] = (8, 16), *,
                  head_channels: Optional[Sequence[int]] = None, final_channels: int = 64, groups: int = 4,
@@ -218,7 +249,7 @@ class MultiscaleDEQClassifier(nn.Module):
         validation.check_int(what, "num_classes", num_classes, 1)
         validation.check_int(what, "final_channels", final_channels, 1)
         factory = {"device": device, "dtype": dtype}
-        self.deq = MultiscaleDEQ(in_channels, channels, groups=groups, device=device, dtype=dtype, **deq_options)
+        self.deq = self.DEQ_CLASS(in_channels, channels, groups=groups, device=device, dtype=dtype, **deq_options)
         head_channels = tuple(head_channels) if head_channels is not None else tuple(self.deq.channels)
         if len(head_channels) != len(self.deq.channels):
             raise ValueError(f"deqkern.{what}: head_channels needs one count per branch ({len(self.deq.channels)}), "

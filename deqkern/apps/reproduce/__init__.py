@@ -19,6 +19,7 @@ CLAIMS = {
     "gd-convergence": "gd_convergence",
     "linf-contractive": "linf_contractive",
     "lipschitz": "lipschitz",
+    "lipschitz-mdeq": "lipschitz_mdeq",
 }
 DEFAULT_OUT = "deqkern-reproduce"
 

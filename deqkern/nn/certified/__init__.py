@@ -12,6 +12,9 @@ is reached by the iteration deqkern runs, each with a `certificate()` that state
   rescaling with a proven upper bound of ||W||_2 (`deqkern.lipschitz.spectral_norm_upper_bound`, from a
   warm-started power iteration's estimate): a 2-norm contraction with explicit forward and backward iteration
   bounds.
+- `LipschitzMultiscaleDEQ` (Sato and Iiduka 2026): the multiscale DEQ (one state per resolution) whose map is a
+  gamma-contraction in the l2 norm of the whole state, its Lipschitz constant composed at every forward from proven
+  bounds of every convolution (lipschitz_multiscale_cell.py) and the kernels scaled to keep it <= gamma.
 - Their convolutional versions (`conv`): `LipschitzConvDEQ`, `PositiveConcaveConvDEQ`, `LinfContractiveConvDEQ`,
   whose guarantees hold for the convolution as the linear map it is on the input's shape.
 
@@ -27,6 +30,8 @@ positive concave map, _base the state every dense layer holds (CertifiedDEQ), _o
 from .bounds import picard_iteration_bound
 from .conv import LinfContractiveConvDEQ, LipschitzConvDEQ, PositiveConcaveConvDEQ
 from .linf_contractive import LinfContractionCertificate, LinfContractiveDEQ
+from .lipschitz_multiscale import (LipschitzMultiscaleCertificate, LipschitzMultiscaleDEQ,
+                                   LipschitzMultiscaleDEQClassifier)
 from .lipschitz_deq import LipschitzCertificate, LipschitzDEQ
 from .positive_concave import (
     POSITIVE_CONCAVE_ACTIVATIONS,
@@ -46,6 +51,9 @@ __all__ = [
     "LinfContractiveDEQ",
     "LipschitzCertificate",
     "LipschitzDEQ",
+    "LipschitzMultiscaleCertificate",
+    "LipschitzMultiscaleDEQ",
+    "LipschitzMultiscaleDEQClassifier",
     "picard_iteration_bound",
     "positive_concave_fixed_point",
 ]
