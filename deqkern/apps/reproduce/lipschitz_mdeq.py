@@ -16,7 +16,7 @@ from .common import ClaimResult, claim_notes, finish_figure, print_table, proven
 
 NAME = "lipschitz-mdeq"
 SIZES = {  # quick -> the sizes of the run
-    False: dict(epochs=8, limit=None, channels=(8, 16), expansion=2),
+    False: dict(epochs=16, limit=None, channels=(8, 16), expansion=2),
     True: dict(epochs=2, limit=192, channels=(4, 8), expansion=2),
 }
 SOLVER = dict(tol=1e-3, max_iter=30, on_nonconvergence="ignore")  # MDEQ's own loose solves (tol 1e-3, 30 steps)
