@@ -9,6 +9,7 @@ backward with the same method.
 
   deqkern <method>     nn.MultiscaleDEQ(method=<method>, backward="ift", backward method <method>)
   torchdeq <solver>    torchdeq.get_deq(f_solver=<solver>, b_solver=<solver>, ift=True) around the same cell
+  f work alone         deqkern anderson's evaluation counts with no solver at all (EvaluationsAlone): the floor
 
 Columns: median / p20 / p80 ms of one training step, evaluations of f in the forward solve and of the adjoint's
 vector-Jacobian product in the backward solve (counted on one untimed step), and speedup = time of torchdeq's
@@ -79,6 +80,51 @@ def build(in_channels, channels):
     return model
 
 
+class EvaluationsAlone(nn.Module):
+    """The floor of any solver's training step at given evaluation counts: f evaluated `forward` times without grad
+    (plain substitution, no mixing, no residuals), f(z, x) once with grad for the output, and `backward` vector-Jacobian
+    products g <- J^T g + v on one graph at z, with no solver around them. torchdeq's time / this time is the largest
+    speedup over torchdeq a solver can reach at these evaluation counts."""
+
+    def __init__(self, deq: deqkern.nn.MultiscaleDEQ, forward: int, backward: int):
+        super().__init__()
+        self.inner, self.forward_evals, self.backward_evals = deq, forward, backward
+
+    def forward(self, x):
+        shapes = self.inner.state_shapes(x.shape[2], x.shape[3])
+        injection = self.inner.injection(x)
+        constant = (injection.detach(), None)
+        z = tuple(x.new_zeros((x.shape[0], *shape)) for shape in shapes)
+        with torch.no_grad():
+            for _ in range(self.forward_evals):
+                z = self.inner.cell(z, constant)
+        return _AdjointByVJPs.apply(self, z, injection, *self.inner.cell.parameters())
+
+
+class _AdjointByVJPs(torch.autograd.Function):
+    """y = f(z*, x) whose backward runs `backward_evals` plain vector-Jacobian products (the floor's adjoint)."""
+
+    @staticmethod
+    def forward(ctx, floor, z, injection, *params):
+        ctx.floor, ctx.z = floor, z
+        ctx.save_for_backward(injection, *params)
+        with torch.no_grad():
+            return floor.inner.cell(z, (injection, None))
+
+    @staticmethod
+    def backward(ctx, *v):
+        floor, (injection, *params) = ctx.floor, ctx.saved_tensors
+        with torch.enable_grad():
+            h = tuple(t.detach().requires_grad_() for t in ctx.z)
+            inj = injection.detach().requires_grad_()
+            fh = floor.inner.cell(h, (inj, None))
+            g = v
+            for _ in range(floor.backward_evals):
+                g = tuple(a + b for a, b in zip(torch.autograd.grad(fh, h, g, retain_graph=True), v))
+            grads = torch.autograd.grad(fh, [inj, *params], g, allow_unused=True)
+        return (None, None, *grads)
+
+
 def training_step(model, forward, x, y, optimizer):
     def step():
         logits = model.head(forward(x))
@@ -120,6 +166,11 @@ def bench_problem(name, batch, min_time, device):
         steps[label]()
         counts[label] = COUNTING.take()
         notes[label] = "the batch stops at its worst sample"
+    floor = "f work alone (no solver)"
+    counts[floor] = counts["deqkern anderson"]
+    steps[floor] = training_step(model, EvaluationsAlone(model.deq, *counts[floor]), x, y, optimizer)
+    notes[floor] = ("deqkern anderson's evaluation counts with no solver around them: the floor of any solver's step; "
+                    "its speedup is the largest a solver can reach over torchdeq at these counts")
     times = timing.measure_interleaved(steps, min_time)
     fastest_peer = min((t.median for k, t in times.items() if k.startswith("torchdeq")), default=None)
     rows = []
@@ -129,7 +180,7 @@ def bench_problem(name, batch, min_time, device):
         rows.append(dict(problem=name, B=batch, implementation=label, fwd_evals=fwd, bwd_evals=bwd,
                          median_ms=t.median if t else None, p20_ms=t.p20 if t else None, p80_ms=t.p80 if t else None,
                          speedup_vs_torchdeq_fastest=(fastest_peer / t.median if t and fastest_peer
-                                                      and label.startswith("deqkern") else None),
+                                                      and not label.startswith("torchdeq") else None),
                          note=notes.get(label, "")))
     return rows
 
@@ -137,7 +188,7 @@ def bench_problem(name, batch, min_time, device):
 def speedup_panels(rows):
     panel = {}
     for r in rows:
-        if r["implementation"].startswith("deqkern") and r["speedup_vs_torchdeq_fastest"]:
+        if r["speedup_vs_torchdeq_fastest"]:
             panel.setdefault(f"{r['problem']} B={r['B']}", {})[f"vs torchdeq fastest ({r['implementation']})"] = \
                 r["speedup_vs_torchdeq_fastest"]
     return {"training step": panel}
