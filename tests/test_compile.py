@@ -135,6 +135,52 @@ def test_lipschitz_deq_compiles_fullgraph_with_its_proof_as_one_op():
         twin.zero_grad()
 
 
+def test_linf_contractive_deq_compiles_fullgraph_with_its_averaging_as_a_tensor():
+    """LinfContractiveDEQ's averaging alpha* = 1 / (1 - min(min_i a_ii, 0)) is a function of its weight: traced, it
+    stays a 0-dim tensor that the solve op reads (deqkern::fixed_point_dense_tensor_alpha), so the layer compiles with
+    fullgraph=True, train and eval, and equals eager (the same fused solve)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = deqkern.nn.LinfContractiveDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
+    with torch.no_grad():
+        layer.weight_raw.mul_(5.0)  # a negative diagonal: alpha* < 1, so the averaging is exercised
+    assert layer.averaging_from(layer.weight) < 0.9
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 4, dtype=F64)
+    compiled = torch.compile(lambda x: twin(x).square().sum(), fullgraph=True, backend="aot_eager")
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        twin.train(mode == "train")
+        layer(x).square().sum().backward()
+        compiled(x).backward()
+        assert torch.equal(twin.last_info.iterations, layer.last_info.iterations)  # the same averaged iteration
+        for p, q in zip(layer.parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+        layer.zero_grad()
+        twin.zero_grad()
+
+
+def test_tensor_alpha_ops_pass_opcheck_and_equal_the_float_alpha_solve():
+    g = torch.Generator().manual_seed(2)
+    W = 0.3 * torch.randn(5, 5, generator=g, dtype=F64)
+    c = torch.randn(3, 5, generator=g, dtype=F64)
+    alpha = torch.tensor(0.7, dtype=F64)
+    args = (W, c, torch.zeros_like(c), "tanh", alpha, 1e-10, 200, "cpu")
+    torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_tensor_alpha.default, args)
+    z, _ = deqkern.fixed_point_dense(W, c, alpha=alpha, tol=1e-10, max_iter=200)
+    z_float, _ = deqkern.fixed_point_dense(W, c, alpha=0.7, tol=1e-10, max_iter=200)
+    assert torch.equal(z, z_float)
+    backward_args = (W, c, z, torch.ones_like(z), "tanh", alpha, 1e-10, 200, "cpu")
+    torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_tensor_alpha_backward.default, backward_args)
+    with pytest.raises(ValueError, match="0-dim"):
+        deqkern.fixed_point_dense(W, c, alpha=torch.ones(2, dtype=F64))
+    with pytest.raises(ValueError, match="alpha"):
+        deqkern.fixed_point_dense(W, c, alpha=torch.tensor(1.5, dtype=F64))
+    with pytest.raises(ValueError, match="Picard"):
+        deqkern.fixed_point_dense(W, c, alpha=alpha, method="anderson")
+
+
 @pytest.mark.parametrize("refine", [True, False])
 def test_proven_spectral_bound_op_passes_opcheck_and_is_a_bound(refine):
     g = torch.Generator().manual_seed(1)

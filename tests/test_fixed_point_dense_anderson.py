@@ -212,6 +212,8 @@ def test_opcheck(backend):
     W, c, z0 = kit.dense_problem(4, 6, device=kit.device_of(backend))
     z = fixed_point_dense_ref(W, c, z0, "tanh", 1.0, 1e-10, 200)[0]
     suffix = "_triton" if backend == "triton" else ""
+    if backend == "triton":  # the Triton ops are registered when their module is first imported (on first use)
+        kernel("fixed_point_dense_anderson", "triton")
     tests = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     torch.library.opcheck(getattr(torch.ops.deqkern, "fixed_point_dense_anderson" + suffix).default,
                           (W, c, z0, "tanh", 4, 0.9, LAM, 1e-8, 100), test_utils=tests)

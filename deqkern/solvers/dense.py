@@ -1,7 +1,7 @@
 """The public dense solve `deqkern.fixed_point_dense` and its autograd: one fused op for the forward solve
 (fixed_point_dense or fixed_point_dense_anderson, deqkern/ops/) and one for the implicit backward's adjoint solve."""
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -16,6 +16,7 @@ from ..core.errors import SkippedGradientWarning
 from ..core.info import SolverInfo
 from ..core.policy import DIVERGENCE_ADVICE, check_policy, enforce_convergence
 from ..ops import fixed_point_dense as _picard_op, fixed_point_dense_anderson as _anderson_op  # noqa: F401 (backends)
+from ..ops._dense_solve import fake_solve_outputs
 from .dense_penalty import jacobian_penalty_gradient
 from .generic import solve
 
@@ -23,8 +24,41 @@ BACKWARD_OVERFLOW_POLICIES = ("raise", "skip")
 _ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a contractive layer"
 
 
-def _solve_fns(backend: str, method: str, alpha: float, m: int, beta: float, lam: float):
-    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter))."""
+@torch.library.custom_op("deqkern::fixed_point_dense_tensor_alpha", mutates_args=())
+def _picard_tensor_alpha(W: torch.Tensor, c: torch.Tensor, z0: torch.Tensor, activation: str, alpha: torch.Tensor,
+                         tol: float, max_iter: int, backend: str
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """deqkern::fixed_point_dense with the damping alpha a 0-dim tensor, read inside the op: for a layer whose alpha
+    is a function of its weight (LinfContractiveDEQ) inside a torch.compile graph, where reading it would break the
+    graph. The solve is the fused kernel's, unchanged."""
+    return kernel("fixed_point_dense", backend)(W, c, z0, activation, float(alpha), tol, max_iter)
+
+
+@torch.library.custom_op("deqkern::fixed_point_dense_tensor_alpha_backward", mutates_args=())
+def _picard_tensor_alpha_backward(W: torch.Tensor, c: torch.Tensor, z: torch.Tensor, grad_z: torch.Tensor,
+                                  activation: str, alpha: torch.Tensor, tol: float, max_iter: int, backend: str
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """deqkern::fixed_point_dense_backward with a tensor alpha (see fixed_point_dense_tensor_alpha)."""
+    return kernel("fixed_point_dense_backward", backend)(W, c, z, grad_z, activation, float(alpha), tol, max_iter)
+
+
+@_picard_tensor_alpha.register_fake
+def _picard_tensor_alpha_fake(W, c, z0, activation, alpha, tol, max_iter, backend):
+    return fake_solve_outputs(z0, c)
+
+
+@_picard_tensor_alpha_backward.register_fake
+def _picard_tensor_alpha_backward_fake(W, c, z, grad_z, activation, alpha, tol, max_iter, backend):
+    return fake_solve_outputs(grad_z, c)
+
+
+def _solve_fns(backend: str, method: str, alpha, m: int, beta: float, lam: float):
+    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter)); alpha a
+    float, or a 0-dim tensor (Picard only) read inside the op."""
+    if isinstance(alpha, torch.Tensor):
+        return (lambda W, c, z0, act, tol, it: _picard_tensor_alpha(W, c, z0, act, alpha, tol, it, backend),
+                lambda W, c, z, gz, act, tol, it: _picard_tensor_alpha_backward(W, c, z, gz, act, alpha, tol, it,
+                                                                                 backend))
     if method == "anderson":
         fwd, bwd = kernel("fixed_point_dense_anderson", backend), kernel("fixed_point_dense_anderson_backward", backend)
         return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
@@ -97,7 +131,7 @@ def _differentiable_adjoint(W, c, z, grad_z, grad_u_solved, activation, options)
     s_const, W_const = s.detach(), W.detach()
 
     def solve_transposed(q):
-        options = dict(m=m, beta=beta, lam=lam) if method == "anderson" else dict(alpha=alpha)
+        options = dict(m=m, beta=beta, lam=lam) if method == "anderson" else dict(alpha=float(alpha))
         w, _ = solve(lambda w: torch.addmm(q, s_const * w, W_const.T), torch.zeros_like(q), method=method, tol=tol,
                      max_iter=max_iter, on_nonconvergence=policy, **options)
         return w
@@ -166,6 +200,23 @@ class _FixedPointDense(torch.autograd.Function):
         return grad_W, grad_c, *([None] * 13)
 
 
+def _alpha_value(alpha):
+    return alpha if isinstance(alpha, torch.Tensor) else float(alpha)
+
+
+def _checked_tensor_alpha(what, alpha, method, W):
+    """A tensor alpha: 0-dim, floating point, on W's device, detached (its value is checked in (0, 1] inside the
+    traced graph only as far as tracing allows: eagerly, now)."""
+    if alpha.dim() != 0 or not alpha.is_floating_point() or alpha.device != W.device:
+        raise ValueError(f"deqkern.{what}: a tensor alpha must be a 0-dim floating-point tensor on W's device, got "
+                         f"shape {tuple(alpha.shape)}, {alpha.dtype} on {alpha.device}")
+    if method != "picard":
+        raise ValueError(f"deqkern.{what}: a tensor alpha is Picard's damping; method={method!r} takes a float")
+    if not torch.compiler.is_compiling():
+        validation.check_unit_interval(what, "alpha", float(alpha))
+    return alpha.detach()
+
+
 @api_changes("fixed_point_dense", old_positional=(
     "activation", "alpha", "tol", "max_iter", "z0", "backend", "on_nonconvergence", "backward_tol", "backward_max_iter",
     "method", "m", "beta", "lam", "jacobian_penalty", "on_backward_overflow"))
@@ -193,16 +244,19 @@ def fixed_point_dense(
 
     W: (d, d); c: (batch, d); z0: (batch, d) start (default zeros). float32/float64, or float16/bfloat16 (solved in
     float32, z* rounded once); one device, any strides. Each sample stops once ||f(z) - z|| / (||f(z)|| + 1e-12)
-    <= tol. method "picard" (damping alpha) or "anderson" (history m <= 16, mixing beta, regulariser lam relative
+    <= tol. method "picard" (damping alpha: a float, or a 0-dim tensor read inside the op, so that an alpha computed
+    from a weight stays in a compiled graph) or "anderson" (history m <= 16, mixing beta, regulariser lam relative
     to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the gradient of
     w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
     gradients and a SkippedGradientWarning. Every option and failure mode: docs/api.md.
     """
     what = "fixed_point_dense"
     check_dense_inputs(what, W, c, z0)
-    bwd_tol, bwd_max_iter = check_dense_options(what, activation, alpha, tol, max_iter, backend, on_nonconvergence,
-                                                backward_tol, backward_max_iter, method, m, beta, on_backward_overflow,
-                                                lam, jacobian_penalty)
+    alpha = _checked_tensor_alpha(what, alpha, method, W) if isinstance(alpha, torch.Tensor) else alpha
+    bwd_tol, bwd_max_iter = check_dense_options(what, activation, 1.0 if isinstance(alpha, torch.Tensor) else alpha,
+                                                tol, max_iter, backend, on_nonconvergence, backward_tol,
+                                                backward_max_iter, method, m, beta, on_backward_overflow, lam,
+                                                jacobian_penalty)
     solver = (method, int(m), float(beta), float(lam))
     backend = resolve_backend(backend, W.device, what)
 
@@ -210,11 +264,11 @@ def fixed_point_dense(
     info = None if torch.compiler.is_compiling() else SolverInfo()
     if torch.is_grad_enabled() and (W.requires_grad or c.requires_grad):
         z, iterations, residual, converged = _FixedPointDense.apply(
-            W, c, z0, activation, float(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
+            W, c, z0, activation, _alpha_value(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
             int(bwd_max_iter), on_nonconvergence, info, solver, float(jacobian_penalty), on_backward_overflow,
         )
     else:  # no autograd node to build: call the op directly
-        forward_op, _ = _solve_fns(backend, method, float(alpha), *solver[1:])
+        forward_op, _ = _solve_fns(backend, method, _alpha_value(alpha), *solver[1:])
         z, iterations, residual, converged = forward_op(W, c, z0, activation, float(tol), int(max_iter))
     if info is None:
         info = SolverInfo(iterations, residual, converged)

@@ -171,7 +171,11 @@ class LinfContractiveDEQ(CertifiedDEQ):
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: the input u (batch, in_features); z0: the start (batch, hidden_features); returns the state x*."""
         A = self.weight
-        alpha = self.averaging_from(A)
+        if torch.compiler.is_compiling() and self.solver_options["method"] == "picard":
+            # traced: alpha* stays a tensor, read inside the solve op (reading it here would break the graph)
+            alpha = 1.0 / (1.0 - A.detach().diagonal().min().clamp_max(0))
+        else:
+            alpha = self.averaging_from(A)
         if self.solver_options["method"] == "anderson":  # Anderson on the averaged map: mixing beta * alpha*
             options = dict(self.solver_options, beta=self.solver_options["beta"] * alpha)
         else:
