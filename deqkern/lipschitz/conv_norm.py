@@ -244,7 +244,7 @@ def conv_operator_norm_upper_bound(weight, input_shape, *, stride=1, padding=0, 
         # matrix at every frequency of this dimension, so one frequency gives the maximum
         n_freq.append(grid if hi > lo else 1)
         phases.append((range(0, (hi - lo) * d + 1, d), s, grid))
-    n_freq[-1] = n_freq[-1] // 2 + 1 if n_freq[-1] > 1 else 1  # the last dimension's up to the conjugate symmetry
+    n_freq[-1] = n_freq[-1] // 2 + 1  # the last dimension's frequencies up to the conjugate symmetry
     phases = [_tap_phases(offsets, s, nf, grid, weight.device) for (offsets, s, grid), nf in zip(phases, n_freq)]
     live_mask = mask[0] if len(mask) == 1 else mask[0][:, None] * mask[1][None, :]
     kernel = [sl.stop - sl.start for sl in crop]

@@ -6,11 +6,12 @@ A power iteration gives a lower bound sigma_est of ||W||_2 and nothing above it.
 >= lambda_max(W^T W) exactly when t I - W^T W is positive semidefinite, and a Cholesky factorisation that completes
 proves that (Rump 2006, "Verification of positive definiteness", with the rounding shift below). The estimate comes
 from a short Lanczos run on the Gram matrix (warm-started from the power iteration's vector when there is one; up to
-EXACT_EIGEN_MAX columns, its exact top eigenpair by LAPACK instead), far sharper than a few power steps when the top singular values are close. Then t = (sigma_est (1 + delta))^2 is tried
-for a ladder of deltas, smallest first, and the first that factorises gives sigma_bar = sigma_est (1 + delta) >=
-||W||_2. When the estimate is more than 1% low, the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS:
-always valid (lambda_max^k <= ||G^k||_F), at most rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular
-values; with a gap at the top it is far tighter: 1 + 1e-9 on 128 x 128 Gaussian matrices).
+EXACT_EIGEN_MAX columns, its exact top eigenpair by LAPACK instead), far sharper than a few power steps when the top
+singular values are close. Then t = (sigma_est (1 + delta))^2 is tried for a ladder of deltas, smallest first, and
+the first that factorises gives sigma_bar = sigma_est (1 + delta) >= ||W||_2. When the estimate is more than 1% low,
+the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS: always valid (lambda_max^k <= ||G^k||_F), at most
+rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular values; with a gap at the top it is far tighter: 1
++ 1e-9 on 128 x 128 Gaussian matrices).
 """
 from typing import NamedTuple, Optional, Tuple
 

@@ -114,8 +114,8 @@ class MultiscaleCell(nn.Module):
 class MultiscaleLayer(nn.Module):
     """What the multiscale DEQs share (MultiscaleDEQ, nn.certified.LipschitzMultiscaleDEQ): the option checks, the
     branches' shapes, the input checks, the variational dropout masks, the forward around `self.deq` (an nn.DEQ on
-    the tuple state) and the map f(z, x) of the input itself. A layer defines `_cell_inputs(x, masks)`, the x its
-    cell is solved with, and may define `_forward_context()`, entered around the forward."""
+    the tuple state) and the map f(z, x) of the input itself. A layer defines `_cell_inputs(x, shapes, masks)`, the
+    x its cell is solved with, and may define `_forward_context()`, entered around the forward."""
 
     def _init_branches(self, what, in_channels, channels, expansion, groups, dropout):
         validation.check_int(what, "in_channels", in_channels, 1)

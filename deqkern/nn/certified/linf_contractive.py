@@ -173,7 +173,7 @@ class LinfContractiveDEQ(CertifiedDEQ):
         A = self.weight
         if torch.compiler.is_compiling() and self.solver_options["method"] == "picard":
             # traced: alpha* stays a tensor, read inside the solve op (reading it here would break the graph)
-            alpha = 1.0 / (1.0 - A.detach().diagonal().min().clamp_max(0))
+            alpha = 1.0 / (1.0 - A.detach().diagonal().min().double().clamp_max(0))  # in double, as eagerly
         else:
             alpha = self.averaging_from(A)
         if self.solver_options["method"] == "anderson":  # Anderson on the averaged map: mixing beta * alpha*

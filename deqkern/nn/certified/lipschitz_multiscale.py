@@ -33,14 +33,16 @@ class LipschitzMultiscaleCertificate:
     """What a LipschitzMultiscaleDEQ guarantees on inputs of spatial shape input_shape = (H, W), in the l2 norm of
     a sample's whole state (all branches), for the kernels of every forward on that shape.
 
-    lipschitz_bound: the proven bound L of z -> f(z, x), recomputed in float64 from the forward's own kernels
-    (every convolution by lipschitz.conv_operator_norm_upper_bound); paper_estimate: the same composition with the
-    paper's per-convolution estimate (one power step on the kernel reshaped to a matrix, warm-started in training),
-    and paper_estimate_ratio = paper_estimate / lipschitz_bound. forward_iterations_bound /
-    backward_iterations_bound: `picard_iteration_bound(L, tol)`, the evaluations after which every sample of a
-    Picard solve from 0 (method="picard") has stopped, in exact arithmetic. anderson: what the bound says of an
-    Anderson solve. input_lipschitz_bound: ||z*(x) - z*(x')|| <= it ||x - x'|| (injection_norm_bound: a proven bound
-    of the injection conv's norm). conv_norm_bounds / conv_paper_estimates: per convolution.
+    lipschitz_bound: the proven bound L of z -> f(z, x), recomputed in float64 from the forward's own kernels as
+    rounded in their dtype (every convolution by lipschitz.conv_operator_norm_upper_bound): the proof, where
+    `last_bound` is the forward's figure for the exact products before rounding; paper_estimate: the same
+    composition with the paper's per-convolution estimate (one power step on the kernel reshaped to a matrix,
+    warm-started across training forwards), and paper_estimate_ratio = paper_estimate / lipschitz_bound.
+    forward_iterations_bound / backward_iterations_bound: `picard_iteration_bound(L, tol)`, the evaluations after
+    which every sample of a Picard solve from 0 (method="picard") has stopped, in exact arithmetic. anderson: what
+    the bound says of an Anderson solve. input_lipschitz_bound: ||z*(x) - z*(x')|| <= it ||x - x'||
+    (injection_norm_bound: a proven bound of the injection conv's norm). conv_norm_bounds / conv_paper_estimates:
+    per convolution.
     """
 
     gamma: float
@@ -166,8 +168,8 @@ class LipschitzMultiscaleDEQ(MultiscaleLayer):
                      f"on {shape} inputs the proven bound of Lip(z -> f(z, x)) is {lipschitz:.6g}, not < 1: nothing "
                      f"is certified")
         if self.bound == "paper":
-            guarantee = (f"bound='paper': the kernels were scaled by the paper's estimate ({paper_estimate:.6g}), which "
-                         f"is no bound; " + guarantee)
+            guarantee = (f"bound='paper': the kernels were projected and scaled by the paper's estimates (of the "
+                         f"map: {paper_estimate:.6g}), which are no bounds; " + guarantee)
         return LipschitzMultiscaleCertificate(
             gamma=self.gamma, bound=self.bound, input_shape=(height, width), lipschitz_bound=lipschitz,
             paper_estimate=paper_estimate, paper_estimate_ratio=paper_estimate / lipschitz if lipschitz else math.nan,

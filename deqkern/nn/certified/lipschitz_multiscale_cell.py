@@ -243,11 +243,14 @@ class LipschitzMultiscaleCell(nn.Module):
         norms = {}
         for spec in self.specs:
             kernel = self.weights[spec.name] if weights is None else weights[spec.name]
+            u = getattr(self, f"paper_u_{spec.name}")
             if bound == "proven":
                 norms[spec.name] = conv_operator_norm_upper_bound(kernel, spec.input_shape(height, width),
                                                                   stride=spec.stride, padding=spec.kernel_size // 2)
+                if update_paper_vectors:  # the paper's vectors follow training either way (its certificate figure)
+                    with torch.no_grad():
+                        u.copy_(paper_conv_norm(kernel.detach(), u.to(kernel.dtype))[1])
             else:
-                u = getattr(self, f"paper_u_{spec.name}")
                 sigma, u_next = paper_conv_norm(kernel, u.to(kernel.dtype))
                 if update_paper_vectors:
                     with torch.no_grad():
@@ -259,7 +262,10 @@ class LipschitzMultiscaleCell(nn.Module):
                           update_paper_vectors: bool = False):
         """(kernels in the order of specs, L_bar of the map they make (<= gamma), L_bar before the scaling t, t,
         the input gain): every V projected to norm <= conv_norm_max by its bound, the post-fusion kernels times t
-        = min(1, gamma / L_bar) (module docstring). Differentiable in V and the MG scales."""
+        = min(1, gamma / L_bar) (module docstring). Differentiable in V and the MG scales. The L_bar returned is that
+        of the exact products V * scale; the kernels are those products rounded to V's dtype, whose own bound
+        (recomputed from them in float64) is the certificate's. update_paper_vectors: one step of the paper's power
+        iteration per kernel (training forwards), whichever the bound."""
         raw = self.conv_norms(height, width, bound, update_paper_vectors)
         kernels, norms = [], {}
         for spec in self.specs:
@@ -271,7 +277,9 @@ class LipschitzMultiscaleCell(nn.Module):
             norms[spec.name] = raw[spec.name] * scale.to(torch.float64)
         unscaled, input_gain = self.lipschitz_bound(norms)
         dtype = kernels[0].dtype
-        t = torch.clamp(gamma * (1.0 - 4.0 * torch.finfo(dtype).eps) / unscaled, max=1.0)
+        # clamp_min: a zero map (all post kernels 0, say) gets t = 1 and finite gradients, not 0 * inf
+        denominator = unscaled.clamp_min(torch.finfo(torch.float64).tiny)
+        t = torch.clamp(gamma * (1.0 - 4.0 * torch.finfo(dtype).eps) / denominator, max=1.0)
         t_cast = t.to(dtype)
         t = t_cast.to(torch.float64)  # the t the kernels are multiplied by, exactly
         first_post = len(self.specs) - self.n
