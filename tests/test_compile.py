@@ -181,6 +181,21 @@ def test_tensor_alpha_ops_pass_opcheck_and_equal_the_float_alpha_solve():
         deqkern.fixed_point_dense(W, c, alpha=alpha, method="anderson")
 
 
+def test_conv_norm_proof_runs_eagerly_under_default_compile():
+    """conv_operator_norm_upper_bound reads the host (its maximising frequency): under the default torch.compile it
+    runs behind a graph break (it failed inside Dynamo: every layer that proves a conv's norm, LipschitzConvDEQ and
+    LipschitzMultiscaleDEQ, could not be compiled), its value and gradient those of eager."""
+    torch.manual_seed(0)
+    layer = deqkern.nn.LipschitzConvDEQ(1, 3, tol=1e-10, max_iter=200, dtype=F64)
+    x = torch.randn(2, 1, 6, 6, dtype=F64)
+    eager = layer(x).square().sum()
+    (grad,) = torch.autograd.grad(eager, layer.weight_raw)
+    compiled = torch.compile(lambda x: layer(x).square().sum(), backend="eager")(x)
+    (compiled_grad,) = torch.autograd.grad(compiled, layer.weight_raw)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled_grad, grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("refine", [True, False])
 def test_proven_spectral_bound_op_passes_opcheck_and_is_a_bound(refine):
     g = torch.Generator().manual_seed(1)

@@ -177,6 +177,9 @@ def _conv_symbol(weight, phases, groups, first=None):
     return symbol.reshape(-1, groups, c_out // groups, c_in * math.prod(p.shape[1] for p in phases))
 
 
+# the proof reads the host (the maximising frequency, chunk by chunk): under torch.compile it runs eagerly behind a
+# graph break (its value stays differentiable), where tracing it failed inside Dynamo
+@torch.compiler.disable
 @api_changes("lipschitz.conv_operator_norm_upper_bound", old_positional=("stride", "padding", "dilation", "groups"))
 def conv_operator_norm_upper_bound(weight, input_shape, *, stride=1, padding=0, dilation=1, groups=1):
     """A proven upper bound of ||conv||_2, the operator 2-norm of x -> conv(x, weight, stride, padding, dilation,
