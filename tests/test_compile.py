@@ -111,54 +111,53 @@ def test_what_a_traced_solve_cannot_do_is_refused_by_name():
         deqkern.solve(lambda z: 0.5 * z + x, torch.zeros_like(x), loop="while")
 
 
-def test_lipschitz_deq_compiles_fullgraph_with_its_proof_as_one_op():
-    """LipschitzDEQ proves ||W||_2 at every forward with host decisions (a Cholesky ladder): traced, the proof is one
-    opaque op (deqkern::proven_spectral_bound), so the layer compiles with fullgraph=True, train and eval, and equals
-    eager exactly, the bound holding by SVD."""
+def _compiled_fullgraph_equals_eager(layer, x, rtol, check):
+    """layer(x).square().sum() backpropagated eagerly and through torch.compile(fullgraph=True) of a deep copy, in
+    train then eval mode: the parameters' gradients agree to rtol (atol 1e-12) and check(layer, twin) holds."""
     import copy
 
-    torch.manual_seed(0)
-    layer = deqkern.nn.LipschitzDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
     twin = copy.deepcopy(layer)
-    x = torch.randn(3, 4, dtype=F64)
     compiled = torch.compile(lambda x: twin(x).square().sum(), fullgraph=True, backend="aot_eager")
     for mode in ("train", "eval"):
         layer.train(mode == "train")
         twin.train(mode == "train")
         layer(x).square().sum().backward()
         compiled(x).backward()
+        check(layer, twin)
         for p, q in zip(layer.parameters(), twin.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
-        assert torch.equal(twin.power_u, layer.power_u)
-        assert torch.linalg.matrix_norm(twin.last_weight, ord=2).item() <= 0.9 * (1 + 1e-12)
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=1e-12)
         layer.zero_grad()
         twin.zero_grad()
+
+
+def test_lipschitz_deq_compiles_fullgraph_with_its_proof_as_one_op():
+    """LipschitzDEQ proves ||W||_2 at every forward with host decisions (a Cholesky ladder): traced, the proof is one
+    opaque op (deqkern::proven_spectral_bound), so the layer compiles with fullgraph=True, train and eval, and equals
+    eager exactly, the bound holding by SVD."""
+    torch.manual_seed(0)
+    layer = deqkern.nn.LipschitzDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
+
+    def same_state(layer, twin):
+        assert torch.equal(twin.power_u, layer.power_u)
+        assert torch.linalg.matrix_norm(twin.last_weight, ord=2).item() <= 0.9 * (1 + 1e-12)
+
+    _compiled_fullgraph_equals_eager(layer, torch.randn(3, 4, dtype=F64), rtol=1e-12, check=same_state)
 
 
 def test_linf_contractive_deq_compiles_fullgraph_with_its_averaging_as_a_tensor():
     """LinfContractiveDEQ's averaging alpha* = 1 / (1 - min(min_i a_ii, 0)) is a function of its weight: traced, it
     stays a 0-dim tensor that the solve op reads (deqkern::fixed_point_dense_tensor_alpha), so the layer compiles with
     fullgraph=True, train and eval, and equals eager (the same fused solve)."""
-    import copy
-
     torch.manual_seed(0)
     layer = deqkern.nn.LinfContractiveDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
     with torch.no_grad():
         layer.weight_raw.mul_(5.0)  # a negative diagonal: alpha* < 1, so the averaging is exercised
     assert layer.averaging_from(layer.weight) < 0.9
-    twin = copy.deepcopy(layer)
-    x = torch.randn(3, 4, dtype=F64)
-    compiled = torch.compile(lambda x: twin(x).square().sum(), fullgraph=True, backend="aot_eager")
-    for mode in ("train", "eval"):
-        layer.train(mode == "train")
-        twin.train(mode == "train")
-        layer(x).square().sum().backward()
-        compiled(x).backward()
-        assert torch.equal(twin.last_info.iterations, layer.last_info.iterations)  # the same averaged iteration
-        for p, q in zip(layer.parameters(), twin.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
-        layer.zero_grad()
-        twin.zero_grad()
+
+    def same_iterations(layer, twin):  # the same averaged iteration
+        assert torch.equal(twin.last_info.iterations, layer.last_info.iterations)
+
+    _compiled_fullgraph_equals_eager(layer, torch.randn(3, 4, dtype=F64), rtol=1e-10, check=same_iterations)
 
 
 def test_tensor_alpha_ops_pass_opcheck_and_equal_the_float_alpha_solve():

@@ -43,6 +43,20 @@ def check_unit_interval(what, name, value) -> float:
     return float(value)
 
 
+def check_fraction(what, name, value) -> float:
+    """A number in [0, 1) (a dropout rate, a mixing weight that leaves room for the rest)."""
+    if not _is_real(value) or not 0 <= value < 1:
+        _fail(what, name, "a number in [0, 1)", value)
+    return float(value)
+
+
+def check_contraction_factor(what, gamma, kept_below: str) -> float:
+    """gamma in (0, 1), the contraction factor a certified layer keeps `kept_below` (what it bounds) below."""
+    if not _is_real(gamma) or not 0 < gamma < 1:
+        _fail(what, "gamma", f"a number in (0, 1) (the contraction factor {kept_below} is kept below)", gamma)
+    return float(gamma)
+
+
 def check_finite_number(what, name, value) -> float:
     if not _is_real(value) or not math.isfinite(value):
         _fail(what, name, "a finite number", value)

@@ -126,9 +126,8 @@ class MultiscaleLayer(nn.Module):
             validation.check_int(what, f"channels[{i}]", c, 1)
         validation.check_int(what, "expansion", expansion, 1)
         validation.check_int(what, "groups", groups, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"deqkern.{what}: dropout must be a number in [0, 1), got {dropout!r}")
-        self.in_channels, self.channels, self.dropout = in_channels, tuple(int(c) for c in channels), float(dropout)
+        dropout = validation.check_fraction(what, "dropout", dropout)
+        self.in_channels, self.channels, self.dropout = in_channels, tuple(int(c) for c in channels), dropout
 
     @property
     def last_info(self) -> Optional[SolverInfo]:
@@ -148,12 +147,15 @@ class MultiscaleLayer(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"deqkern.{what}: x must be (batch, in_channels={self.in_channels}, H, W), got shape "
                              f"{tuple(x.shape)}")
+        self._check_resolution(what, x.shape[2], x.shape[3])
+        return self.state_shapes(x.shape[2], x.shape[3])
+
+    def _check_resolution(self, what, height, width):
         factor = 2 ** (len(self.channels) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor or 0 in x.shape[2:]:
+        if height % factor or width % factor or 0 in (height, width):
             raise ValueError(f"deqkern.{what}: H and W must be positive multiples of 2^(branches - 1) = {factor} "
                              f"(each branch halves the resolution, and upsampling must give it back), got "
-                             f"{tuple(x.shape[2:])}")
-        return self.state_shapes(x.shape[2], x.shape[3])
+                             f"{(height, width)}")
 
     def dropout_masks(self, like_shapes, reference: torch.Tensor):
         """One variational dropout mask per branch for this solve (training and dropout > 0), else None."""

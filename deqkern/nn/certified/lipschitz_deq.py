@@ -94,10 +94,7 @@ class LipschitzDEQ(CertifiedDEQ):
                  init_scale: float = 1.0, method: str = "picard", m: int = 5, beta: float = 1.0, jac_reg=None,
                  on_backward_overflow: str = "raise", device=None, dtype=None):
         act = get_activation(activation)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 < gamma < 1):
-            raise ValueError(f"deqkern.LipschitzDEQ: gamma must be a number in (0, 1) (the contraction factor Lip(act) "
-                             f"||W||_2 the layer "
-                             f"is kept below), got {gamma!r}")
+        validation.check_contraction_factor("LipschitzDEQ", gamma, "Lip(act) ||W||_2")
         if act.lipschitz <= 0:
             raise ValueError(f"deqkern.LipschitzDEQ: activation {activation!r} has no positive Lipschitz constant")
         n_power_iterations = validation.check_int("LipschitzDEQ", "n_power_iterations", n_power_iterations, 1)

@@ -1,5 +1,6 @@
 """LipschitzMultiscaleDEQ: the Lipschitz multiscale DEQ (Sato and Iiduka, AISTATS 2026) whose contraction is proven
 at every forward, and its classifier; the cell and the bound are in lipschitz_multiscale_cell.py."""
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
@@ -10,12 +11,15 @@ from torch import nn
 from ...core import validation
 from ...core.api import api_changes
 from ...lipschitz import conv_operator_norm_upper_bound
+from ...solvers.generic import solve
 from ..deq import DEQ
 from ..multiscale import MultiscaleDEQClassifier, MultiscaleLayer
 from .bounds import picard_iteration_bound
+from .conv._base import _check_spatial
 from .lipschitz_multiscale_cell import BOUNDS, LipschitzMultiscaleCell, MeanOnlyGroupNorm
 
-_SOLVE_DEFAULTS = dict(tol=1e-4, max_iter=100)  # deqkern.solve's, which nn.DEQ's forward solve uses when unset
+# deqkern.solve's defaults, which nn.DEQ's forward solve uses for what solver_options leave unset
+_SOLVE_DEFAULTS = {name: inspect.signature(solve).parameters[name].default for name in ("tol", "max_iter")}
 
 
 class MultiscaleBound(NamedTuple):
@@ -91,16 +95,10 @@ class LipschitzMultiscaleDEQ(MultiscaleLayer):
         super().__init__()
         what = "LipschitzMultiscaleDEQ"
         self._init_branches(what, in_channels, channels, expansion, groups, dropout)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < 1:
-            raise ValueError(f"deqkern.{what}: gamma must be a number in (0, 1) (the contraction factor the map is "
-                             f"kept below), got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = validation.check_contraction_factor(what, gamma, "Lip(z -> f(z, x))")
         self.slope = validation.check_unit_interval(what, "slope", slope)  # above 1 the ReLU expands
         self.alpha = validation.check_unit_interval(what, "alpha", alpha)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"deqkern.{what}: beta must be a number in [0, 1) (the fusion's weight of the other "
-                             f"branches), got {beta!r}")
-        self.beta = float(beta)
+        self.beta = validation.check_fraction(what, "beta", beta)  # the fusion's weight of the other branches
         self.conv_norm_max = validation.check_positive(what, "conv_norm_max", conv_norm_max)
         self.bound = validation.check_choice(what, "bound", bound, BOUNDS)
         factory = {"device": device, "dtype": dtype}
@@ -131,14 +129,8 @@ class LipschitzMultiscaleDEQ(MultiscaleLayer):
             if self.last_bound is None:
                 raise ValueError(f"deqkern.{what}: pass input_shape=(H, W) (no forward has run yet to take it from)")
             input_shape = self.last_bound.input_shape
-        if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_shape)):
-            raise ValueError(f"deqkern.{what}: input_shape must be (H, W), two integers >= 1, got {input_shape!r}")
-        height, width = (int(s) for s in input_shape)
-        factor = 2 ** (len(self.channels) - 1)
-        if height % factor or width % factor:
-            raise ValueError(f"deqkern.{what}: H and W must be multiples of 2^(branches - 1) = {factor}, got "
-                             f"{(height, width)}")
+        height, width = _check_spatial(what, input_shape)
+        self._check_resolution(what, height, width)
         cell = self.cell
         kernels, _, _, scale, _ = cell.certified_kernels(height, width, self.gamma, self.bound)
         kernels = {spec.name: k.double() for spec, k in zip(cell.specs, kernels)}

@@ -243,19 +243,14 @@ class LipschitzMultiscaleCell(nn.Module):
         norms = {}
         for spec in self.specs:
             kernel = self.weights[spec.name] if weights is None else weights[spec.name]
-            u = getattr(self, f"paper_u_{spec.name}")
-            if bound == "proven":
-                norms[spec.name] = conv_operator_norm_upper_bound(kernel, spec.input_shape(height, width),
-                                                                  stride=spec.stride, padding=spec.kernel_size // 2)
-                if update_paper_vectors:  # the paper's vectors follow training either way (its certificate figure)
-                    with torch.no_grad():
-                        u.copy_(paper_conv_norm(kernel.detach(), u.to(kernel.dtype))[1])
-            else:
-                sigma, u_next = paper_conv_norm(kernel, u.to(kernel.dtype))
+            if bound == "paper" or update_paper_vectors:  # the vectors follow training either way (the certificate's)
+                u = getattr(self, f"paper_u_{spec.name}")
+                sigma, u_next = paper_conv_norm(kernel if bound == "paper" else kernel.detach(), u.to(kernel.dtype))
                 if update_paper_vectors:
                     with torch.no_grad():
                         u.copy_(u_next.detach())
-                norms[spec.name] = sigma.to(torch.float64)
+            norms[spec.name] = sigma.to(torch.float64) if bound == "paper" else conv_operator_norm_upper_bound(
+                kernel, spec.input_shape(height, width), stride=spec.stride, padding=spec.kernel_size // 2)
         return norms
 
     def certified_kernels(self, height: int, width: int, gamma: float, bound: str = "proven",

@@ -86,9 +86,7 @@ class LipschitzConvDEQ(_ConvDEQ):
                  backward_max_iter: Optional[int] = None, init_scale: float = 1.0, method: str = "picard", m: int = 5,
                  beta: float = 1.0, device=None, dtype=None):
         what = "LipschitzConvDEQ"
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 < gamma < 1):
-            raise ValueError(f"deqkern.{what}: gamma must be a number in (0, 1) (the contraction factor "
-                             f"Lip(act) ||conv(., K)||_2 the layer is kept below), got {gamma!r}")
+        validation.check_contraction_factor(what, gamma, "Lip(act) ||conv(., K)||_2")
         super().__init__(in_channels, channels, kernel_size, activation, tol, max_iter, backend, on_nonconvergence,
                          backward_tol, backward_max_iter, device, dtype, method, m, beta)
         act = get_activation(activation)
