@@ -18,7 +18,8 @@ from ..core.errors import PowerIterationWarning
 from ..core.policy import check_policy, checks_enabled, enforce_convergence
 from ..ops import power_iteration as _power_iteration_op  # noqa: F401  (registers the power_iteration backends)
 from ..reference.power_iteration import POWER_ITERATION_MODES as MODES
-from .common import PowerIterationResult, check_iteration_options, default_start, power_of_two_exponent
+from .common import (PowerIterationResult, check_iteration_options, default_start, power_of_two_exponent,
+                     times_power_of_two)
 
 
 # ---------------------------------------------------------------- checks
@@ -82,11 +83,11 @@ def _scaled_power_iteration(op, W, row_scale, u0, mode, shift, max_iter, tol):
     """The op on W 2^-e_W (and row_scale 2^-e_s: per sample in mode "gram", one e_s for all in "symmetric", where the
     shift is shared), value scaled back by 2^(e_W + e_s); no host synchronisation."""
     e_w = power_of_two_exponent(W)
-    W = torch.ldexp(W, -e_w)
+    W = times_power_of_two(W, -e_w)
     e = e_w.expand(u0.shape[0])
     if row_scale is not None:
         e_s = power_of_two_exponent(row_scale, dim=1) if mode == "gram" else power_of_two_exponent(row_scale)
-        row_scale = torch.ldexp(row_scale, -(e_s[:, None] if e_s.dim() else e_s))
+        row_scale = times_power_of_two(row_scale, -(e_s[:, None] if e_s.dim() else e_s))
         e = e + e_s
     if mode == "symmetric":  # S + shift I scales with S: shift 2^-e (one e for the batch; the op takes a number)
         shift = math.ldexp(shift, -int(e.flatten()[0]))

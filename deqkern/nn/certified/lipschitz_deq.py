@@ -14,7 +14,8 @@ from ...activations import get_activation
 from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
-from ...lipschitz.spectral_bound import SpectralBound, prove_with_vector, proven_spectral_bound
+from ...lipschitz.spectral_bound import (RITZ_BLOCK, SpectralBound, carried_spectral_bound, prove_with_vector,
+                                         proven_spectral_bound)
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
@@ -54,8 +55,8 @@ class LipschitzCertificate:
 
 class WeightBound(NamedTuple):
     """The proof behind the latest W: weight_norm_bound >= ||W||_2 (at most gamma / Lip(act), up to W's rounding),
-    raw_norm_bound >= ||V||_2, how that bound was proven ("cholesky", "squaring" or "zero") and the slack above
-    the power-iteration estimate that the Cholesky proof needed."""
+    raw_norm_bound >= ||V||_2, how that bound was proven ("cholesky", "squaring", "zero" or "carried": see
+    LipschitzDEQ) and its slack above the power-iteration estimate."""
 
     weight_norm_bound: float
     raw_norm_bound: float
@@ -68,17 +69,21 @@ class LipschitzDEQ(CertifiedDEQ):
 
     W = V min(1, (gamma / Lip(act)) / sigma_bar(V)), sigma_bar a certified upper bound of ||V||_2, so
     ||W||_2 <= gamma / Lip(act) holds for the W of every forward, in training and in eval (up to W's rounding).
-    sigma_bar is proven from a power-iteration estimate (`spectral_norm_upper_bound`: a Cholesky factorisation of
-    sigma_bar^2 I - V^T V, or the squaring bound when the estimate is more than 1% low), so the scale is
-    conservative by at most that slack (`last_weight_bound` says which). The power iteration runs from a persistent
-    vector `power_u` (a buffer): in training mode each forward runs `n_power_iterations` warm-started steps and
-    stores the result (as torch's spectral_norm does; the gradient flows through sigma with the vector held
-    fixed); in eval mode it runs to convergence (`power_tol`, default 1e-10, in float64) and the buffer is left
-    alone. A proof costs a (hidden, hidden) float64 Gram matrix, one Cholesky factorisation and one host
-    synchronisation when the estimate proves at the first slack tried (a training forward's estimate is sharpened by
-    Lanczos steps first; an eval forward's converged one is proven as it is). An eval forward for an unchanged V
-    reuses its vector and its proof. Call `reset_power_iteration()` after editing `weight_raw` by hand (only the
-    estimate's quality depends on it; the bound holds regardless).
+    sigma_bar is proven from an estimate (`spectral_norm_upper_bound`: a Cholesky factorisation of sigma_bar^2 I -
+    V^T V, or the squaring bound when the estimate is more than 1% low), so the scale is conservative by at most
+    that slack (`last_weight_bound` says which). The gradient flows through sigma = ||V u|| with the unit vector u,
+    a persistent buffer `power_u`, held fixed (as torch's spectral_norm does).
+    Training forward: where V has moved little since the latest training proof V0, that proof is carried:
+    sigma_bar(V) = sigma_bar(V0) + ||V - V0||_F is proven too, with no factorisation (O(hidden^2)), and is used
+    when it leaves W = V or is within `proof_budget` (relative, default 1e-2; 0: prove at every step where the
+    bound matters) of ||V u|| (method "carried": the scale is then conservative by at most that budget), u taking
+    `n_power_iterations` warm-started power steps. Otherwise V is proven anew (a float64 Gram matrix, an estimate,
+    one Cholesky factorisation when it proves at the first slack tried): the estimate is one block power step and a
+    Rayleigh-Ritz projection from the previous proof's Ritz block (Lanczos steps from u for the first proof), and
+    its top Ritz vector becomes u. Eval forward: u is the power iteration run to convergence (`power_tol`, default
+    1e-10, in float64) from the buffer, left alone, and its estimate is proven as it is; an eval forward for an
+    unchanged V reuses its vector and its proof. Call `reset_power_iteration()` after editing `weight_raw` by hand
+    (only the estimate's quality depends on it; the bound holds regardless).
     Plain iteration (alpha = 1) from z0 = 0, or method="anderson" (m, beta): the fixed point is unique (a global
     contraction), the certificate's iteration bounds are those of the plain iteration.
     """
@@ -92,12 +97,13 @@ class LipschitzDEQ(CertifiedDEQ):
                  backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None,
                  n_power_iterations: int = 3, power_tol: Optional[float] = None, power_max_iter: int = 5000,
                  init_scale: float = 1.0, method: str = "picard", m: int = 5, beta: float = 1.0, jac_reg=None,
-                 on_backward_overflow: str = "raise", device=None, dtype=None):
+                 on_backward_overflow: str = "raise", proof_budget: float = 1e-2, device=None, dtype=None):
         act = get_activation(activation)
         validation.check_contraction_factor("LipschitzDEQ", gamma, "Lip(act) ||W||_2")
         if act.lipschitz <= 0:
             raise ValueError(f"deqkern.LipschitzDEQ: activation {activation!r} has no positive Lipschitz constant")
         n_power_iterations = validation.check_int("LipschitzDEQ", "n_power_iterations", n_power_iterations, 1)
+        self.proof_budget = validation.check_nonnegative("LipschitzDEQ", "proof_budget", proof_budget)
         super().__init__(in_features, hidden_features, activation, tol, max_iter, backend, on_nonconvergence,
                          backward_tol, backward_max_iter, device, dtype, method=method, m=m, beta=beta,
                          jac_reg=jac_reg, on_backward_overflow=on_backward_overflow)
@@ -112,6 +118,8 @@ class LipschitzDEQ(CertifiedDEQ):
         self.last_weight: Optional[torch.Tensor] = None  # the W of the latest forward (detached)
         self.last_weight_bound: Optional[WeightBound] = None  # its proof: ||W||_2 <= weight_norm_bound
         self._converged_cache = None
+        # (V, sigma_bar(V), its Ritz block) of the latest training proof: carried forward, and the next proof's start
+        self._last_proof = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -125,7 +133,7 @@ class LipschitzDEQ(CertifiedDEQ):
     @torch.no_grad()
     def reset_power_iteration(self):
         """Runs the power iteration to convergence and stores its vector: call it after changing `weight_raw` by
-        hand (the training-mode forward only takes `n_power_iterations` warm-started steps). A layer built on the
+        hand (a training forward only takes a few warm-started steps). A layer built on the
         meta device has no values to iterate on: the vector is left for `to_empty` and a later call."""
         if self.weight_raw.is_meta:
             return
@@ -136,6 +144,7 @@ class LipschitzDEQ(CertifiedDEQ):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_converged_cache"] = None
+        state["_last_proof"] = None
         return state
 
     def _power_tol(self) -> float:
@@ -160,15 +169,50 @@ class LipschitzDEQ(CertifiedDEQ):
                 # repeated eval calls of an unchanged V reuse its vector and its proof: unchanged by content (one
                 # comparison), not by version counters, which a write through .data does not bump
                 u, bound = cache[1], cache[2]
-            else:
-                # a converged vector's estimate (eval) is proven as it is, with no Lanczos steps; a few warm-started
-                # steps' (training) is sharpened by Lanczos first (measured: under Adam's steps it is 1e-4 to 1e-2 low)
-                bound, u = prove_with_vector(V, self._power_vector(V, converged), refine=not converged)
-                if converged and not update:
+            elif converged:  # eval: a converged vector's estimate is proven as it is, with no Lanczos steps
+                bound, u = prove_with_vector(V, self._power_vector(V, True), refine=False)
+                if not update:
                     self._converged_cache = (V.detach().clone(), u, bound)
+            else:
+                # training: the latest proof carried where V moved little since, with n_power_iterations warm steps
+                # for the gradient's vector; else a new proof, whose estimate (one step of the previous proof's Ritz
+                # block, or Lanczos) gives the vector instead: warm power steps alone are 1e-4 to 1e-2 low under
+                # Adam's steps (measured), and a proof's Ritz vector is sharper than they would be
+                bound = self._carried_bound(V, self.power_u)
+                if bound is not None:
+                    u = self._power_vector(V, False)
+                else:
+                    bound, u = prove_with_vector(V, self.power_u, refine=True, block=self._ritz_block(V))
+                    self._last_proof = (V.detach().clone(), bound.value, bound.ritz_block)
             if update:
                 self.power_u.copy_(u)
         return torch.linalg.vector_norm(V @ u), bound
+
+    def _ritz_block(self, V) -> Optional[torch.Tensor]:
+        """The start of a training proof's estimate: the previous proof's Ritz block (RITZ_BLOCK vectors), warm
+        across steps as the power vector is; None (Lanczos or the exact eigenpair from the power vector, which
+        gives the first block) for the first proof and where RITZ_BLOCK is not small against hidden."""
+        previous = self._last_proof
+        n = V.shape[1]
+        if previous is None or previous[2] is None or previous[2].shape != (n, RITZ_BLOCK) or \
+                previous[2].device != V.device:
+            return None
+        return previous[2]
+
+    def _carried_bound(self, V, u) -> Optional[SpectralBound]:
+        """The latest training proof carried to V (`carried_spectral_bound`: sigma_bar(V0) + ||V - V0||_F) where
+        that is as good as a new proof: it leaves W = V (the bound is within max_weight_norm, so the scale is 1 with
+        any proof), or it is within `proof_budget` of ||V u||, a lower bound of ||V||_2, so the scale is
+        conservative by at most that; else None (prove again). One host read."""
+        previous = self._last_proof
+        if previous is None or previous[0].shape != V.shape or previous[0].dtype != V.dtype or \
+                previous[0].device != V.device:
+            return None
+        carried = carried_spectral_bound(V, *previous[:2])
+        estimate = torch.linalg.vector_norm(V.detach().double() @ u.double())
+        accepted, slack = torch.stack([((carried <= self.max_weight_norm) | (carried <= estimate * (
+            1.0 + self.proof_budget))).double(), carried / estimate - 1.0]).tolist()
+        return SpectralBound(carried, "carried", slack, None) if accepted else None
 
     def _power_vector(self, V, converged):
         """The unit power-iteration vector for V: converged (float64, power_tol) or n_power_iterations warm-started
