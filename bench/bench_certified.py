@@ -5,15 +5,19 @@ for new weights, as in training) of layer(64 -> d) + Linear(d -> 10) with cross-
 handwritten digits (scikit-learn's, standardised), float32, tol 1e-4, max_iter 100, seed 0, default options:
 
   DEQLinear            tanh, Picard (no certificate)
-  LipschitzDEQ         ||W||_2 <= 0.9 / Lip(act) proven at every forward (power iteration, Lanczos, Cholesky)
+  LipschitzDEQ         ||W||_2 <= 0.9 / Lip(act) proven at every forward (a Ritz-block estimate and a Cholesky
+                       factorisation, or the previous proof carried while the weight moved little)
   PositiveConcaveDEQ   W >= 0 by softplus, a positive concave map (pcDEQ-1)
   LinfContractiveDEQ   mu_inf(A) <= 0.5 by construction
 
 Each layer trains its own copy; the four are timed interleaved in one run (one step of each per round) and the
 result is each layer's speed relative to DEQLinear's (DEQLinear time / layer time: the issue's target is >= 0.8 for
-LipschitzDEQ). The iteration counts of the last step are reported beside. Run `python bench/bench_certified.py
+LipschitzDEQ). The iteration counts of the last step are reported beside, and for LipschitzDEQ the share of the timed
+steps whose bound was carried from an earlier proof (method "carried") rather than proven anew. Run `python bench/bench_certified.py
 --help`; results go to --out as Markdown, CSV and a PNG plot.
 """
+import collections
+
 import torch
 
 import deqkern
@@ -23,7 +27,7 @@ from harness import cli, provenance, report, timing
 SEED, BATCH, LR = 0, 64, 1e-3
 SIZES = [(64, 64), (64, 128), (64, 256), (64, 512)]
 COLUMNS = ["B", "d", "layer", "median_ms", "p20_ms", "p80_ms", "repeats", "speed_vs_DEQLinear", "forward_iters",
-           "backward_iters"]
+           "backward_iters", "carried_share"]
 TITLE = "Certified layers: one training step against DEQLinear"
 LAYERS = {
     "DEQLinear": lambda d: deqkern.nn.DEQLinear(64, d),
@@ -39,27 +43,31 @@ def make_step(name, batch, d, x_all, y_all):
     head = torch.nn.Linear(d, 10)
     opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=LR)
     x, y = x_all[:batch], y_all[:batch]
+    methods = collections.Counter()
 
     def step():
         loss = torch.nn.functional.cross_entropy(head(layer(x)), y)
+        if name == "LipschitzDEQ":
+            methods[layer.last_weight_bound.method] += 1
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    return step, layer
+    return step, layer, methods
 
 
 def bench_size(batch, d, min_time, x_all, y_all):
     steps = {name: make_step(name, batch, d, x_all, y_all) for name in LAYERS}
-    timings = timing.measure_interleaved({name: fn for name, (fn, _) in steps.items()}, min_time)
+    timings = timing.measure_interleaved({name: fn for name, (fn, _, _) in steps.items()}, min_time)
     base = timings["DEQLinear"].median
     rows = []
-    for name, (_, layer) in steps.items():
+    for name, (_, layer, methods) in steps.items():
         info = layer.last_info
         rows.append(dict(B=batch, d=d, layer=name, **timings[name].fields(),
                          speed_vs_DEQLinear=base / timings[name].median,
                          forward_iters=float(info.iterations.double().mean()),
-                         backward_iters=float(info.backward.iterations.double().mean())))
+                         backward_iters=float(info.backward.iterations.double().mean()),
+                         carried_share=methods["carried"] / sum(methods.values()) if methods else ""))
     return rows
 
 
