@@ -14,12 +14,23 @@ one Adam step with learning rate 0 (every repeat solves the same problem).
                                 eager row beside it); IFT training does not compile with fullgraph yet (the
                                 backward's adjoint solve calls autograd). Inference compiles to the one graph of
                                 "deqkern compile" (torch._dynamo.explain: no break), so it has no row of its own
+  deqkern compile reduce-overhead   torch.compile(model, mode="reduce-overhead"): on CUDA, Inductor's CUDA graphs
+                                (a torch that captures the solve's torch.while_loop as a conditional WHILE node runs
+                                the whole solve as one graph launch); the note says whether Inductor used CUDA graphs
+                                or why not. On the CPU the mode is the default one
   torchdeq                      torchdeq.get_deq(f_solver="anderson", b_solver="anderson", ift=True) around the same
                                 cell (eager: torchdeq's loop reads the host every iteration)
+
+host_reads: the tensor values the host read in one call (aten::_local_scalar_dense: a .item(), bool() or
+.tolist() element; on CUDA each is a synchronisation), and cuda_syncs the CUDA runtime's stream and device
+synchronisations in one call, both counted by the profiler after the timing. On CUDA every timed call ends with
+torch.cuda.synchronize(), so that its time is the device's.
 
 Compilation happens before timing (warm-up); the ratio is each row's time against deqkern eager's of the same task
 and gradient. Run `python bench/bench_compiled.py --help`; results go to --out as Markdown, CSV and a PNG plot.
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +39,8 @@ import deqkern
 from harness import cli, peers, provenance, report, timing
 
 SEED, TOL, MAX_ITER, CHANNELS, SIZE, CLASSES = 0, 1e-4, 50, 8, 8, 10
-COLUMNS = ["task", "B", "implementation", "median_ms", "p20_ms", "p80_ms", "repeats", "speedup_vs_eager", "note"]
+COLUMNS = ["task", "B", "implementation", "median_ms", "p20_ms", "p80_ms", "repeats", "speedup_vs_eager",
+           "host_reads", "cuda_syncs", "note"]
 TITLE = "Convolutional DEQ under torch.compile: eager, compiled, one graph, and torchdeq"
 
 
@@ -64,12 +76,21 @@ class Model(nn.Module):
         return self.head(z.flatten(1))
 
 
-def variants(batch):
-    """{(task, name): (callable, eager baseline name)} over one shared cell and head."""
+# --graph-case: only what bench/gpu_check.sh asks of a GPU, eager against one graph (few compiles)
+GRAPH_CASE = {("forward", "deqkern eager"), ("forward", "deqkern compile"),
+              ("forward", "deqkern compile reduce-overhead"), ("train phantom", "deqkern eager"),
+              ("train phantom", "deqkern compile fullgraph"),
+              ("train phantom", "deqkern compile fullgraph reduce-overhead")}
+
+
+def variants(batch, device, graph_case=False):
+    """{(task, name): (callable, eager baseline name)} over one shared cell and head (compiled lazily: the models
+    are built here, compiled at their first call)."""
     torch.manual_seed(SEED)
-    cell, head = Cell(), nn.Linear(CHANNELS * SIZE * SIZE, CLASSES)
-    x = torch.randn(batch, CHANNELS, SIZE, SIZE)
-    y = torch.randint(0, CLASSES, (batch,))
+    cell, head = Cell().to(device), nn.Linear(CHANNELS * SIZE * SIZE, CLASSES).to(device)
+    x = torch.randn(batch, CHANNELS, SIZE, SIZE).to(device)
+    y = torch.randint(0, CLASSES, (batch,)).to(device)
+    finish = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # one Model per compiled variant (sharing the cell and head): torch.compile caches graphs per module instance
     # guard, so that no variant runs another's graph
     def ift():
@@ -83,12 +104,14 @@ def variants(batch):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            finish()
         return step
 
     def infer(model):
         def forward():
             with torch.no_grad():
                 model(x)
+            finish()
         return forward
 
     out = {
@@ -103,31 +126,79 @@ def variants(batch):
         ("train phantom", "deqkern eager"): (train(Model(cell, head, backward="phantom")), "deqkern eager"),
         ("train phantom", "deqkern compile fullgraph"): (
             train(torch.compile(Model(cell, head, backward="phantom"), fullgraph=True)), "deqkern eager"),
+        ("forward", "deqkern compile reduce-overhead"): (infer(torch.compile(ift(), mode="reduce-overhead")),
+                                                         "deqkern eager"),
+        ("train phantom", "deqkern compile fullgraph reduce-overhead"): (
+            train(torch.compile(Model(cell, head, backward="phantom"), fullgraph=True, mode="reduce-overhead")),
+            "deqkern eager"),
     }
-    if peers.torchdeq is not None:
+    if peers.torchdeq is not None and not graph_case:
         theirs = Model(cell, head, torchdeq_solver="anderson")
         out[("forward", "torchdeq anderson")] = (infer(theirs), "deqkern eager")
         out[("train IFT", "torchdeq anderson")] = (train(theirs), "deqkern eager")
-    return out
+    return {key: value for key, value in out.items() if key in GRAPH_CASE} if graph_case else out
 
 
-def bench_batch(batch, min_time):
+class CudaGraphSkips(logging.Handler):
+    """The reasons Inductor logs for not using CUDA graphs ("skipping cudagraphs due to ..."), collected while
+    enabled."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons = []
+
+    def emit(self, record):
+        self.reasons.append(record.getMessage())
+
+    def __enter__(self):
+        torch._logging.set_logs(cudagraphs=True)
+        self.logger = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        torch._logging.set_logs()
+
+
+def host_synchronisations(fn):
+    """(host reads, CUDA stream and device synchronisations) of one call of fn, counted by the profiler."""
+    with torch.profiler.profile() as prof:
+        fn()
+    names = [event.name for event in prof.events()]
+    return (names.count("aten::_local_scalar_dense"),
+            sum(names.count(n) for n in ("cudaStreamSynchronize", "cudaDeviceSynchronize")))
+
+
+def compile_note(name, device, skips):
+    if "reduce-overhead" not in name:
+        return ""
+    if device.type != "cuda":
+        return "no CUDA graphs on the CPU: the default mode"
+    return "CUDA graphs skipped: " + "; ".join(sorted(set(skips))) if skips else "CUDA graphs used"
+
+
+def bench_batch(batch, min_time, device, graph_case=False):
     # every variant compiles the same forward code for its own module instance: room for all of them, so that none
     # falls back to eager after the default limit of recompilations
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    fns = variants(batch)
-    for fn, _ in fns.values():  # compile (and warm up) before anything is timed
-        fn()
-        fn()
+    fns = variants(batch, device, graph_case)
+    notes = {}
+    for key, (fn, _) in fns.items():  # compile (and warm up) before anything is timed
+        with CudaGraphSkips() as skips:
+            fn()
+            fn()
+        notes[key] = compile_note(key[1], device, skips.reasons)
     timings = timing.measure_interleaved({f"{task}|{name}": fn for (task, name), (fn, _) in fns.items()}, min_time)
     rows = []
-    for (task, name), (_, baseline) in fns.items():
+    for (task, name), (fn, baseline) in fns.items():
         t = timings[f"{task}|{name}"]
         base = timings[f"{task}|{baseline}"].median
         note = "backward eager (graph break)" if (task, name) == ("train IFT", "deqkern compile") else (
-            "graph breaks in the solve" if "python" in name else "")
+            "graph breaks in the solve" if "python" in name else notes[(task, name)])
+        host_reads, cuda_syncs = host_synchronisations(fn)
         rows.append(dict(task=task, B=batch, implementation=name, **t.fields(), speedup_vs_eager=base / t.median,
-                         note=note))
+                         host_reads=host_reads, cuda_syncs=cuda_syncs if device.type == "cuda" else "", note=note))
     return rows
 
 
@@ -140,8 +211,11 @@ def speedup_panels(rows):
 
 
 def main(argv=None):
-    p = cli.BenchParser(__doc__, sizes={"cpu": [(64,)]}, quick_sizes=[(8,)],
+    p = cli.BenchParser(__doc__, sizes={"cpu": [(64,)], "cuda": [(64,), (256,)]}, quick_sizes=[(8,)],
                         quick_help="smoke run: B=8, short timings", min_time=(3.0, 0.3))
+    p.add_argument("--graph-case", action="store_true",
+                   help="only eager, compiled and reduce-overhead for the forward and the phantom training step "
+                        "(what bench/gpu_check.sh runs)")
     args = p.parse_args(argv)
     device = cli.start(args)
     prov = provenance.collect(device, args.threads)
@@ -151,7 +225,7 @@ def main(argv=None):
     print("\n".join(prov.lines), flush=True)
     rows = []
     for (batch,) in args.size_list:
-        rows += bench_batch(batch, args.min_time)
+        rows += bench_batch(batch, args.min_time, device, args.graph_case)
         print(f"done B={batch}", flush=True)
     report.write_table(args, "compiled", TITLE, prov, COLUMNS, rows, speedup_panels(rows))
     return rows

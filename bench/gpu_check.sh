@@ -91,6 +91,8 @@ if [ "$mode" = gpu ]; then
   step racecheck 40 "$sanitizer" --tool racecheck --error-exitcode 2 "$py" bench/sanitize_solves.py --small
   step synccheck 30 "$sanitizer" --tool synccheck --error-exitcode 2 "$py" bench/sanitize_solves.py --small
   step bench_multiscale 45 "$py" bench/bench_multiscale.py --device cuda --min-time 0.3 --out "$work/results"
+  # issue 20: eager against torch.compile and mode="reduce-overhead" (CUDA graphs), host synchronisations counted
+  step bench_compiled 120 "$py" bench/bench_compiled.py --device cuda --graph-case --min-time 0.3 --out "$work/results"
 else
   py=${PYTHON:-.venv/bin/python}
   export TRITON_INTERPRET=1
@@ -103,4 +105,5 @@ else
   step tests 150 "$py" -m pytest -q -p no:cacheprovider -k "triton and (B3-D5 or B6-D70)" --junitxml "$work/results/tests.xml" tests/test_half_precision.py
   step memcheck_triton 240 "$py" bench/sanitize_solves.py --device cpu --triton --small
   step bench_multiscale 60 "$py" bench/bench_multiscale.py --quick --out "$work/results"
+  step bench_compiled 240 "$py" bench/bench_compiled.py --quick --graph-case --out "$work/results"
 fi
