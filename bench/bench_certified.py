@@ -91,8 +91,7 @@ def main(argv=None):
     device = cli.start(args)
     prov = provenance.collect(device, args.threads)
     prov.lines.append(f"problem: one Adam step (lr {LR:g}) of layer(64 -> d) + Linear(d -> 10), cross-entropy on the "
-                      f"next B "
-                      f"digits, float32, tol 1e-4, seed {SEED}; layers interleaved, median / p20 / p80 over >= "
+                      f"next B digits, float32, tol 1e-4, seed {SEED}; layers interleaved, median / p20 / p80 over >= "
                       f"{args.min_time:g} s each")
     print("\n".join(prov.lines), flush=True)
     (x_all, y_all), _ = load_digits_split("cpu", torch.float32)

@@ -498,8 +498,9 @@ def test_spectral_norm_upper_bound_from_a_ritz_block():
     for shape in ((64, 64), (100, 40), (40, 100), (120, 120)):
         W = torch.randn(shape, generator=g, dtype=F64)
         n = min(shape)
+        # a random block's estimate is too low to prove: Lanczos from its top vector proves instead of the squaring
         cold = spectral_norm_upper_bound(W, block=torch.randn(n, RITZ_BLOCK, generator=g, dtype=F64))
-        assert cold.value.item() >= torch.linalg.svdvals(W)[0].item()
+        assert cold.method == "cholesky" and cold.value.item() >= torch.linalg.svdvals(W)[0].item()
         block = spectral_norm_upper_bound(W).ritz_block
         for _ in range(3):
             result = spectral_norm_upper_bound(W, block=block)

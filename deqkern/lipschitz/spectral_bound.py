@@ -216,8 +216,9 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
     refine=False (with sigma_estimate): first try to prove sigma_estimate itself at `slacks` (a warm-started power
     iteration's estimate usually proves at the first), and run Lanczos and the full ladder only if none does: the
     proof without the Lanczos steps' two dozen products (vector None then). block (n, k), k >= 2, n > 2k: the
-    estimate is one block power step and a Rayleigh-Ritz projection from it instead (`_block_top`; the new block
-    comes back as ritz_block), far cheaper than Lanczos when warm. Raises FloatingPointError when W is not
+    first estimate is one block power step and a Rayleigh-Ritz projection from it (`_block_top`), far cheaper than
+    Lanczos when warm; Lanczos (or the exact eigenpair) from its top vector follows only where it proves nothing.
+    The top Ritz vectors come back as ritz_block. Raises FloatingPointError when W is not
     finite."""
     G, m, n, frobenius_sq = _gram(W)
     finite, zero = torch.stack([torch.isfinite(frobenius_sq), frobenius_sq == 0]).tolist()
@@ -231,28 +232,34 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
             proven = _prove(G, m, n, frobenius_sq, given, slacks)
             if proven is not None:
                 return SpectralBound(proven[0], "cholesky", proven[1], None)
-    ritz_block = None
-    if block is not None and block.dim() == 2 and block.shape[0] == n and 2 <= block.shape[1] and 2 * block.shape[1] < n:
-        ritz, vector, error, ritz_block = _block_top(G, block.detach().double())
-    else:
-        if start is None or start.numel() != n:
-            start = default_start(n, torch.float64, G.device)
-        ritz, vector, error, ritz_block = _top_eigenpair(G, start.detach().double().reshape(n))
-    estimate = ritz.clamp_min(0).sqrt()
-    if sigma_estimate is not None:
-        given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
-        estimate = torch.where(torch.isfinite(given), torch.maximum(estimate, given), estimate)
-    ok, guess = torch.stack([torch.isfinite(estimate) & (estimate > 0),
-                             error / (2 * estimate.square()).clamp_min(torch.finfo(G.dtype).tiny)]).tolist()
-    if ok:
-        # the ladder starts at the first slack above a tenth of the Ritz value's estimated error (relative, halved
-        # for sigma): a guess that saves factorisations bound to fail (measured: 3 for a Gaussian 512 x 512 W), a
-        # tenth so that a pessimistic guess costs little tightness; the proof does not depend on it
-        first = next((i for i, slack in enumerate(CERTIFICATE_LADDER) if slack >= 0.1 * guess),
-                     len(CERTIFICATE_LADDER) - 1)
-        proven = _prove(G, m, n, frobenius_sq, estimate, CERTIFICATE_LADDER[first:])
-        if proven is not None:
-            return SpectralBound(proven[0], "cholesky", proven[1], vector, ritz_block)
+    if start is None or start.numel() != n:
+        start = default_start(n, torch.float64, G.device)
+    # the block's estimate first where there is a block; where it proves nothing within the ladder (a block gone
+    # stale while the matrix moved fast, measured early in training), Lanczos or the exact eigenpair from its top
+    # vector before the squaring bound
+    usable_block = block is not None and block.dim() == 2 and block.shape[0] == n and 2 <= block.shape[1] < n / 2
+    vector = ritz_block = None
+    for from_block in ((True, False) if usable_block else (False,)):
+        if from_block:
+            ritz, vector, error, ritz_block = _block_top(G, block.detach().double())
+        else:
+            first_start = start if vector is None else vector
+            ritz, vector, error, ritz_block = _top_eigenpair(G, first_start.detach().double().reshape(n))
+        estimate = ritz.clamp_min(0).sqrt()
+        if sigma_estimate is not None:
+            given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
+            estimate = torch.where(torch.isfinite(given), torch.maximum(estimate, given), estimate)
+        ok, guess = torch.stack([torch.isfinite(estimate) & (estimate > 0),
+                                 error / (2 * estimate.square()).clamp_min(torch.finfo(G.dtype).tiny)]).tolist()
+        if ok:
+            # the ladder starts at the first slack above a tenth of the Ritz value's estimated error (relative,
+            # halved for sigma): a guess that saves factorisations bound to fail (measured: 3 for a Gaussian 512 x
+            # 512 W), a tenth so that a pessimistic guess costs little tightness; the proof does not depend on it
+            first = next((i for i, slack in enumerate(CERTIFICATE_LADDER) if slack >= 0.1 * guess),
+                         len(CERTIFICATE_LADDER) - 1)
+            proven = _prove(G, m, n, frobenius_sq, estimate, CERTIFICATE_LADDER[first:])
+            if proven is not None:
+                return SpectralBound(proven[0], "cholesky", proven[1], vector, ritz_block)
     return SpectralBound(_squaring_bound(G), "squaring", float("nan"), vector, ritz_block)
 
 
