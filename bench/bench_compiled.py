@@ -22,7 +22,8 @@ one Adam step with learning rate 0 (every repeat solves the same problem).
                                 cell (eager: torchdeq's loop reads the host every iteration)
 
 host_reads: the tensor values the host read in one call (aten::_local_scalar_dense: a .item(), bool() or
-.tolist() element; on CUDA each is a synchronisation), and cuda_syncs the CUDA runtime's stream and device
+.tolist() element; on CUDA each is a synchronisation; a compiled torch.while_loop reads its predicate once per
+iteration unless CUDA graphs capture the loop), and cuda_syncs the CUDA runtime's stream and device
 synchronisations in one call, both counted by the profiler after the timing. On CUDA every timed call ends with
 torch.cuda.synchronize(), so that its time is the device's.
 
