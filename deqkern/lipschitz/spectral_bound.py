@@ -6,12 +6,14 @@ A power iteration gives a lower bound sigma_est of ||W||_2 and nothing above it.
 >= lambda_max(W^T W) exactly when t I - W^T W is positive semidefinite, and a Cholesky factorisation that completes
 proves that (Rump 2006, "Verification of positive definiteness", with the rounding shift below). The estimate comes
 from a short Lanczos run on the Gram matrix (warm-started from the power iteration's vector when there is one; up to
-EXACT_EIGEN_MAX columns, its exact top eigenpair by LAPACK instead), far sharper than a few power steps when the top
-singular values are close. Then t = (sigma_est (1 + delta))^2 is tried for a ladder of deltas, smallest first, and
-the first that factorises gives sigma_bar = sigma_est (1 + delta) >= ||W||_2. When the estimate is more than 1% low,
-the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS: always valid (lambda_max^k <= ||G^k||_F), at most
-rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular values; with a gap at the top it is far tighter: 1
-+ 1e-9 on 128 x 128 Gaussian matrices).
+EXACT_EIGEN_MAX columns, its exact top eigenpair by LAPACK instead), or, given the Ritz block of an earlier proof,
+from one block power step and a Rayleigh-Ritz projection: far sharper than a few power steps when the top singular
+values are close. Then t = (sigma_est (1 + delta))^2 is tried for a ladder of deltas, smallest first, and the first
+that factorises (blocked from BLOCKED_CHOLESKY_MIN rows) gives sigma_bar = sigma_est (1 + delta) >= ||W||_2. When the
+estimate is more than 1% low, the bound falls back to ||(W^T W)^k||_F^(1 / 2k), k = 2^SQUARINGS: always valid
+(lambda_max^k <= ||G^k||_F), at most rank^(1 / 4k) above ||W||_2 (1.0068 for rank 1024, equal singular values; with
+a gap at the top it is far tighter: 1 + 1e-9 on 128 x 128 Gaussian matrices). Between proofs, one can be carried:
+sigma_bar(W0) + ||W - W0||_F bounds ||W||_2 with no factorisation (`carried_spectral_bound`).
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -23,15 +25,20 @@ from .common import default_start
 # Relative slack tried above the estimate, smallest first: a converged estimate certifies within 1e-8.
 CERTIFICATE_LADDER = (1e-8, 1e-6, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 SQUARINGS = 8
+# A warm block of this many vectors (a layer keeps it between its proofs) gives the estimate in one block power step
+# and a Rayleigh-Ritz projection: measured under Adam's steps (d = 64 to 512) 1e-3 to 1e-5 relatively low, as good as
+# the 24 Lanczos steps at 128 and 256, in 0.06 to 0.27 ms against 0.65 to 1.2 ms (four small products against 77
+# Python-level operations)
+RITZ_BLOCK = 16
 
 
 class SpectralBound(NamedTuple):
     """value: sigma_bar >= ||W||_2 (0-dim float64, no grad); method: "cholesky" (value = estimate (1 + slack),
     proven by a Cholesky factorisation), "squaring" (the fallback), "zero" (W = 0, value 0 exactly) or "carried" (an
-    earlier proof plus the Frobenius norm of the change since, `carried_spectral_bound`); vector: the
-    Lanczos Ritz vector (up to EXACT_EIGEN_MAX rows the exact top eigenvector; unit, float64) of the smaller Gram
-    matrix (W^T W when W has at least as many rows as columns: a right singular vector estimate), a better warm
-    start than the power iteration's."""
+    earlier proof plus the Frobenius norm of the change since, `carried_spectral_bound`); vector: the top Ritz
+    vector of the estimate (Lanczos's, the Ritz block's, or up to EXACT_EIGEN_MAX rows the exact top eigenvector;
+    unit, float64) of the smaller Gram matrix (W^T W when W has at least as many rows as columns: a right singular
+    vector estimate), a better warm start than the power iteration's."""
 
     value: torch.Tensor
     method: str
@@ -130,13 +137,6 @@ def _top_eigenpair(G: torch.Tensor, start: torch.Tensor):
     values, vectors = torch.linalg.eigh(G)  # reads the lower triangle, as the factorisation does
     error = 8.0 * G.shape[0] * torch.finfo(G.dtype).eps * values.abs().amax()  # eigh's backward error, generously
     return values[-1], vectors[:, -1], error, vectors[:, -RITZ_BLOCK:].flip(-1)
-
-
-# A warm block of this many vectors (a layer keeps it between its proofs) is one block power step and a Rayleigh-Ritz
-# projection from the estimate: measured under Adam's steps (d = 64 to 512) 1e-3 to 1e-5 relatively low, as good as
-# the 24 Lanczos steps at 128 and 256, in 0.06 to 0.27 ms against 0.65 to 1.2 ms (four small products against 77
-# Python-level operations)
-RITZ_BLOCK = 16
 
 
 def _block_top(G: torch.Tensor, block: torch.Tensor):
