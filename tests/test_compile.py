@@ -144,12 +144,14 @@ def test_lipschitz_deq_compiles_fullgraph_with_its_proof_as_one_op():
     _compiled_fullgraph_equals_eager(layer, torch.randn(3, 4, dtype=F64), rtol=1e-12, check=same_state)
 
 
-def test_linf_contractive_deq_compiles_fullgraph_with_its_averaging_as_a_tensor():
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_linf_contractive_deq_compiles_fullgraph_with_its_averaging_as_a_tensor(method):
     """LinfContractiveDEQ's averaging alpha* = 1 / (1 - min(min_i a_ii, 0)) is a function of its weight: traced, it
-    stays a 0-dim tensor that the solve op reads (deqkern::fixed_point_dense_tensor_alpha), so the layer compiles with
+    stays a 0-dim tensor that the solve op reads (Picard's damping: deqkern::fixed_point_dense_tensor_alpha;
+    Anderson's mixing beta alpha*: deqkern::fixed_point_dense_anderson_tensor_beta), so the layer compiles with
     fullgraph=True, train and eval, and equals eager (the same fused solve)."""
     torch.manual_seed(0)
-    layer = deqkern.nn.LinfContractiveDEQ(4, 8, tol=1e-10, max_iter=300, dtype=F64)
+    layer = deqkern.nn.LinfContractiveDEQ(4, 8, tol=1e-10, max_iter=300, method=method, dtype=F64)
     with torch.no_grad():
         layer.weight_raw.mul_(5.0)  # a negative diagonal: alpha* < 1, so the averaging is exercised
     assert layer.averaging_from(layer.weight) < 0.9
@@ -160,7 +162,7 @@ def test_linf_contractive_deq_compiles_fullgraph_with_its_averaging_as_a_tensor(
     _compiled_fullgraph_equals_eager(layer, torch.randn(3, 4, dtype=F64), rtol=1e-10, check=same_iterations)
 
 
-def test_tensor_alpha_ops_pass_opcheck_and_equal_the_float_alpha_solve():
+def test_tensor_option_ops_pass_opcheck_and_equal_the_float_option_solve():
     g = torch.Generator().manual_seed(2)
     W = 0.3 * torch.randn(5, 5, generator=g, dtype=F64)
     c = torch.randn(3, 5, generator=g, dtype=F64)
@@ -178,6 +180,24 @@ def test_tensor_alpha_ops_pass_opcheck_and_equal_the_float_alpha_solve():
         deqkern.fixed_point_dense(W, c, alpha=torch.tensor(1.5, dtype=F64))
     with pytest.raises(ValueError, match="Picard"):
         deqkern.fixed_point_dense(W, c, alpha=alpha, method="anderson")
+    # Anderson's mixing beta, likewise
+    beta = torch.tensor(0.7, dtype=F64)
+    anderson = dict(method="anderson", m=3, tol=1e-10, max_iter=200)
+    torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_anderson_tensor_beta.default,
+                          (W, c, torch.zeros_like(c), "tanh", 3, beta, 0.0, 1e-10, 200, "cpu"))
+    z, _ = deqkern.fixed_point_dense(W, c, beta=beta, **anderson)
+    z_float, _ = deqkern.fixed_point_dense(W, c, beta=0.7, **anderson)
+    assert torch.equal(z, z_float)
+    torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_anderson_tensor_beta_backward.default,
+                          (W, c, z, torch.ones_like(z), "tanh", 3, beta, 0.0, 1e-10, 200, "cpu"))
+    W_grad = W.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(deqkern.fixed_point_dense(W_grad, c, beta=beta, **anderson)[0].sum(), W_grad)
+    (grad_float,) = torch.autograd.grad(deqkern.fixed_point_dense(W_grad, c, beta=0.7, **anderson)[0].sum(), W_grad)
+    assert torch.equal(grad, grad_float)
+    with pytest.raises(ValueError, match="beta"):
+        deqkern.fixed_point_dense(W, c, beta=torch.tensor(0.0, dtype=F64), method="anderson")
+    with pytest.raises(ValueError, match="Anderson"):
+        deqkern.fixed_point_dense(W, c, beta=beta)
 
 
 def test_conv_norm_proof_runs_eagerly_under_default_compile():

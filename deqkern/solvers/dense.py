@@ -52,13 +52,46 @@ def _picard_tensor_alpha_backward_fake(W, c, z, grad_z, activation, alpha, tol, 
     return fake_solve_outputs(grad_z, c)
 
 
-def _solve_fns(backend: str, method: str, alpha, m: int, beta: float, lam: float):
-    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter)); alpha a
-    float, or a 0-dim tensor (Picard only) read inside the op."""
+@torch.library.custom_op("deqkern::fixed_point_dense_anderson_tensor_beta", mutates_args=())
+def _anderson_tensor_beta(W: torch.Tensor, c: torch.Tensor, z0: torch.Tensor, activation: str, m: int,
+                          beta: torch.Tensor, lam: float, tol: float, max_iter: int, backend: str
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """deqkern::fixed_point_dense_anderson with the mixing beta a 0-dim tensor, read inside the op (as
+    fixed_point_dense_tensor_alpha reads Picard's alpha): LinfContractiveDEQ's Anderson mixes by beta alpha*."""
+    return kernel("fixed_point_dense_anderson", backend)(W, c, z0, activation, m, float(beta), lam, tol, max_iter)
+
+
+@torch.library.custom_op("deqkern::fixed_point_dense_anderson_tensor_beta_backward", mutates_args=())
+def _anderson_tensor_beta_backward(W: torch.Tensor, c: torch.Tensor, z: torch.Tensor, grad_z: torch.Tensor,
+                                   activation: str, m: int, beta: torch.Tensor, lam: float, tol: float,
+                                   max_iter: int, backend: str
+                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """deqkern::fixed_point_dense_anderson_backward with a tensor beta (see fixed_point_dense_anderson_tensor_beta)."""
+    return kernel("fixed_point_dense_anderson_backward", backend)(W, c, z, grad_z, activation, m, float(beta), lam,
+                                                                   tol, max_iter)
+
+
+@_anderson_tensor_beta.register_fake
+def _anderson_tensor_beta_fake(W, c, z0, activation, m, beta, lam, tol, max_iter, backend):
+    return fake_solve_outputs(z0, c)
+
+
+@_anderson_tensor_beta_backward.register_fake
+def _anderson_tensor_beta_backward_fake(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, backend):
+    return fake_solve_outputs(grad_z, c)
+
+
+def _solve_fns(backend: str, method: str, alpha, m: int, beta, lam: float):
+    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter)); Picard's
+    alpha and Anderson's beta floats, or 0-dim tensors read inside the op."""
     if isinstance(alpha, torch.Tensor):
         return (lambda W, c, z0, act, tol, it: _picard_tensor_alpha(W, c, z0, act, alpha, tol, it, backend),
                 lambda W, c, z, gz, act, tol, it: _picard_tensor_alpha_backward(W, c, z, gz, act, alpha, tol, it,
                                                                                  backend))
+    if method == "anderson" and isinstance(beta, torch.Tensor):
+        return (lambda W, c, z0, act, tol, it: _anderson_tensor_beta(W, c, z0, act, m, beta, lam, tol, it, backend),
+                lambda W, c, z, gz, act, tol, it: _anderson_tensor_beta_backward(W, c, z, gz, act, m, beta, lam, tol,
+                                                                                  it, backend))
     if method == "anderson":
         fwd, bwd = kernel("fixed_point_dense_anderson", backend), kernel("fixed_point_dense_anderson_backward", backend)
         return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
@@ -131,7 +164,7 @@ def _differentiable_adjoint(W, c, z, grad_z, grad_u_solved, activation, options)
     s_const, W_const = s.detach(), W.detach()
 
     def solve_transposed(q):
-        options = dict(m=m, beta=beta, lam=lam) if method == "anderson" else dict(alpha=float(alpha))
+        options = dict(m=m, beta=float(beta), lam=lam) if method == "anderson" else dict(alpha=float(alpha))
         w, _ = solve(lambda w: torch.addmm(q, s_const * w, W_const.T), torch.zeros_like(q), method=method, tol=tol,
                      max_iter=max_iter, on_nonconvergence=policy, **options)
         return w
@@ -200,21 +233,27 @@ class _FixedPointDense(torch.autograd.Function):
         return grad_W, grad_c, *([None] * 13)
 
 
-def _alpha_value(alpha):
-    return alpha if isinstance(alpha, torch.Tensor) else float(alpha)
+def _option_value(option):
+    """A float option as a float, a tensor one (read inside the op) as it is."""
+    return option if isinstance(option, torch.Tensor) else float(option)
 
 
-def _checked_tensor_alpha(what, alpha, method, W):
-    """A tensor alpha: 0-dim, floating point, on W's device, detached (its value is checked in (0, 1] inside the
-    traced graph only as far as tracing allows: eagerly, now)."""
-    if alpha.dim() != 0 or not alpha.is_floating_point() or alpha.device != W.device:
-        raise ValueError(f"deqkern.{what}: a tensor alpha must be a 0-dim floating-point tensor on W's device, got "
-                         f"shape {tuple(alpha.shape)}, {alpha.dtype} on {alpha.device}")
-    if method != "picard":
-        raise ValueError(f"deqkern.{what}: a tensor alpha is Picard's damping; method={method!r} takes a float")
+# the option each method can take as a 0-dim tensor, and what it is
+_TENSOR_OPTIONS = {"alpha": ("picard", "Picard's damping"), "beta": ("anderson", "Anderson's mixing")}
+
+
+def _checked_tensor_option(what, name, value, method, W):
+    """A tensor alpha (Picard) or beta (Anderson): 0-dim, floating point, on W's device, detached (its value is
+    checked in (0, 1] inside the traced graph only as far as tracing allows: eagerly, now)."""
+    if value.dim() != 0 or not value.is_floating_point() or value.device != W.device:
+        raise ValueError(f"deqkern.{what}: a tensor {name} must be a 0-dim floating-point tensor on W's device, got "
+                         f"shape {tuple(value.shape)}, {value.dtype} on {value.device}")
+    needs, role = _TENSOR_OPTIONS[name]
+    if method != needs:
+        raise ValueError(f"deqkern.{what}: a tensor {name} is {role}; method={method!r} takes a float")
     if not torch.compiler.is_compiling():
-        validation.check_unit_interval(what, "alpha", float(alpha))
-    return alpha.detach()
+        validation.check_unit_interval(what, name, float(value))
+    return value.detach()
 
 
 @api_changes("fixed_point_dense", old_positional=(
@@ -245,30 +284,33 @@ def fixed_point_dense(
     W: (d, d); c: (batch, d); z0: (batch, d) start (default zeros). float32/float64, or float16/bfloat16 (solved in
     float32, z* rounded once); one device, any strides. Each sample stops once ||f(z) - z|| / (||f(z)|| + 1e-12)
     <= tol. method "picard" (damping alpha: a float, or a 0-dim tensor read inside the op, so that an alpha computed
-    from a weight stays in a compiled graph) or "anderson" (history m <= 16, mixing beta, regulariser lam relative
-    to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the gradient of
+    from a weight stays in a compiled graph) or "anderson" (history m <= 16, mixing beta, a float or such a tensor,
+    regulariser lam relative to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the gradient of
     w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
     gradients and a SkippedGradientWarning. Every option and failure mode: docs/api.md.
     """
     what = "fixed_point_dense"
     check_dense_inputs(what, W, c, z0)
-    alpha = _checked_tensor_alpha(what, alpha, method, W) if isinstance(alpha, torch.Tensor) else alpha
+    alpha = _checked_tensor_option(what, "alpha", alpha, method, W) if isinstance(alpha, torch.Tensor) else alpha
+    beta = _checked_tensor_option(what, "beta", beta, method, W) if isinstance(beta, torch.Tensor) else beta
+    # a tensor option's value was checked above (eagerly): the options' check sees 1 in its place
     bwd_tol, bwd_max_iter = check_dense_options(what, activation, 1.0 if isinstance(alpha, torch.Tensor) else alpha,
                                                 tol, max_iter, backend, on_nonconvergence, backward_tol,
-                                                backward_max_iter, method, m, beta, on_backward_overflow, lam,
-                                                jacobian_penalty)
-    solver = (method, int(m), float(beta), float(lam))
+                                                backward_max_iter, method, m,
+                                                1.0 if isinstance(beta, torch.Tensor) else beta,
+                                                on_backward_overflow, lam, jacobian_penalty)
+    solver = (method, int(m), _option_value(beta), float(lam))
     backend = resolve_backend(backend, W.device, what)
 
     z0 = torch.zeros_like(c) if z0 is None else z0.detach()
     info = None if torch.compiler.is_compiling() else SolverInfo()
     if torch.is_grad_enabled() and (W.requires_grad or c.requires_grad):
         z, iterations, residual, converged = _FixedPointDense.apply(
-            W, c, z0, activation, _alpha_value(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
+            W, c, z0, activation, _option_value(alpha), float(tol), int(max_iter), backend, float(bwd_tol),
             int(bwd_max_iter), on_nonconvergence, info, solver, float(jacobian_penalty), on_backward_overflow,
         )
     else:  # no autograd node to build: call the op directly
-        forward_op, _ = _solve_fns(backend, method, _alpha_value(alpha), *solver[1:])
+        forward_op, _ = _solve_fns(backend, method, _option_value(alpha), *solver[1:])
         z, iterations, residual, converged = forward_op(W, c, z0, activation, float(tol), int(max_iter))
     if info is None:
         info = SolverInfo(iterations, residual, converged)

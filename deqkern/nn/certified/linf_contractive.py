@@ -171,8 +171,9 @@ class LinfContractiveDEQ(CertifiedDEQ):
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: the input u (batch, in_features); z0: the start (batch, hidden_features); returns the state x*."""
         A = self.weight
-        if torch.compiler.is_compiling() and self.solver_options["method"] == "picard":
-            # traced: alpha* stays a tensor, read inside the solve op (reading it here would break the graph)
+        if torch.compiler.is_compiling():
+            # traced: alpha* stays a tensor, read inside the solve op as Picard's alpha or in Anderson's beta alpha*
+            # (reading it here would break the graph)
             alpha = 1.0 / (1.0 - A.detach().diagonal().min().double().clamp_max(0))  # in double, as eagerly
         else:
             alpha = self.averaging_from(A)
