@@ -15,8 +15,8 @@ seed 0, default options:
 Each layer trains its own copy; the four are timed interleaved in one run (one step of each per round) and the
 result is each layer's speed relative to DEQLinear's (DEQLinear time / layer time: the issue's target is >= 0.8 for
 LipschitzDEQ). The iteration counts of the last step are reported beside, and for LipschitzDEQ the share of the timed
-steps whose bound was carried from an earlier proof (method "carried") rather than proven anew. Run `python bench/bench_certified.py
---help`; results go to --out as Markdown, CSV and a PNG plot.
+steps whose bound was carried from an earlier proof (method "carried") rather than proven anew. Run
+`python bench/bench_certified.py --help`; results go to --out as Markdown, CSV and a PNG plot.
 """
 import collections
 

@@ -83,20 +83,22 @@ def _anderson_tensor_beta_backward_fake(W, c, z, grad_z, activation, m, beta, la
 
 def _solve_fns(backend: str, method: str, alpha, m: int, beta, lam: float):
     """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter)); Picard's
-    alpha and Anderson's beta floats, or 0-dim tensors read inside the op."""
-    if isinstance(alpha, torch.Tensor):
-        return (lambda W, c, z0, act, tol, it: _picard_tensor_alpha(W, c, z0, act, alpha, tol, it, backend),
-                lambda W, c, z, gz, act, tol, it: _picard_tensor_alpha_backward(W, c, z, gz, act, alpha, tol, it,
-                                                                                 backend))
-    if method == "anderson" and isinstance(beta, torch.Tensor):
-        return (lambda W, c, z0, act, tol, it: _anderson_tensor_beta(W, c, z0, act, m, beta, lam, tol, it, backend),
-                lambda W, c, z, gz, act, tol, it: _anderson_tensor_beta_backward(W, c, z, gz, act, m, beta, lam, tol,
-                                                                                  it, backend))
+    alpha and Anderson's beta floats, or 0-dim tensors read inside the op (the tensor-option ops take the backend
+    last)."""
     if method == "anderson":
-        fwd, bwd = kernel("fixed_point_dense_anderson", backend), kernel("fixed_point_dense_anderson_backward", backend)
+        if isinstance(beta, torch.Tensor):
+            fwd = lambda *args: _anderson_tensor_beta(*args, backend)  # noqa: E731
+            bwd = lambda *args: _anderson_tensor_beta_backward(*args, backend)  # noqa: E731
+        else:
+            fwd = kernel("fixed_point_dense_anderson", backend)
+            bwd = kernel("fixed_point_dense_anderson_backward", backend)
         return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
                 lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, m, beta, lam, tol, it))
-    fwd, bwd = kernel("fixed_point_dense", backend), kernel("fixed_point_dense_backward", backend)
+    if isinstance(alpha, torch.Tensor):
+        fwd = lambda *args: _picard_tensor_alpha(*args, backend)  # noqa: E731
+        bwd = lambda *args: _picard_tensor_alpha_backward(*args, backend)  # noqa: E731
+    else:
+        fwd, bwd = kernel("fixed_point_dense", backend), kernel("fixed_point_dense_backward", backend)
     return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, alpha, tol, it),
             lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, alpha, tol, it))
 
@@ -285,8 +287,8 @@ def fixed_point_dense(
     float32, z* rounded once); one device, any strides. Each sample stops once ||f(z) - z|| / (||f(z)|| + 1e-12)
     <= tol. method "picard" (damping alpha: a float, or a 0-dim tensor read inside the op, so that an alpha computed
     from a weight stays in a compiled graph) or "anderson" (history m <= 16, mixing beta, a float or such a tensor,
-    regulariser lam relative to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the gradient of
-    w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
+    regulariser lam relative to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the
+    gradient of w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
     gradients and a SkippedGradientWarning. Every option and failure mode: docs/api.md.
     """
     what = "fixed_point_dense"

@@ -162,21 +162,24 @@ class LinfContractiveDEQ(CertifiedDEQ):
         return self.weight_from(self.weight_raw, self.mu, self.diagonal_floor, self.eta)
 
     @staticmethod
+    def averaging_tensor(A: torch.Tensor) -> torch.Tensor:
+        """alpha* = 1 / (1 - min(min_i a_ii, 0)) as a 0-dim float64 tensor (no host read: what a traced forward
+        passes to the solve op)."""
+        return 1.0 / (1.0 - A.detach().diagonal().min().double().clamp_max(0))
+
+    @staticmethod
     def averaging_from(A: torch.Tensor) -> float:
-        """alpha* = 1 / (1 - min(min_i a_ii, 0))."""
-        return 1.0 / (1.0 - min(float(A.detach().diagonal().min()), 0.0))
+        """alpha* = 1 / (1 - min(min_i a_ii, 0)), a float."""
+        return float(LinfContractiveDEQ.averaging_tensor(A))
 
     @api_changes("LinfContractiveDEQ.forward", renamed={"u": "x", "x0": "z0"})
     @names_its_inputs
     def forward(self, x: torch.Tensor, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: the input u (batch, in_features); z0: the start (batch, hidden_features); returns the state x*."""
         A = self.weight
-        if torch.compiler.is_compiling():
-            # traced: alpha* stays a tensor, read inside the solve op as Picard's alpha or in Anderson's beta alpha*
-            # (reading it here would break the graph)
-            alpha = 1.0 / (1.0 - A.detach().diagonal().min().double().clamp_max(0))  # in double, as eagerly
-        else:
-            alpha = self.averaging_from(A)
+        # traced: alpha* stays a tensor, read inside the solve op as Picard's alpha or in Anderson's beta alpha*
+        # (reading it here would break the graph)
+        alpha = self.averaging_tensor(A) if torch.compiler.is_compiling() else self.averaging_from(A)
         if self.solver_options["method"] == "anderson":  # Anderson on the averaged map: mixing beta * alpha*
             options = dict(self.solver_options, beta=self.solver_options["beta"] * alpha)
         else:

@@ -14,8 +14,7 @@ from ...activations import get_activation
 from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import power_iteration, spectral_norm, spectral_norm_upper_bound
-from ...lipschitz.spectral_bound import (RITZ_BLOCK, SpectralBound, carried_spectral_bound, prove_with_vector,
-                                         proven_spectral_bound)
+from ...lipschitz.spectral_bound import SpectralBound, carried_spectral_bound, prove_with_vector, proven_spectral_bound
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
@@ -188,28 +187,33 @@ class LipschitzDEQ(CertifiedDEQ):
                 self.power_u.copy_(u)
         return torch.linalg.vector_norm(V @ u), bound
 
-    def _ritz_block(self, V) -> Optional[torch.Tensor]:
-        """The start of a training proof's estimate: the previous proof's Ritz block (RITZ_BLOCK vectors), warm
-        across steps as the power vector is; None (Lanczos or the exact eigenpair from the power vector, which
-        gives the first block) for the first proof and where RITZ_BLOCK is not small against hidden."""
+    def _last_proof_for(self, V):
+        """The latest training proof (V0, sigma_bar(V0), its Ritz block) where it can serve V (the same shape, dtype
+        and device), else None."""
         previous = self._last_proof
-        n = V.shape[1]
-        if previous is None or previous[2] is None or previous[2].shape != (n, RITZ_BLOCK) or \
-                previous[2].device != V.device:
+        if previous is None or previous[0].shape != V.shape or previous[0].dtype != V.dtype or \
+                previous[0].device != V.device:
             return None
-        return previous[2]
+        return previous
+
+    def _ritz_block(self, V) -> Optional[torch.Tensor]:
+        """The start of a training proof's estimate: the previous proof's Ritz block (RITZ_BLOCK vectors; the proof
+        checks that it fits), warm across steps as the power vector is; None (Lanczos or the exact eigenpair from
+        the power vector, which gives the first block) for the first proof."""
+        previous = self._last_proof_for(V)
+        return None if previous is None else previous[2]
 
     def _carried_bound(self, V, u) -> Optional[SpectralBound]:
         """The latest training proof carried to V (`carried_spectral_bound`: sigma_bar(V0) + ||V - V0||_F) where
         that is as good as a new proof: it leaves W = V (the bound is within max_weight_norm, so the scale is 1 with
         any proof), or it is within `proof_budget` of ||V u||, a lower bound of ||V||_2, so the scale is
         conservative by at most that; else None (prove again). One host read."""
-        previous = self._last_proof
-        if previous is None or previous[0].shape != V.shape or previous[0].dtype != V.dtype or \
-                previous[0].device != V.device:
+        previous = self._last_proof_for(V)
+        if previous is None:
             return None
-        carried = carried_spectral_bound(V, *previous[:2])
-        estimate = torch.linalg.vector_norm(V.detach().double() @ u.double())
+        V64 = V.detach().double()
+        carried = carried_spectral_bound(V64, *previous[:2])
+        estimate = torch.linalg.vector_norm(V64 @ u.double())
         accepted, slack = torch.stack([((carried <= self.max_weight_norm) | (carried <= estimate * (
             1.0 + self.proof_budget))).double(), carried / estimate - 1.0]).tolist()
         return SpectralBound(carried, "carried", slack, None) if accepted else None
