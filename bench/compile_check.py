@@ -177,6 +177,8 @@ def with_matmul_precision(precision, call):
 # or "high" (TF32 tensor cores); half data is solved in float32, so TF32 applies to it too.
 DENSE_VARIANTS = [(torch.float16, "highest"), (torch.bfloat16, "highest"), (torch.float32, "highest"),
                   (torch.float64, "highest"), (torch.float32, "high"), (torch.bfloat16, "high")]
+# The variants whose adjoint is also compiled with the Jacobian penalty (PENALTY, a kernel of its own).
+PENALTY_VARIANTS = [(torch.bfloat16, "highest"), (torch.float32, "highest"), (torch.float64, "highest")]
 
 
 def triton_cases(sizes):
@@ -186,17 +188,18 @@ def triton_cases(sizes):
     for d in sizes:
         for dtype, precision in DENSE_VARIANTS:
             W, c = torch.zeros(d, d, dtype=dtype), torch.zeros(batch, d, dtype=dtype)
-            for adjoint in (False, True):
-                direction = "adjoint" if adjoint else "forward"
+            penalties = (0.0, 0.5) if (dtype, precision) in PENALTY_VARIANTS else (0.0,)
+            for adjoint, penalty in [(False, 0.0)] + [(True, p) for p in penalties]:
+                direction = ("adjoint, jacobian penalty" if penalty else "adjoint") if adjoint else "forward"
                 tf32 = ", tf32" if precision != "highest" else ""
                 config = f"d={d}, {dtype_name(dtype)}{tf32}, {direction}"
                 grad_z = c if adjoint else None
                 yield ("fixed_point_dense", config, with_matmul_precision(
-                    precision, lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense.launch(
-                        W, c, c, g, "tanh", 1.0, 1e-4, 10, adjoint=a)))
+                    precision, lambda W=W, c=c, g=grad_z, a=adjoint, p=penalty: fixed_point_dense.launch(
+                        W, c, c, g, "tanh", 1.0, 1e-4, 10, adjoint=a, jacobian_penalty=p)))
                 yield ("fixed_point_dense_anderson", config, with_matmul_precision(
-                    precision, lambda W=W, c=c, g=grad_z, a=adjoint: fixed_point_dense_anderson.launch(
-                        W, c, c, g, "tanh", 5, 1.0, 1e-4, 1e-4, 10, adjoint=a)))
+                    precision, lambda W=W, c=c, g=grad_z, a=adjoint, p=penalty: fixed_point_dense_anderson.launch(
+                        W, c, c, g, "tanh", 5, 1.0, 1e-4, 1e-4, 10, adjoint=a, jacobian_penalty=p)))
         for dtype in (torch.float32, torch.float64):
             W, c = torch.zeros(d, d, dtype=dtype), torch.zeros(batch, d, dtype=dtype)
             for mode in ("gram", "symmetric"):

@@ -113,9 +113,15 @@ def assert_matches(out, ref, dtype, name="out"):
 def assert_solve_matches(out, ref, dtype):
     """(z, iterations int32, residual, converged bool) of a solve against the reference's: float64 solves elementwise
     and at the same iterations; lower precisions within iteration_slack and solve_rel (a sample crossing tol an
-    iteration apart differs by about tol)."""
-    z, iterations, residual, converged = (t.detach().cpu() for t in out)
-    z_ref, iterations_ref, residual_ref, converged_ref = (t.detach().cpu() for t in ref)
+    iteration apart differs by about tol). A backward's two Jacobian penalty outputs (row term, value) are compared
+    too: same shapes and dtypes, values within solve_rel (they are not iterated)."""
+    z, iterations, residual, converged, *penalty = (t.detach().cpu() for t in out)
+    z_ref, iterations_ref, residual_ref, converged_ref, *penalty_ref = (t.detach().cpu() for t in ref)
+    assert len(penalty) == len(penalty_ref)
+    for got, want in zip(penalty, penalty_ref):
+        assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+        torch.testing.assert_close(got, want, rtol=TOLERANCES[dtype].solve_rel, atol=TOLERANCES[dtype].atol,
+                                   equal_nan=True, check_dtype=False)
     assert z.dtype == dtype and residual.dtype == residual_ref.dtype
     assert iterations.dtype == torch.int32 and converged.dtype == torch.bool
     assert z.shape == z_ref.shape and iterations.shape == residual.shape == converged.shape == iterations_ref.shape

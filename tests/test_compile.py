@@ -172,7 +172,7 @@ def test_tensor_option_ops_pass_opcheck_and_equal_the_float_option_solve():
     z, _ = deqkern.fixed_point_dense(W, c, alpha=alpha, tol=1e-10, max_iter=200)
     z_float, _ = deqkern.fixed_point_dense(W, c, alpha=0.7, tol=1e-10, max_iter=200)
     assert torch.equal(z, z_float)
-    backward_args = (W, c, z, torch.ones_like(z), "tanh", alpha, 1e-10, 200, "cpu")
+    backward_args = (W, c, z, torch.ones_like(z), "tanh", alpha, 1e-10, 200, 0.3, "cpu")  # with a Jacobian penalty
     torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_tensor_alpha_backward.default, backward_args)
     with pytest.raises(ValueError, match="0-dim"):
         deqkern.fixed_point_dense(W, c, alpha=torch.ones(2, dtype=F64))
@@ -189,7 +189,7 @@ def test_tensor_option_ops_pass_opcheck_and_equal_the_float_option_solve():
     z_float, _ = deqkern.fixed_point_dense(W, c, beta=0.7, **anderson)
     assert torch.equal(z, z_float)
     torch.library.opcheck(torch.ops.deqkern.fixed_point_dense_anderson_tensor_beta_backward.default,
-                          (W, c, z, torch.ones_like(z), "tanh", 3, beta, 0.0, 1e-10, 200, "cpu"))
+                          (W, c, z, torch.ones_like(z), "tanh", 3, beta, 0.0, 1e-10, 200, 0.3, "cpu"))
     W_grad = W.clone().requires_grad_()
     (grad,) = torch.autograd.grad(deqkern.fixed_point_dense(W_grad, c, beta=beta, **anderson)[0].sum(), W_grad)
     (grad_float,) = torch.autograd.grad(deqkern.fixed_point_dense(W_grad, c, beta=0.7, **anderson)[0].sum(), W_grad)

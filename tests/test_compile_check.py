@@ -76,7 +76,8 @@ def test_the_cuda_build_log_is_parsed(tmp_path):
 @needs_triton
 def test_a_launcher_is_compiled_for_sm90_at_each_of_its_paths(tmp_path):
     """The real thing at its smallest: the dense Anderson launcher at d = 16 (the register kernel) and one past the
-    widest register row (the scratch kernel), forward and adjoint, in every dtype and precision variant: all compile,
+    widest register row (the scratch kernel), forward and adjoint (and the adjoint with the Jacobian penalty), in
+    every dtype and precision variant: all compile,
     and tensor-core instructions appear exactly where TF32 was allowed. A subprocess, because the tests run Triton
     under the interpreter, which replaces the compiler."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -87,7 +88,9 @@ def test_a_launcher_is_compiled_for_sm90_at_each_of_its_paths(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     with open(tmp_path / "compile_check_sm90.csv") as f:
         rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
-    assert len(rows) == 2 * 2 * len(compile_check.DENSE_VARIANTS)  # widths x directions x variants
+    # widths x (directions x variants + the adjoint with the Jacobian penalty in its variants)
+    assert len(rows) == 2 * (2 * len(compile_check.DENSE_VARIANTS) + len(compile_check.PENALTY_VARIANTS))
+    assert sum("jacobian penalty" in r["config"] for r in rows) == 2 * len(compile_check.PENALTY_VARIANTS)
     assert all(r["status"] == "compiled" for r in rows)  # and none with a problem: the exit status above
     assert all(int(r["registers"]) > 0 and int(r["shared"]) >= 0 for r in rows)
     assert all((int(r["tensor_core_ops"]) > 0) == ("tf32" in r["config"]) for r in rows)

@@ -76,6 +76,35 @@ def test_backward_matches_reference(backend, batch, d, activation, alpha, dtype)
     kit.assert_solve_matches(out, fixed_point_dense_backward_ref(W, c, z, grad_z, *args), dtype)
 
 
+# (batch, d, activation, alpha, dtype) of the backward with the Jacobian penalty: activations with and without
+# curvature; on Triton rows in registers and the scratch path (float64 d > 32, float32 d > 64); an empty batch.
+PENALTY_CASES = [(3, 5, "tanh", 1.0, torch.float64), (17, 33, "sigmoid", 0.6, torch.float64),
+                 (5, 70, "softsign", 1.0, torch.float32), (17, 20, "relu", 0.6, torch.float32),
+                 (0, 7, "tanh", 1.0, torch.float64)]
+
+
+@pytest.mark.parametrize("backend,batch,d,activation,alpha,dtype",
+                         kit.backend_params([(case_id(c), c) for c in PENALTY_CASES]))
+def test_backward_with_jacobian_penalty_matches_reference(backend, batch, d, activation, alpha, dtype):
+    """jacobian_penalty = w: grad_u gains w dP/du, and the penalty's row term and value P come back, as the
+    reference's (with_jacobian_penalty); the solve's own outputs do not change."""
+    W, c, z0 = kit.dense_problem(batch, d, dtype, seed=2)
+    z = reference_fixed_point(W, c, z0, activation)
+    grad_z = kit.random_like(z)
+    args = (activation, alpha, TOL[dtype], MAX_ITER)
+    inputs = kit.to_device(kit.device_of(backend), W, c, z, grad_z)
+    out = backward(backend)(*inputs, *args, 0.7)
+    ref = fixed_point_dense_backward_ref(W, c, z, grad_z, *args, 0.7)
+    kit.assert_solve_matches(out, ref, dtype)
+    assert out[4].shape == (d,) and out[5].shape == ()
+    plain = backward(backend)(*inputs, *args)
+    assert [tuple(t.shape) for t in plain[4:]] == [(0,), (0,)]
+    for with_penalty, without in zip(out[1:4], plain[1:4]):
+        assert torch.equal(with_penalty, without)
+    if batch and activation != "relu":  # relu has no curvature: its term is 0
+        assert not torch.allclose(out[0], plain[0])
+
+
 @pytest.mark.parametrize("layout", ["strided", "transposed", "broadcast"])
 def test_any_strides(backend, layout):
     """The one contiguity rule: every input may have any strides (stride 0 included)."""
@@ -130,7 +159,7 @@ def test_max_iter_reached(backend, dtype):
 def test_empty_batch(backend):
     W, c, z0 = kit.dense_problem(0, 5, device=kit.device_of(backend))
     for out in (forward(backend)(W, c, z0, "relu", 1.0, 1e-6, 10),
-                backward(backend)(W, c, z0, z0, "relu", 1.0, 1e-6, 10)):
+                backward(backend)(W, c, z0, z0, "relu", 1.0, 1e-6, 10)[:4]):
         assert [tuple(t.shape) for t in out] == [(0, 5), (0,), (0,), (0,)]
         assert [t.dtype for t in out] == [torch.float64, torch.int32, torch.float64, torch.bool]
 
@@ -138,7 +167,7 @@ def test_empty_batch(backend):
 # ---------------------------------------------------------------- non-finite input: flagged per sample by the kernel
 def assert_not_iterated(out, rows, start):
     """The rows of a sample with a non-finite input: never iterated, x is its start (NaN included), residual NaN."""
-    x, iterations, residual, converged = (t.cpu() for t in out)
+    x, iterations, residual, converged = (t.cpu() for t in out[:4])
     assert (iterations[rows] == 0).all() and residual[rows].isnan().all() and not converged[rows].any()
     torch.testing.assert_close(x[rows], start.cpu()[rows], rtol=0, atol=0, equal_nan=True)
 
@@ -166,7 +195,7 @@ def check_bad_rows(backend, d, bad_inputs, activation, batch=9, dtype=torch.floa
         if good:
             alone = solve(*kit.to_device(device, args[0], *(t[good] for t in args[1:])), activation, 0.6,
                           TOL[dtype], MAX_ITER)
-            for a, b in zip(out, alone):
+            for a, b in zip(out[:4], alone[:4]):
                 torch.testing.assert_close(a[good], b, rtol=1e-12, atol=1e-12)
         bad_rows.append(bad)
     return bad_rows
@@ -227,7 +256,7 @@ def test_nan_in_W_across_the_cpu_packing_tiles(position):
         "anderson": torch.ops.deqkern.fixed_point_dense_anderson(W, c, z0, "tanh", 5, 1.0, 1e-4, 1e-10, 300),
         "picard-backward": backward("cpu")(W, c, torch.zeros_like(c), torch.ones_like(c), "tanh", 1.0, 1e-10, 300),
     }
-    for name, (_, iterations, residual, converged) in outs.items():
+    for name, (_, iterations, residual, converged, *_) in outs.items():
         assert not converged.any() and (iterations == 0).all() and residual.isnan().all(), name
 
 

@@ -58,3 +58,25 @@ def activation_derivative(u, ACTIVATION: tl.constexpr):
         return tl.where((u > 0) & (u < 6), 1.0, 0.0).to(u.dtype)
     else:
         return tl.zeros_like(u) + 1.0
+
+
+@triton.jit
+def activation_derivatives(u, ACTIVATION: tl.constexpr):
+    """(act'(u), act''(u)), elementwise from one evaluation, act' exactly activation_derivative's value: the Jacobian
+    penalty's gradient needs both (act'' is 0 where act is piecewise linear, as the reference)."""
+    if ACTIVATION == TANH:
+        t = _tanh(u)
+        s = 1.0 - t * t
+        second = -2.0 * t * s
+    elif ACTIVATION == SIGMOID:
+        g = 1.0 / (1.0 + tl.exp(-u))
+        s = g * (1.0 - g)
+        second = s * (1.0 - 2.0 * g)
+    elif ACTIVATION == SOFTSIGN:
+        a = 1.0 + tl.abs(u)
+        s = 1.0 / (a * a)
+        second = -2.0 * tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(u.dtype) * s / a
+    else:
+        s = activation_derivative(u, ACTIVATION)
+        second = tl.zeros_like(u)
+    return s, second

@@ -14,7 +14,7 @@ import triton.language as tl
 from deqkern.core.constants import RESIDUAL_EPS
 from deqkern.core.dtypes import SOLVE_DTYPES
 
-from .activations import activation_derivative, apply_activation
+from .activations import activation_derivative, activation_derivatives, apply_activation
 
 # TRITON_INTERPRET is read when the kernels are decorated: the launchers skip autotuning under the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -243,6 +243,57 @@ def scratch_prologue(W_ptr, z_ptr, c_ptr, gz_ptr, p_x, p_s, stride_x_b, o_b, m_b
 
 
 @triton.jit
+def jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out, stride_w_in,
+                           stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale, ACTIVATION: tl.constexpr,
+                           USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Column block n0 of an adjoint's exact Jacobian penalty (with_jacobian_penalty in deqkern/reference/common.py),
+    from u = z W^T + c ((stride_w_out, stride_w_in) are M = W^T's, as the adjoint's): returns the term
+    penalty_scale act'(u) act''(u) ||W_i||^2 of grad_u (rn_ptr: ||W_i||^2; 0 outside the masks) and stores this
+    program's sums of act'(u)^2 over its rows at colsum_ptr[program, n0:n0+BLOCK_N] (the launcher sums the programs:
+    JacobianPenalty.outputs). A register solve passes n0 = 0 and its whole-row blocks."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = o_n < D
+    m_bd = m_b[:, None] & m_n[None, :]
+    b_u = blocked_matvec(z_ptr, stride_z_b, stride_z_d, o_b, m_b, n0, W_ptr, D, stride_w_in, stride_w_out, USE_DOT,
+                         DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    b_s, b_second = activation_derivatives(b_u + load_rows(c_ptr, o_b, o_n, m_b, m_n, stride_c_b, stride_c_d),
+                                           ACTIVATION)
+    b_s = tl.where(m_bd, b_s, 0.0)
+    tl.store(colsum_ptr + tl.program_id(0).to(tl.int64) * D + o_n, tl.sum(b_s * b_s, axis=0), mask=m_n)
+    row_norms = tl.load(rn_ptr + o_n, mask=m_n, other=0.0)
+    scale = tl.full([], penalty_scale, b_s.dtype)
+    return tl.where(m_bd, scale * b_s * b_second * row_norms[None, :], 0.0)
+
+
+class JacobianPenalty:
+    """The launcher's side of an adjoint's Jacobian penalty of weight w (0: none): the kernel arguments
+    (row norms ||W_i||^2, per-program column sums, 2 w / N) and, after the launch, the op's two penalty outputs (the
+    C++ twin: DenseSolveTensors in csrc/common/params_from_tensors.h)."""
+
+    def __init__(self, W, batch, programs, weight, compute_dtype):
+        self.weight, self.numel = float(weight), max(batch * W.shape[0], 1)
+        self.enabled = self.weight > 0
+        if self.enabled:
+            wide = W.to(compute_dtype)
+            self.row_norms = (wide * wide).sum(dim=1)
+            self.column_sums = W.new_empty((programs, W.shape[0]), dtype=compute_dtype)
+        else:
+            self.row_norms = self.column_sums = W.new_empty(0, dtype=compute_dtype)  # not read
+        self.scale = 2.0 * self.weight / self.numel
+
+    def kernel_args(self):
+        return self.row_norms, self.column_sums, self.scale
+
+    def outputs(self, W):
+        """(row term (d,) in W's dtype, value 0-dim in the accumulation dtype), or (0,) each without a penalty."""
+        if not self.enabled:
+            return W.new_empty(0), self.row_norms.new_empty(0)
+        column = self.column_sums.sum(dim=0)
+        return (column * self.scale).to(W.dtype), torch.dot(column, self.row_norms) / self.numel
+
+
+@triton.jit
 def apply_map(acc, b_bias, b_s, m_bd, ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr):
     """T(x) from acc = x M^T: act(acc + c) or s * (acc + grad_z); 0 in padded columns."""
     if ADJOINT:
@@ -268,3 +319,9 @@ def empty_solve_outputs(like: torch.Tensor):
     from deqkern.ops._dense_solve import fake_solve_outputs
 
     return fake_solve_outputs(like, like)
+
+def fake_penalty_outputs(W: torch.Tensor, like: torch.Tensor, jacobian_penalty: float):
+    """A backward's Jacobian penalty outputs, metadata only (deqkern/ops/_dense_solve.py)."""
+    from deqkern.ops._dense_solve import fake_penalty_outputs as fake
+
+    return fake(W, like, jacobian_penalty)

@@ -33,11 +33,14 @@ from deqkern.core.dtypes import HALF_DTYPES, accumulation_dtype
 from .common import (
     INTERPRET,
     SCRATCH_BLOCKS,
+    JacobianPenalty,
     apply_map,
     bias_of,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
+    fake_penalty_outputs,
+    jacobian_penalty_block,
     load_rows,
     matmul,
     not_iterated_residual,
@@ -58,18 +61,19 @@ from .common import (
 @triton.jit
 def _fixed_point_dense_kernel(
     # pointers
-    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, scratch_ptr,
+    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, scratch_ptr, rn_ptr, colsum_ptr,
     # sizes and scalars (alpha, 1 - alpha and tol as fp64 so that float64 solves see the caller's exact values)
-    B, D, alpha: tl.float64, one_minus_alpha: tl.float64, tol: tl.float64, max_iter,
+    B, D, alpha: tl.float64, one_minus_alpha: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
     # strides; (stride_w_out, stride_w_in) are those of the iteration operator M: W's, or W^T's in the adjoint
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_s_buf, stride_s_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, IN_REGISTERS: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PENALTY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
+    """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0; PENALTY adds the
+    Jacobian penalty's term to the result (common.jacobian_penalty_block)."""
     dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the scratch's and every widened load's
     i_b = tl.program_id(0).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -100,6 +104,10 @@ def _fixed_point_dense_kernel(
             r = relative_residual(sq_diff, sq_t).to(dtype)
             b_x = tl.where(active[:, None], b_one_minus_alpha * b_x + b_alpha * b_t, b_x)
             residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
+        if PENALTY:
+            b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, 0, D, stride_w_out,
+                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                          ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     else:
         # Scratch: buffers 0 and 1 hold the iterate (ping-pong), buffer 2 holds s in the adjoint.
@@ -135,6 +143,11 @@ def _fixed_point_dense_kernel(
             o_n = n0 + tl.arange(0, BLOCK_N)
             m_n = o_n < D
             b_x = load_rows(p_last, o_b, o_n, m_b, m_n, stride_s_b, 1)
+            if PENALTY:
+                b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out,
+                                              stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d,
+                                              penalty_scale, ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N,
+                                              BLOCK_K)
             store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
 
     tl.store(iters_ptr + o_b, iters, mask=m_b)
@@ -149,7 +162,8 @@ else:
     # rewrites its outputs and scratch from scratch, so the tuning runs leave no trace.
     _kernel = triton.autotune(
         configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)],
-        key=["D", "ACTIVATION", "ADJOINT", "IN_REGISTERS", "DOT_PRECISION", "BLOCK_B", "BLOCK_N", "BLOCK_K"],
+        key=["D", "ACTIVATION", "ADJOINT", "IN_REGISTERS", "DOT_PRECISION", "PENALTY", "BLOCK_B", "BLOCK_N",
+             "BLOCK_K"],
     )(_fixed_point_dense_kernel)
 
 
@@ -171,18 +185,23 @@ def _default_config(dtype: torch.dtype, d: int) -> dict:
     return dict(IN_REGISTERS=False, **SCRATCH_BLOCKS)
 
 
-def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None):
-    """Runs one solve; `config` overrides _default_config (tests use it to reach the scratch path)."""
+def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, config: Optional[dict] = None,
+           jacobian_penalty: float = 0.0):
+    """Runs one solve; `config` overrides _default_config (tests use it to reach the scratch path). The adjoint
+    returns the op's six outputs (with jacobian_penalty's), the forward four."""
     act_id = get_activation(activation).id
     check_dense_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
     W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
     grad_z = c if grad_z is None else grad_z.contiguous()  # unused by the forward kernel
     out, iters, residual, converged = empty_solve_outputs(z)
     batch, d = z.shape
-    if batch == 0:
-        return out, iters, residual, converged
     compute = accumulation_dtype(W.dtype)
     cfg = dict(_default_config(W.dtype, d), **(config or {}))
+    grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
+    penalty = JacobianPenalty(W, batch, grid[0], jacobian_penalty, compute)
+    outputs = (out, iters, residual, converged)
+    if batch == 0:
+        return (*outputs, *penalty.outputs(W)) if adjoint else outputs
     products = product_options(compute)
     torch._check(not products["USE_DOT"] or min(cfg["BLOCK_B"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16,
                  lambda: f"tl.dot needs blocks of at least 16, got {cfg}")
@@ -193,17 +212,17 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
         scratch = z.new_empty((3 if adjoint else 2, batch, d), dtype=compute)
     # M = W in the forward, W^T in the adjoint: the transpose is only a swap of strides.
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
-    grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
+    row_norms, column_sums, penalty_scale = penalty.kernel_args()
     with device_guard(z):
         _kernel[grid](
-            W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), scratch,
-            batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter),
+            W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), scratch, row_norms, column_sums,
+            batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter), penalty_scale,
             stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             scratch.stride(0) if scratch.dim() == 3 else 0, scratch.stride(-2),
-            ACTIVATION=act_id, ADJOINT=adjoint, **products, **cfg,
+            ACTIVATION=act_id, ADJOINT=adjoint, PENALTY=penalty.enabled, **products, **cfg,
         )
-    return out, iters, residual, converged
+    return (*outputs, *penalty.outputs(W)) if adjoint else outputs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,14 +242,15 @@ def _(W, c, z0, activation, alpha, tol, max_iter):
 
 @torch.library.custom_op("deqkern::fixed_point_dense_backward_triton", mutates_args=())
 def _fixed_point_dense_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str, alpha: float,
-                                   tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint=True)
+                                   tol: float, max_iter: int, jacobian_penalty: float = 0.0
+                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint=True, jacobian_penalty=jacobian_penalty)
 
 
 @_fixed_point_dense_backward_op.register_fake
-def _(W, c, z, grad_z, activation, alpha, tol, max_iter):
+def _(W, c, z, grad_z, activation, alpha, tol, max_iter, jacobian_penalty=0.0):
     check_dense_inputs(W, (c, z, grad_z))
-    return empty_solve_outputs(z)
+    return (*empty_solve_outputs(z), *fake_penalty_outputs(W, c, jacobian_penalty))
 
 
 def fixed_point_dense_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, alpha: float, tol: float,
@@ -243,9 +263,13 @@ def fixed_point_dense_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, 
 
 
 def fixed_point_dense_backward_triton(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str,
-                                      alpha: float, tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from 0. Shapes as the forward.
+                                      alpha: float, tol: float, max_iter: int, jacobian_penalty: float = 0.0
+                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from 0, with the Jacobian penalty of weight
+    jacobian_penalty. Shapes as the forward.
 
-    Returns (grad_u (batch, d), iterations int32 (batch,), residual (batch,), converged bool (batch,)).
+    Returns (grad_u (batch, d), iterations int32 (batch,), residual (batch,), converged bool (batch,), the penalty's
+    row term (d,) and value (0-dim), or (0,) each without one).
     """
-    return torch.ops.deqkern.fixed_point_dense_backward_triton(W, c, z, grad_z, activation, alpha, tol, max_iter)
+    return torch.ops.deqkern.fixed_point_dense_backward_triton(W, c, z, grad_z, activation, alpha, tol, max_iter,
+                                                               jacobian_penalty)

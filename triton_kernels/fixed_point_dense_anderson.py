@@ -33,11 +33,14 @@ from deqkern.core.dtypes import accumulation_dtype
 from .anderson_weights import anderson_weights
 from .common import (
     SCRATCH_BLOCKS,
+    JacobianPenalty,
     apply_map,
     bias_of,
     check_dense_inputs,
     device_guard,
     empty_solve_outputs,
+    fake_penalty_outputs,
+    jacobian_penalty_block,
     load_rows,
     matmul,
     not_iterated_residual,
@@ -75,18 +78,19 @@ def with_gram_row(H, gram_row, slot, o_m):
 @triton.jit
 def _anderson_kernel(
     # pointers
-    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr,
+    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr, rn_ptr, colsum_ptr,
     # sizes and scalars
-    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter,
+    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
     # strides; (stride_w_out, stride_w_in) are those of the iteration operator M: W's, or W^T's in the adjoint
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr,
+    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr, PENALTY: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0."""
+    """Forward: z0 = z_ptr, bias c. Adjoint: z_ptr holds the fixed point z, bias grad_z, x0 = 0; PENALTY adds the
+    Jacobian penalty's term to the result (common.jacobian_penalty_block)."""
     dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the history's and every widened load's
     i_b = tl.program_id(0).to(tl.int64)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -151,6 +155,10 @@ def _anderson_kernel(
         residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
         # The next iteration reads what this one wrote, from other threads of the program.
         tl.debug_barrier()
+    if PENALTY:
+        b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, 0, D, stride_w_out,
+                                      stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                      ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_D, BLOCK_D)
     store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     tl.store(iters_ptr + o_b, iters, mask=m_b)
     tl.store(res_ptr + o_b, residual, mask=m_b)
@@ -160,16 +168,16 @@ def _anderson_kernel(
 @triton.jit
 def _anderson_scratch_kernel(
     # pointers; scratch: (2, B, d) the iterate and, in the adjoint, s
-    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr, scratch_ptr,
+    W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr, rn_ptr, colsum_ptr, scratch_ptr,
     # sizes and scalars
-    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter,
+    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
     # strides, as _anderson_kernel's, plus the scratch's (its columns are contiguous)
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b, stride_s_buf, stride_s_b,
     # meta-parameters
     ACTIVATION: tl.constexpr, ADJOINT: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    MP: tl.constexpr, WIDE_HISTORY: tl.constexpr, PENALTY: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The same solve as _anderson_kernel for rows of any width, column block by column block (module docstring)."""
     dtype = res_ptr.dtype.element_ty  # the accumulation dtype: the scratch's, the history's, every widened load's
@@ -250,18 +258,22 @@ def _anderson_scratch_kernel(
     for n0 in range(0, D, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < D
-        store_rows(out_ptr, load_rows(p_x, o_b, o_n, m_b, m_n, stride_s_b, 1), o_b, o_n, m_b, m_n, stride_o_b,
-                   stride_o_d)
+        b_x = load_rows(p_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
+        if PENALTY:
+            b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out,
+                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                          ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+        store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
     tl.store(iters_ptr + o_b, iters, mask=m_b)
     tl.store(res_ptr + o_b, residual, mask=m_b)
     tl.store(conv_ptr + o_b, (residual <= b_tol).to(tl.uint8), mask=m_b)
 
 
 def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bool, in_registers=None,
-           blocks=None):
+           blocks=None, jacobian_penalty: float = 0.0):
     """Runs one solve (the forward, or the adjoint with grad_z): rows of d <= REGISTER_WIDTH in registers, wider ones
     through the scratch kernel. Tests set in_registers=False (and blocks, as SCRATCH_BLOCKS) to reach the scratch
-    kernel at small d."""
+    kernel at small d. The adjoint returns the op's six outputs (with jacobian_penalty's), the forward four."""
     act_id = get_activation(activation).id
     check_dense_inputs(W, (c, z) if grad_z is None else (c, z, grad_z))
     torch._check(1 <= m <= ANDERSON_MAX_HISTORY, lambda: f"m must be in [1, {ANDERSON_MAX_HISTORY}], got {m}")
@@ -270,36 +282,42 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
     W, c, z = W.contiguous(), c.contiguous(), z.contiguous()
     grad_z = c if grad_z is None else grad_z.contiguous()
     out, iters, residual, converged = empty_solve_outputs(z)
+    outputs = (out, iters, residual, converged)
     batch, d = z.shape
-    if batch == 0:
-        return out, iters, residual, converged
     compute = accumulation_dtype(W.dtype)  # float16/bfloat16 data is widened on load: the solve runs in float32
+    if in_registers is None:
+        in_registers = d <= REGISTER_WIDTH
+    block_d = max(16, triton.next_power_of_2(d))
+    block_b = 16 if compute == torch.float32 else max(1, min(16, 8192 // block_d**2))
+    block = dict(SCRATCH_BLOCKS, **(blocks or {}))
+    programs = triton.cdiv(batch, block_b if in_registers else block["BLOCK_B"])
+    penalty = JacobianPenalty(W, batch, programs, jacobian_penalty, compute)
+    if batch == 0:
+        return (*outputs, *penalty.outputs(W)) if adjoint else outputs
     mp = triton.next_power_of_2(m)
     hist = z.new_empty((2, m, batch, d), dtype=compute)
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
-    common_args = (batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter), stride_out, stride_in,
+    row_norms, column_sums, penalty_scale = penalty.kernel_args()
+    common_args = (batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter), penalty_scale, stride_out,
+                   stride_in,
                    c.stride(0), c.stride(1), z.stride(0), z.stride(1), grad_z.stride(0), grad_z.stride(1),
                    out.stride(0), out.stride(1), hist.stride(0), hist.stride(1), hist.stride(2))
     meta = dict(ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), MP=mp,
-                WIDE_HISTORY=hist.numel() >= WIDE_HISTORY_ELEMENTS)
-    if in_registers is None:
-        in_registers = d <= REGISTER_WIDTH
+                WIDE_HISTORY=hist.numel() >= WIDE_HISTORY_ELEMENTS, PENALTY=penalty.enabled)
     with device_guard(z):
         if in_registers:
-            block_d = max(16, triton.next_power_of_2(d))
-            block_b = 16 if compute == torch.float32 else max(1, min(16, 8192 // block_d**2))
-            _anderson_kernel[(triton.cdiv(batch, block_b),)](
-                W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist, *common_args, **meta,
-                BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+            _anderson_kernel[(programs,)](
+                W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist, row_norms, column_sums,
+                *common_args, **meta, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=_num_warps(block_d))
         else:
             scratch = z.new_empty((2, batch, d), dtype=compute)
-            block = dict(SCRATCH_BLOCKS, **(blocks or {}))
             torch._check(not meta["USE_DOT"] or min(block["BLOCK_B"], block["BLOCK_N"], block["BLOCK_K"]) >= 16,
                          lambda: f"tl.dot needs blocks of at least 16, got {block}")
-            _anderson_scratch_kernel[(triton.cdiv(batch, block["BLOCK_B"]),)](
-                W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist, scratch, *common_args,
-                scratch.stride(0), scratch.stride(1), **meta, **block, num_warps=SCRATCH_WARPS)
-    return out, iters, residual, converged
+            _anderson_scratch_kernel[(programs,)](
+                W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), hist, row_norms, column_sums,
+                scratch, *common_args, scratch.stride(0), scratch.stride(1), **meta, **block,
+                num_warps=SCRATCH_WARPS)
+    return (*outputs, *penalty.outputs(W)) if adjoint else outputs
 
 
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_triton", mutates_args=())
@@ -316,14 +334,16 @@ def _(W, c, z0, activation, m, beta, lam, tol, max_iter):
 
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_backward_triton", mutates_args=())
 def _anderson_backward_op(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str, m: int, beta: float,
-                          lam: float, tol: float, max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint=True)
+                          lam: float, tol: float, max_iter: int, jacobian_penalty: float = 0.0
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint=True,
+                  jacobian_penalty=jacobian_penalty)
 
 
 @_anderson_backward_op.register_fake
-def _(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
+def _(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, jacobian_penalty=0.0):
     check_dense_inputs(W, (c, z, grad_z))
-    return empty_solve_outputs(z)
+    return (*empty_solve_outputs(z), *fake_penalty_outputs(W, c, jacobian_penalty))
 
 
 def fixed_point_dense_anderson_triton(W: Tensor, c: Tensor, z0: Tensor, activation: str, m: int, beta: float,
@@ -336,8 +356,10 @@ def fixed_point_dense_anderson_triton(W: Tensor, c: Tensor, z0: Tensor, activati
 
 
 def fixed_point_dense_anderson_backward_triton(W: Tensor, c: Tensor, z: Tensor, grad_z: Tensor, activation: str,
-                                               m: int, beta: float, lam: float, tol: float,
-                                               max_iter: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from 0 by Anderson. Shapes as the forward."""
+                                               m: int, beta: float, lam: float, tol: float, max_iter: int,
+                                               jacobian_penalty: float = 0.0
+                                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from 0 by Anderson, with the Jacobian penalty
+    of weight jacobian_penalty. Shapes and outputs as fixed_point_dense_backward_triton's."""
     return torch.ops.deqkern.fixed_point_dense_anderson_backward_triton(W, c, z, grad_z, activation, m, beta, lam,
-                                                                        tol, max_iter)
+                                                                        tol, max_iter, jacobian_penalty)

@@ -67,4 +67,34 @@ DEQKERN_HOST_DEVICE T activation_derivative(ActivationId id, T u) {
   }
 }
 
+// act'(u) (exactly activation_derivative's value) and act''(u) into `second`, from one evaluation: the Jacobian
+// penalty's gradient needs both (act'' is 0 where act is piecewise linear, as the reference).
+template <typename T>
+DEQKERN_HOST_DEVICE T activation_derivatives(ActivationId id, T u, T& second) {
+  switch (id) {
+    case ActivationId::Tanh: {
+      T t = tanh(u);
+      T s = T(1) - t * t;
+      second = T(-2) * t * s;
+      return s;
+    }
+    case ActivationId::Sigmoid: {
+      T g = T(1) / (T(1) + exp(-u));
+      T s = g * (T(1) - g);
+      second = s * (T(1) - T(2) * g);
+      return s;
+    }
+    case ActivationId::Softsign: {
+      T a = T(1) + fabs(u);
+      T s = T(1) / (a * a);
+      T sign = u > T(0) ? T(1) : (u < T(0) ? T(-1) : T(0));
+      second = T(-2) * sign * s / a;
+      return s;
+    }
+    default:
+      second = T(0);
+      return activation_derivative(id, u);
+  }
+}
+
 }  // namespace deqkern

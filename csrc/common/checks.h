@@ -53,6 +53,12 @@ inline void check_anderson_options(const char* op, int64_t m, double beta, doubl
   TORCH_CHECK(lam >= 0.0 && std::isfinite(lam), "deqkern.", op, ": lam must be finite and >= 0, got ", lam);
 }
 
+// A backward's Jacobian penalty weight: finite and >= 0 (0: none).
+inline void check_jacobian_penalty(const char* op, double weight) {
+  TORCH_CHECK(weight >= 0.0 && std::isfinite(weight), "deqkern.", op,
+              ": jacobian_penalty must be finite and >= 0, got ", weight);
+}
+
 // power_iteration's mode: "gram" (false) or "symmetric" (true).
 inline bool is_symmetric_power_mode(c10::string_view mode) {
   TORCH_CHECK(mode == "gram" || mode == "symmetric", "deqkern.power_iteration: unknown mode '", std::string(mode),

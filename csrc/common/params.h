@@ -26,6 +26,11 @@ struct DenseSolveParams {
   T tol = 0;
   ActivationId activation = ActivationId::Identity;
   bool adjoint = false;
+  // The adjoint's exact Jacobian penalty (jacobian_penalty = w > 0; null: none; the specification:
+  // with_jacobian_penalty in deqkern/reference/common.py): out gains penalty_scale act'(u) act''(u) ||W_i||^2 where s
+  // is computed, and the backend sums act'(u)^2 over the batch per column for the row term and the value.
+  const T* penalty_row_norms = nullptr;  // (d,) ||W_i||^2
+  T penalty_scale = 0;                   // 2 w / N, N = max(batch * d, 1)
 };
 
 // Picard: x <- (1 - alpha) x + alpha T(x). one_minus_alpha is rounded from the double 1 - alpha, as the reference's

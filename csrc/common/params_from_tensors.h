@@ -5,8 +5,11 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/dot.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "common/checks.h"
@@ -15,14 +18,23 @@
 namespace deqkern {
 
 using SolveOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// A backward's: SolveOutputs, then the Jacobian penalty's row term (d,) and value (0-dim), both (0,) without one.
+using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The tensors of one dense solve: forward (grad_z undefined) from z = z0, or the adjoint at the fixed point z.
+inline SolveOutputs forward_outputs(const BackwardOutputs& o) {
+  return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o)};
+}
+
+// The tensors of one dense solve: forward (grad_z undefined) from z = z0, or the adjoint at the fixed point z, with
+// the Jacobian penalty of weight penalty_weight (> 0; adjoint only).
 struct DenseSolveTensors {
   at::Tensor W, c, z, grad_z;                       // contiguous
   at::Tensor out, iterations, residual, converged;  // (batch, d), (batch,) int32, (batch,), (batch,) bool
+  double penalty_weight;
+  at::Tensor penalty_rows, penalty;  // (d,) and 0-dim with a penalty, else (0,) each
 
   DenseSolveTensors(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
-                    const at::Tensor& grad_z_in)
+                    const at::Tensor& grad_z_in, double penalty_weight_in = 0.0)
       : W(W_in.contiguous()),
         c(c_in.contiguous()),
         z(z_in.contiguous()),
@@ -30,12 +42,35 @@ struct DenseSolveTensors {
         out(at::empty({c_in.size(0), c_in.size(1)}, c_in.options())),
         iterations(at::empty({c_in.size(0)}, c_in.options().dtype(at::kInt))),
         residual(at::empty({c_in.size(0)}, c_in.options())),
-        converged(at::empty({c_in.size(0)}, c_in.options().dtype(at::kBool))) {}
+        converged(at::empty({c_in.size(0)}, c_in.options().dtype(at::kBool))),
+        penalty_weight(penalty_weight_in),
+        penalty_rows(at::empty({penalty_weight_in > 0 ? c_in.size(1) : 0}, c_in.options())),
+        penalty(penalty_weight_in > 0 ? at::empty({}, c_in.options()) : at::empty({0}, c_in.options())) {
+    if (penalised() && batch() == 0) {  // empty sums
+      penalty_rows.zero_();
+      penalty.zero_();
+    }
+  }
 
   int64_t batch() const { return c.size(0); }
   int64_t d() const { return c.size(1); }
   bool adjoint() const { return grad_z.defined(); }
+  bool penalised() const { return penalty_weight > 0; }
   SolveOutputs outputs() const { return {out, iterations, residual, converged}; }
+  BackwardOutputs backward_outputs() const {
+    return {out, iterations, residual, converged, penalty_rows, penalty};
+  }
+  // N of P = ||J||_F^2 / N, and the scale 2 w / N of the penalty's gradient terms.
+  double penalty_count() const { return double(std::max<int64_t>(batch() * d(), 1)); }
+  double penalty_scale() const { return 2.0 * penalty_weight / penalty_count(); }
+
+  // The penalty's outputs from per-tile column sums (tiles, d) of act'(u)^2 and the row norms ||W_i||^2 (d,): for
+  // backends whose tiles cannot sum across the batch themselves (CUDA, Triton's twin in its launcher).
+  void finish_penalty(const at::Tensor& column_partials, const at::Tensor& row_norms) {
+    const at::Tensor column = column_partials.sum(0);
+    penalty.copy_(at::dot(column, row_norms).div_(penalty_count()));
+    at::mul_out(penalty_rows, column, penalty_scale());
+  }
 
   // Everything of DenseSolveParams; the method's own options are set by the caller.
   template <typename T>
@@ -54,6 +89,7 @@ struct DenseSolveTensors {
     p.tol = static_cast<T>(tol);
     p.activation = activation;
     p.adjoint = adjoint();
+    p.penalty_scale = static_cast<T>(penalised() ? penalty_scale() : 0.0);
   }
 };
 
@@ -62,14 +98,17 @@ struct DenseSolveTensors {
 // rounded back to the input dtype (the specification: solved_in_accumulation_dtype in deqkern/reference/common.py).
 // The widening is one elementwise pass per input per solve, next to max_iter passes over W. float32 and float64
 // data go to `solve` as they are.
+// A backward's penalty row term is rounded as x is; its value stays float32.
 template <typename SOLVE>
-SolveOutputs solve_in_accumulation_dtype(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
-                                         const at::Tensor& grad_z, SOLVE&& solve) {
+auto solve_in_accumulation_dtype(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                 const at::Tensor& grad_z, SOLVE&& solve) -> decltype(solve(W, c, z, grad_z)) {
   const at::ScalarType dtype = W.scalar_type();
   if (!is_half_dtype(dtype)) return solve(W, c, z, grad_z);
   const auto widen = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
-  SolveOutputs out = solve(widen(W), widen(c), widen(z), widen(grad_z));
+  auto out = solve(widen(W), widen(c), widen(z), widen(grad_z));
   std::get<0>(out) = std::get<0>(out).to(dtype);
+  if constexpr (std::tuple_size<decltype(out)>::value == std::tuple_size<BackwardOutputs>::value)
+    std::get<4>(out) = std::get<4>(out).to(dtype);
   return out;
 }
 

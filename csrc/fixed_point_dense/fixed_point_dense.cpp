@@ -10,8 +10,11 @@ TORCH_LIBRARY_FRAGMENT(deqkern, m) {
       "fixed_point_dense(Tensor W, Tensor c, Tensor z0, str activation, float alpha, float tol, int max_iter)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // The implicit backward at the fixed point z: solves grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), from
-  // grad_u = 0 by the same damped iteration; returns (grad_u, iterations int32, residual, converged bool).
+  // grad_u = 0 by the same damped iteration. jacobian_penalty = w > 0 adds w times the exact Jacobian penalty's
+  // gradient to grad_u, computed with s (the specification: with_jacobian_penalty, deqkern/reference/common.py).
+  // Returns (grad_u, iterations int32, residual, converged bool, the penalty's row term (d,), its value (0-dim)); the
+  // last two are (0,) without a penalty.
   m.def(
       "fixed_point_dense_backward(Tensor W, Tensor c, Tensor z, Tensor grad_z, str activation, float alpha,"
-      " float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+      " float tol, int max_iter, float jacobian_penalty=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

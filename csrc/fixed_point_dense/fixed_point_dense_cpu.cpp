@@ -64,38 +64,39 @@ struct PicardMethod {
   }
 };
 
-// grad_z undefined: the forward solve from z = z0; defined: the adjoint at the fixed point z. float32/float64 data
-// (half data is widened first: solve_in_accumulation_dtype).
-SolveOutputs picard_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
-                          c10::string_view activation, double alpha, double tol, int64_t max_iter) {
+// grad_z undefined: the forward solve from z = z0; defined: the adjoint at the fixed point z, with the Jacobian
+// penalty of weight jacobian_penalty. float32/float64 data (half data is widened first: solve_in_accumulation_dtype).
+BackwardOutputs picard_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
+                             c10::string_view activation, double alpha, double tol, int64_t max_iter,
+                             double jacobian_penalty) {
   const ActivationId id = parse_activation(std::string(activation));
-  SolveOutputs out;
-  const DenseSolveTensors t(W, c, z, grad_z);
+  DenseSolveTensors t(W, c, z, grad_z, jacobian_penalty);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "deqkern_fixed_point_dense_cpu", [&] {
     CpuDenseArgs<PicardParams<scalar_t>> args;
     t.fill(args, id, tol, max_iter);
     set_picard_options(args, alpha);
-    out = run_dense_solve<PicardMethod>(args, t);
+    run_dense_solve<PicardMethod>(args, t);
   });
-  return out;
+  return t.backward_outputs();
 }
 
 SolveOutputs fixed_point_dense_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
                                    c10::string_view activation, double alpha, double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense", W, {c, z0}, tol, max_iter);
   check_picard_options("fixed_point_dense", alpha);
-  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
-    return picard_solve(wide..., activation, alpha, tol, max_iter);
-  });
+  return forward_outputs(solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return picard_solve(wide..., activation, alpha, tol, max_iter, 0.0);
+  }));
 }
 
-SolveOutputs fixed_point_dense_backward_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
-                                            const at::Tensor& grad_z, c10::string_view activation, double alpha,
-                                            double tol, int64_t max_iter) {
+BackwardOutputs fixed_point_dense_backward_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                               const at::Tensor& grad_z, c10::string_view activation, double alpha,
+                                               double tol, int64_t max_iter, double jacobian_penalty) {
   check_dense_solve_args("fixed_point_dense_backward", W, {c, z, grad_z}, tol, max_iter);
   check_picard_options("fixed_point_dense_backward", alpha);
+  check_jacobian_penalty("fixed_point_dense_backward", jacobian_penalty);
   return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
-    return picard_solve(wide..., activation, alpha, tol, max_iter);
+    return picard_solve(wide..., activation, alpha, tol, max_iter, jacobian_penalty);
   });
 }
 

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,6 +43,8 @@ template <typename T>
 struct SolveParams : PicardParams<T> {
   const T* M = nullptr;
   const T* Wt = nullptr;
+  // (batch, d), zeros, with a penalty: a tile's sums of act'(u)^2 over its rows, in the row of its first batch row
+  T* penalty_columns = nullptr;
 };
 
 template <bool FROM_SMEM, typename T>
@@ -148,18 +151,32 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   }
   if (tid < ROWS) active[tid] = int((valid >> tid) & 1u);
   __syncthreads();
-  // A tile without a valid row neither computes s nor iterates (uniform: `valid` is the same in every thread).
+  // A tile without a valid row neither computes s nor iterates (uniform: `valid` is the same in every thread), unless
+  // the Jacobian penalty needs s (its terms enter every row, as the reference's).
   // int32 (max_iter <= 2^31 - 1 is checked on the host): a 64-bit bound was spilled around the division slow path.
   const int32_t max_iter = valid != 0u ? int32_t(p.max_iter) : 0;
+  const bool penalty = p.penalty_row_norms != nullptr;
   if constexpr (MODE == Mode::Adjoint) {
-    if (valid != 0u) {
+    if (valid != 0u || penalty) {
       for (int i = tid; i < d; i += nthreads) {
         T acc[ROWS];
         column_matvec<false>(p.Wt + i, x_next, d, acc);
+        T column = T(0);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          s[i * ROWS + r] = r < rows ? activation_derivative(p.activation, acc[r] + p.c[(row0 + r) * d + i]) : T(0);
+          if (r >= rows) {
+            s[i * ROWS + r] = T(0);
+          } else if (!penalty) {
+            s[i * ROWS + r] = activation_derivative(p.activation, acc[r] + p.c[(row0 + r) * d + i]);
+          } else {  // p.out starts as the penalty's term; the epilogue adds the solve's result
+            T second;
+            const T si = activation_derivatives(p.activation, acc[r] + p.c[(row0 + r) * d + i], second);
+            s[i * ROWS + r] = si;
+            p.out[(row0 + r) * d + i] = p.penalty_scale * si * second * p.penalty_row_norms[i];
+            column += si * si;
+          }
         }
+        if (penalty) p.penalty_columns[row0 * d + i] = column;
       }
       __syncthreads();  // the first iteration overwrites x_next, which still holds z
     }
@@ -242,7 +259,9 @@ __global__ void __launch_bounds__(kMaxThreads) dense_solve_kernel(const SolvePar
   for (int e = tid; e < rows * d; e += nthreads) {
     const int r = e / d;
     const int i = e - r * d;
-    p.out[(row0 + r) * d + i] = x[i * ROWS + r];
+    const int64_t g = (row0 + r) * d + i;
+    // The penalty's term was written by another thread of this block, before the barriers of the solve.
+    p.out[g] = penalty ? x[i * ROWS + r] + p.out[g] : x[i * ROWS + r];
   }
   if (tid < rows) {
     p.iterations[row0 + tid] = iters;
@@ -285,16 +304,18 @@ void launch_dense_solve(const SolveParams<T>& p, int device) {
 
 // z is z0 (forward) or the fixed point (adjoint); grad_z is undefined in the forward.
 template <Mode MODE>
-SolveOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
-                         const at::Tensor& grad_z_in, ActivationId act, double alpha, double tol, int64_t max_iter) {
+BackwardOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
+                            const at::Tensor& grad_z_in, ActivationId act, double alpha, double tol, int64_t max_iter,
+                            double jacobian_penalty) {
   // Without the guard the kernel would launch on the current device rather than W's.
   const c10::cuda::CUDAGuard device_guard(W_in.device());
-  const DenseSolveTensors t(W_in, c_in, z_in, grad_z_in);
+  DenseSolveTensors t(W_in, c_in, z_in, grad_z_in, jacobian_penalty);
   TORCH_CHECK(t.d() <= int64_t(INT32_MAX), "deqkern.fixed_point_dense: d too large: ", t.d());
-  if (t.batch() == 0) return t.outputs();
+  if (t.batch() == 0) return t.backward_outputs();
   // Both modes read their iteration matrix by columns (coalesced): the forward needs W^T, the adjoint W
   // itself plus W^T once for s.
   const at::Tensor Wt = t.W.t().contiguous();
+  at::Tensor row_norms, column_partials;
   AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_cuda", [&] {
     using T = scalar_t;
     SolveParams<T> p;
@@ -302,9 +323,16 @@ SolveOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, const a
     set_picard_options(p, alpha);
     p.M = MODE == Mode::Forward ? Wt.const_data_ptr<T>() : t.W.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
+    if (MODE == Mode::Adjoint && t.penalised()) {
+      row_norms = t.W.square().sum(1);
+      column_partials = at::zeros({t.batch(), t.d()}, t.W.options());
+      p.penalty_row_norms = row_norms.const_data_ptr<T>();
+      p.penalty_columns = column_partials.mutable_data_ptr<T>();
+    }
     launch_dense_solve<T, MODE>(p, t.W.get_device());
   });
-  return t.outputs();
+  if (column_partials.defined()) t.finish_penalty(column_partials, row_norms);
+  return t.backward_outputs();
 }
 
 SolveOutputs fixed_point_dense_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
@@ -312,19 +340,20 @@ SolveOutputs fixed_point_dense_cuda(const at::Tensor& W, const at::Tensor& c, co
   check_dense_solve_args("fixed_point_dense", W, {c, z0}, tol, max_iter);
   check_picard_options("fixed_point_dense", alpha);
   const ActivationId act = parse_activation(std::string(activation));
-  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
-    return dense_solve<Mode::Forward>(wide..., act, alpha, tol, max_iter);
-  });
+  return forward_outputs(solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return dense_solve<Mode::Forward>(wide..., act, alpha, tol, max_iter, 0.0);
+  }));
 }
 
-SolveOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
-                                             const at::Tensor& grad_z, c10::string_view activation, double alpha,
-                                             double tol, int64_t max_iter) {
+BackwardOutputs fixed_point_dense_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                                                const at::Tensor& grad_z, c10::string_view activation, double alpha,
+                                                double tol, int64_t max_iter, double jacobian_penalty) {
   check_dense_solve_args("fixed_point_dense_backward", W, {c, z, grad_z}, tol, max_iter);
   check_picard_options("fixed_point_dense_backward", alpha);
+  check_jacobian_penalty("fixed_point_dense_backward", jacobian_penalty);
   const ActivationId act = parse_activation(std::string(activation));
   return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
-    return dense_solve<Mode::Adjoint>(wide..., act, alpha, tol, max_iter);
+    return dense_solve<Mode::Adjoint>(wide..., act, alpha, tol, max_iter, jacobian_penalty);
   });
 }
 

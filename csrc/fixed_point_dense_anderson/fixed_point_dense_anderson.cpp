@@ -10,8 +10,10 @@ TORCH_LIBRARY_FRAGMENT(deqkern, m) {
   m.def(
       "fixed_point_dense_anderson(Tensor W, Tensor c, Tensor z0, str activation, int m, float beta, float lam,"
       " float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The implicit backward: fixed_point_dense_backward's adjoint, solved from 0 by the same Anderson iteration.
+  // The implicit backward: fixed_point_dense_backward's adjoint (and Jacobian penalty, and outputs), solved from 0
+  // by the same Anderson iteration.
   m.def(
       "fixed_point_dense_anderson_backward(Tensor W, Tensor c, Tensor z, Tensor grad_z, str activation, int m,"
-      " float beta, float lam, float tol, int max_iter) -> (Tensor, Tensor, Tensor, Tensor)");
+      " float beta, float lam, float tol, int max_iter, float jacobian_penalty=0.)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -259,19 +259,18 @@ struct AndersonMethod {
   }
 };
 
-SolveOutputs anderson_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z, const at::Tensor& grad_z,
-                            c10::string_view activation, int64_t m, double beta, double lam, double tol,
-                            int64_t max_iter) {
+BackwardOutputs anderson_solve(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
+                               const at::Tensor& grad_z, c10::string_view activation, int64_t m, double beta,
+                               double lam, double tol, int64_t max_iter, double jacobian_penalty) {
   const ActivationId id = parse_activation(std::string(activation));
-  SolveOutputs out;
-  const DenseSolveTensors t(W, c, z, grad_z);
+  DenseSolveTensors t(W, c, z, grad_z, jacobian_penalty);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "deqkern_fixed_point_dense_anderson_cpu", [&] {
     AndersonArgs<scalar_t> args;
     t.fill(args, id, tol, max_iter);
     set_anderson_options(args, m, beta, lam);
-    out = run_dense_solve<AndersonMethod>(args, t);
+    run_dense_solve<AndersonMethod>(args, t);
   });
-  return out;
+  return t.backward_outputs();
 }
 
 SolveOutputs fixed_point_dense_anderson_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
@@ -279,18 +278,21 @@ SolveOutputs fixed_point_dense_anderson_cpu(const at::Tensor& W, const at::Tenso
                                             double tol, int64_t max_iter) {
   check_dense_solve_args("fixed_point_dense_anderson", W, {c, z0}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson", m, beta, lam);
-  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
-    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter);
-  });
+  return forward_outputs(solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter, 0.0);
+  }));
 }
 
-SolveOutputs fixed_point_dense_anderson_backward_cpu(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
-                                                     const at::Tensor& grad_z, c10::string_view activation, int64_t m,
-                                                     double beta, double lam, double tol, int64_t max_iter) {
+BackwardOutputs fixed_point_dense_anderson_backward_cpu(const at::Tensor& W, const at::Tensor& c,
+                                                        const at::Tensor& z, const at::Tensor& grad_z,
+                                                        c10::string_view activation, int64_t m, double beta,
+                                                        double lam, double tol, int64_t max_iter,
+                                                        double jacobian_penalty) {
   check_dense_solve_args("fixed_point_dense_anderson_backward", W, {c, z, grad_z}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson_backward", m, beta, lam);
+  check_jacobian_penalty("fixed_point_dense_anderson_backward", jacobian_penalty);
   return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
-    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter);
+    return anderson_solve(wide..., activation, m, beta, lam, tol, max_iter, jacobian_penalty);
   });
 }
 

@@ -44,6 +44,7 @@ struct SolveParams : AndersonParams<T> {
   const T* M = nullptr;
   const T* Wt = nullptr;
   T* hist = nullptr;  // (batch, 2, m, d): x_i then g_i
+  T* penalty_columns = nullptr;  // (batch, d) with a penalty: act'(u)^2 of each row, summed over the batch on the host
 };
 
 using cuda::block_sum;
@@ -54,7 +55,9 @@ size_t anderson_smem_bytes(int64_t d, bool adjoint) {
   return size_t(adjoint ? 2 : 1) * size_t(d) * sizeof(T);
 }
 
-template <typename T>
+// PENALTY: the adjoint with the Jacobian penalty (its own instantiation, so that the solve without one keeps its
+// registers).
+template <typename T, bool PENALTY>
 __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T> p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* x = reinterpret_cast<T*>(smem_raw);
@@ -86,7 +89,14 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
     for (int i = tid; i < d; i += kThreads) {
       T u = p.c[row * d + i];
       for (int k = 0; k < d; ++k) u += p.z[row * d + k] * p.Wt[int64_t(k) * d + i];
-      s[i] = activation_derivative(p.activation, u);
+      if constexpr (!PENALTY) {
+        s[i] = activation_derivative(p.activation, u);
+      } else {  // p.out starts as the penalty's term; the epilogue adds the solve's result (same thread, same i)
+        T second;
+        s[i] = activation_derivatives(p.activation, u, second);
+        p.out[row * d + i] = p.penalty_scale * s[i] * second * p.penalty_row_norms[i];
+        p.penalty_columns[row * d + i] = s[i] * s[i];
+      }
     }
   }
   block_sum<double, 1>(bad, scratch);
@@ -147,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
     }
     if (k > p.max_iter) k = p.max_iter;
   }
-  for (int i = tid; i < d; i += kThreads) p.out[row * d + i] = x[i];
+  for (int i = tid; i < d; i += kThreads) p.out[row * d + i] = PENALTY ? x[i] + p.out[row * d + i] : x[i];
   if (tid == 0) {
     p.iterations[row] = int32_t(k);
     p.residual[row] = res;
@@ -155,15 +165,16 @@ __global__ void __launch_bounds__(kThreads) anderson_kernel(const SolveParams<T>
   }
 }
 
-SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
-                            const at::Tensor& grad_z_in, ActivationId act, int64_t m, double beta,
-                            double lam, double tol, int64_t max_iter) {
+BackwardOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
+                               const at::Tensor& grad_z_in, ActivationId act, int64_t m, double beta, double lam,
+                               double tol, int64_t max_iter, double jacobian_penalty) {
   const c10::cuda::CUDAGuard device_guard(W_in.device());  // otherwise the kernel launches on the current device
-  const DenseSolveTensors t(W_in, c_in, z_in, grad_z_in);
+  DenseSolveTensors t(W_in, c_in, z_in, grad_z_in, jacobian_penalty);
   const int64_t batch = t.batch(), d = t.d();
-  if (batch == 0) return t.outputs();
+  if (batch == 0) return t.backward_outputs();
   at::Tensor hist = at::empty({batch, 2, m, d}, t.W.options());
   const at::Tensor Wt = t.W.t().contiguous();
+  at::Tensor row_norms, column_partials;
   AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_anderson_cuda", [&] {
     using T = scalar_t;
     SolveParams<T> p;
@@ -172,16 +183,24 @@ SolveOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
     p.M = t.adjoint() ? t.W.const_data_ptr<T>() : Wt.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
     p.hist = hist.mutable_data_ptr<T>();
+    if (t.adjoint() && t.penalised()) {
+      row_norms = t.W.square().sum(1);
+      column_partials = at::empty({batch, d}, t.W.options());
+      p.penalty_row_norms = row_norms.const_data_ptr<T>();
+      p.penalty_columns = column_partials.mutable_data_ptr<T>();
+    }
+    auto kernel = column_partials.defined() ? anderson_kernel<T, true> : anderson_kernel<T, false>;
     const size_t smem = anderson_smem_bytes<T>(d, t.adjoint());
-    const size_t limit = cuda::max_dynamic_shared_memory(anderson_kernel<T>, t.W.get_device());
+    const size_t limit = cuda::max_dynamic_shared_memory(kernel, t.W.get_device());
     TORCH_CHECK(smem <= limit, "deqkern.fixed_point_dense_anderson: d = ", d, " is too large for the CUDA kernel "
                 "(needs ", smem, " bytes of shared memory per block, the device allows ", limit, ")");
-    cuda::allow_dynamic_shared_memory(anderson_kernel<T>, t.W.get_device());
+    cuda::allow_dynamic_shared_memory(kernel, t.W.get_device());
     TORCH_CHECK(batch <= int64_t(INT32_MAX), "deqkern.fixed_point_dense_anderson: batch too large: ", batch);
-    anderson_kernel<T><<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+    kernel<<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return t.outputs();
+  if (column_partials.defined()) t.finish_penalty(column_partials, row_norms);
+  return t.backward_outputs();
 }
 
 SolveOutputs fixed_point_dense_anderson_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z0,
@@ -190,20 +209,22 @@ SolveOutputs fixed_point_dense_anderson_cuda(const at::Tensor& W, const at::Tens
   check_dense_solve_args("fixed_point_dense_anderson", W, {c, z0}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson", m, beta, lam);
   const ActivationId act = parse_activation(std::string(activation));
-  return solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
-    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter);
-  });
+  return forward_outputs(solve_in_accumulation_dtype(W, c, z0, at::Tensor(), [&](const auto&... wide) {
+    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter, 0.0);
+  }));
 }
 
-SolveOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const at::Tensor& c, const at::Tensor& z,
-                                                      const at::Tensor& grad_z, c10::string_view activation,
-                                                      int64_t m, double beta, double lam, double tol,
-                                                      int64_t max_iter) {
+BackwardOutputs fixed_point_dense_anderson_backward_cuda(const at::Tensor& W, const at::Tensor& c,
+                                                         const at::Tensor& z, const at::Tensor& grad_z,
+                                                         c10::string_view activation, int64_t m, double beta,
+                                                         double lam, double tol, int64_t max_iter,
+                                                         double jacobian_penalty) {
   check_dense_solve_args("fixed_point_dense_anderson_backward", W, {c, z, grad_z}, tol, max_iter);
   check_anderson_options("fixed_point_dense_anderson_backward", m, beta, lam);
+  check_jacobian_penalty("fixed_point_dense_anderson_backward", jacobian_penalty);
   const ActivationId act = parse_activation(std::string(activation));
   return solve_in_accumulation_dtype(W, c, z, grad_z, [&](const auto&... wide) {
-    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter);
+    return anderson_solve(wide..., act, m, beta, lam, tol, max_iter, jacobian_penalty);
   });
 }
 

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from ..activations import get_activation
 from ..core.constants import RESIDUAL_EPS
 from ..core.dtypes import HALF_DTYPES
 
@@ -34,10 +35,31 @@ def solved_in_accumulation_dtype(solve):
         if W.dtype not in HALF_DTYPES:
             return solve(W, *args)
         widened = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-        x, iterations, residual, converged = solve(W.float(), *widened)
-        return x.to(W.dtype), iterations, residual, converged
+        x, iterations, residual, converged, *penalty = solve(W.float(), *widened)
+        if penalty:  # a backward's Jacobian penalty: its row term is rounded as x is, its value stays float32
+            penalty[0] = penalty[0].to(W.dtype)
+        return x.to(W.dtype), iterations, residual, converged, *penalty
 
     return wrapped
+
+
+def with_jacobian_penalty(adjoint, W, c, z, activation, weight):
+    """A dense backward's outputs with its exact Jacobian penalty (`jacobian_penalty=weight`): `adjoint` is the
+    solved (grad_u, iterations, residual, converged); returned with weight dP/du added to grad_u, then weight dP/dW's
+    row term (d,) and P, where P = ||J||_F^2 / N = sum_b sum_i act'(u_bi)^2 ||W_i||^2 / N at z (held constant),
+    u = z W^T + c, J_b = diag(act'(u_b)) W, N = max(z.numel(), 1):
+        dP/du_bi = 2 act'(u_bi) act''(u_bi) ||W_i||^2 / N,   dP/dW = (dP/du)^T z + diag(row term / weight) W,
+        row term_i = weight 2 sum_b act'(u_bi)^2 / N.
+    weight 0: no penalty, and the last two outputs are empty (0,) tensors. Every row of the batch enters the sums."""
+    grad_u, iterations, residual, converged = adjoint
+    if weight == 0:
+        return grad_u, iterations, residual, converged, W.new_empty(0), W.new_empty(0)
+    s, s1 = get_activation(activation).derivatives(z @ W.T + c)
+    row_norms = (W * W).sum(dim=1)
+    n = max(z.numel(), 1)
+    column = (s * s).sum(dim=0)
+    return (grad_u + 2 * weight / n * s * s1 * row_norms, iterations, residual, converged, 2 * weight / n * column,
+            (column * row_norms).sum() / n)
 
 
 def finite_rows(W, *batch_tensors):

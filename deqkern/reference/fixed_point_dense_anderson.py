@@ -3,7 +3,7 @@ import torch
 
 from ..activations import get_activation
 from .anderson import anderson_weights_ref
-from .common import finite_rows, iterate_per_sample, solved_in_accumulation_dtype
+from .common import finite_rows, iterate_per_sample, solved_in_accumulation_dtype, with_jacobian_penalty
 
 
 def _anderson_update(batch, d, m, beta, lam, dtype, device):
@@ -47,9 +47,12 @@ def fixed_point_dense_anderson_ref(W, c, z0, activation, m, beta, lam, tol, max_
 
 
 @solved_in_accumulation_dtype
-def fixed_point_dense_anderson_backward_ref(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter):
+def fixed_point_dense_anderson_backward_ref(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter,
+                                            jacobian_penalty=0.0):
     """Implicit backward of fixed_point_dense_anderson: the adjoint of fixed_point_dense_backward_ref,
-    grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), solved from 0 by the same Anderson iteration."""
+    grad_u = s * (grad_u W + grad_z), s = act'(z W^T + c), solved from 0 by the same Anderson iteration, with the
+    same Jacobian penalty and outputs."""
     s = get_activation(activation).derivative(z @ W.T + c)
-    return _anderson_ref(lambda h: s * (h @ W + grad_z), torch.zeros_like(z), m, beta, lam, tol, max_iter,
-                         finite_rows(W, c, z, grad_z))
+    adjoint = _anderson_ref(lambda h: s * (h @ W + grad_z), torch.zeros_like(z), m, beta, lam, tol, max_iter,
+                            finite_rows(W, c, z, grad_z))
+    return with_jacobian_penalty(adjoint, W, c, z, activation, jacobian_penalty)

@@ -16,12 +16,14 @@ from ..core.errors import SkippedGradientWarning
 from ..core.info import SolverInfo
 from ..core.policy import DIVERGENCE_ADVICE, check_policy, enforce_convergence
 from ..ops import fixed_point_dense as _picard_op, fixed_point_dense_anderson as _anderson_op  # noqa: F401 (backends)
-from ..ops._dense_solve import fake_solve_outputs
+from ..ops._dense_solve import fake_penalty_outputs, fake_solve_outputs
 from .dense_penalty import jacobian_penalty_gradient
 from .generic import solve
 
 BACKWARD_OVERFLOW_POLICIES = ("raise", "skip")
 _ADVICE = "see info.converged, raise max_iter, use damping (alpha < 1) or a contractive layer"
+# a backward op's outputs: (grad_u, iterations, residual, converged, Jacobian penalty row term, its value)
+_BackwardOutputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("deqkern::fixed_point_dense_tensor_alpha", mutates_args=())
@@ -36,10 +38,11 @@ def _picard_tensor_alpha(W: torch.Tensor, c: torch.Tensor, z0: torch.Tensor, act
 
 @torch.library.custom_op("deqkern::fixed_point_dense_tensor_alpha_backward", mutates_args=())
 def _picard_tensor_alpha_backward(W: torch.Tensor, c: torch.Tensor, z: torch.Tensor, grad_z: torch.Tensor,
-                                  activation: str, alpha: torch.Tensor, tol: float, max_iter: int, backend: str
-                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  activation: str, alpha: torch.Tensor, tol: float, max_iter: int,
+                                  jacobian_penalty: float, backend: str) -> _BackwardOutputs:
     """deqkern::fixed_point_dense_backward with a tensor alpha (see fixed_point_dense_tensor_alpha)."""
-    return kernel("fixed_point_dense_backward", backend)(W, c, z, grad_z, activation, float(alpha), tol, max_iter)
+    return kernel("fixed_point_dense_backward", backend)(W, c, z, grad_z, activation, float(alpha), tol, max_iter,
+                                                         jacobian_penalty)
 
 
 @_picard_tensor_alpha.register_fake
@@ -48,8 +51,8 @@ def _picard_tensor_alpha_fake(W, c, z0, activation, alpha, tol, max_iter, backen
 
 
 @_picard_tensor_alpha_backward.register_fake
-def _picard_tensor_alpha_backward_fake(W, c, z, grad_z, activation, alpha, tol, max_iter, backend):
-    return fake_solve_outputs(grad_z, c)
+def _picard_tensor_alpha_backward_fake(W, c, z, grad_z, activation, alpha, tol, max_iter, jacobian_penalty, backend):
+    return (*fake_solve_outputs(grad_z, c), *fake_penalty_outputs(W, c, jacobian_penalty))
 
 
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_tensor_beta", mutates_args=())
@@ -64,11 +67,10 @@ def _anderson_tensor_beta(W: torch.Tensor, c: torch.Tensor, z0: torch.Tensor, ac
 @torch.library.custom_op("deqkern::fixed_point_dense_anderson_tensor_beta_backward", mutates_args=())
 def _anderson_tensor_beta_backward(W: torch.Tensor, c: torch.Tensor, z: torch.Tensor, grad_z: torch.Tensor,
                                    activation: str, m: int, beta: torch.Tensor, lam: float, tol: float,
-                                   max_iter: int, backend: str
-                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   max_iter: int, jacobian_penalty: float, backend: str) -> _BackwardOutputs:
     """deqkern::fixed_point_dense_anderson_backward with a tensor beta (see fixed_point_dense_anderson_tensor_beta)."""
     return kernel("fixed_point_dense_anderson_backward", backend)(W, c, z, grad_z, activation, m, float(beta), lam,
-                                                                   tol, max_iter)
+                                                                   tol, max_iter, jacobian_penalty)
 
 
 @_anderson_tensor_beta.register_fake
@@ -77,14 +79,15 @@ def _anderson_tensor_beta_fake(W, c, z0, activation, m, beta, lam, tol, max_iter
 
 
 @_anderson_tensor_beta_backward.register_fake
-def _anderson_tensor_beta_backward_fake(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, backend):
-    return fake_solve_outputs(grad_z, c)
+def _anderson_tensor_beta_backward_fake(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, jacobian_penalty,
+                                        backend):
+    return (*fake_solve_outputs(grad_z, c), *fake_penalty_outputs(W, c, jacobian_penalty))
 
 
 def _solve_fns(backend: str, method: str, alpha, m: int, beta, lam: float):
-    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter)); Picard's
-    alpha and Anderson's beta floats, or 0-dim tensors read inside the op (the tensor-option ops take the backend
-    last)."""
+    """(forward(W, c, z0, activation, tol, max_iter), backward(W, c, z, grad_z, activation, tol, max_iter,
+    jacobian_penalty)); Picard's alpha and Anderson's beta floats, or 0-dim tensors read inside the op (the
+    tensor-option ops take the backend last)."""
     if method == "anderson":
         if isinstance(beta, torch.Tensor):
             fwd = lambda *args: _anderson_tensor_beta(*args, backend)  # noqa: E731
@@ -93,14 +96,14 @@ def _solve_fns(backend: str, method: str, alpha, m: int, beta, lam: float):
             fwd = kernel("fixed_point_dense_anderson", backend)
             bwd = kernel("fixed_point_dense_anderson_backward", backend)
         return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, m, beta, lam, tol, it),
-                lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, m, beta, lam, tol, it))
+                lambda W, c, z, gz, act, tol, it, pen: bwd(W, c, z, gz, act, m, beta, lam, tol, it, pen))
     if isinstance(alpha, torch.Tensor):
         fwd = lambda *args: _picard_tensor_alpha(*args, backend)  # noqa: E731
         bwd = lambda *args: _picard_tensor_alpha_backward(*args, backend)  # noqa: E731
     else:
         fwd, bwd = kernel("fixed_point_dense", backend), kernel("fixed_point_dense_backward", backend)
     return (lambda W, c, z0, act, tol, it: fwd(W, c, z0, act, alpha, tol, it),
-            lambda W, c, z, gz, act, tol, it: bwd(W, c, z, gz, act, alpha, tol, it))
+            lambda W, c, z, gz, act, tol, it, pen: bwd(W, c, z, gz, act, alpha, tol, it, pen))
 
 
 # ---------------------------------------------------------------- checks
@@ -196,9 +199,14 @@ class _FixedPointDense(torch.autograd.Function):
         W, c, z = ctx.saved_tensors  # z is this node's output: with create_graph, differentiable through this node
         activation, alpha, backend, tol, max_iter, policy, info, (method, m, beta, lam) = ctx.options
         _, backward_op = _solve_fns(backend, method, alpha, m, beta, lam)
+        # First order, the penalty's gradient comes out of the adjoint's op, computed where s = act'(u) is. With
+        # create_graph the op's grad_u must be the solve's alone (_differentiable_adjoint): the penalty is added
+        # after it, in closed form (dense_penalty.py).
+        penalty = ctx.jacobian_penalty
         with torch.no_grad():
-            grad_u, iterations, residual, converged = backward_op(W.detach(), c.detach(), z.detach(), grad_z.detach(),
-                                                                  activation, tol, max_iter)
+            grad_u, iterations, residual, converged, row_term, value = backward_op(
+                W.detach(), c.detach(), z.detach(), grad_z.detach(), activation, tol, max_iter,
+                0.0 if create_graph else penalty)
         backward_info = SolverInfo(iterations, residual, converged)
         if info is not None and not torch.compiler.is_compiling():
             info.backward = backward_info
@@ -215,21 +223,19 @@ class _FixedPointDense(torch.autograd.Function):
                             inputs={"grad_z": grad_z}, advice=_ADVICE)
         if create_graph:
             grad_u = _differentiable_adjoint(W, c, z, grad_z, grad_u, activation, ctx.options)
-        row_term = None
-        if ctx.jacobian_penalty:
-            with torch.no_grad():
-                grad_u_penalty, row_term, value = jacobian_penalty_gradient(W.detach(), c.detach(), z.detach(),
-                                                                            activation, ctx.jacobian_penalty)
-            if create_graph:  # the penalty's gradient is closed-form first order: differentiating it again raises
+            if penalty:  # the penalty's gradient is closed-form first order: differentiating it again raises
+                with torch.no_grad():
+                    grad_u_penalty, row_term, value = jacobian_penalty_gradient(W.detach(), c.detach(), z.detach(),
+                                                                                activation, penalty)
                 grad_u_penalty, row_term = raise_when_differentiated(_PENALTY_SECOND_ORDER, grad_u_penalty, row_term,
                                                                      anchors=(W, c, z, grad_z))
-            grad_u = grad_u + grad_u_penalty
-            if info is not None and not torch.compiler.is_compiling():
-                info.jacobian_penalty = value
+                grad_u = grad_u + grad_u_penalty
+        if penalty and info is not None and not torch.compiler.is_compiling():
+            info.jacobian_penalty = value
         grad_W = None
         if ctx.needs_input_grad[0]:
             grad_W = grad_u.T @ z
-            if row_term is not None:
+            if penalty:
                 grad_W = grad_W + row_term[:, None] * W if create_graph else grad_W.addcmul_(row_term[:, None], W)
         grad_c = grad_u if ctx.needs_input_grad[1] else None
         return grad_W, grad_c, *([None] * 13)

@@ -103,7 +103,11 @@ DEQKERN_ALWAYS_INLINE void solve_rows(const ARGS& a) {
     n_active = still_active;
   }
   for (int64_t row = a.row_begin; row < a.row_end; ++row) {
-    std::memcpy(a.out + row * a.d, a.x + row * a.ld, a.d * sizeof(T));
+    if (a.penalty_row_norms != nullptr) {  // out holds the penalty's term (adjoint_scale_rows)
+      for (int64_t i = 0; i < a.d; ++i) a.out[row * a.d + i] += a.x[row * a.ld + i];
+    } else {
+      std::memcpy(a.out + row * a.d, a.x + row * a.ld, a.d * sizeof(T));
+    }
     a.converged[row] = is_converged(a.residual[row], a.tol);
   }
 }
@@ -127,9 +131,37 @@ DEQKERN_ALWAYS_INLINE void adjoint_scale_rows(const ARGS& solve_args, const type
     rows[n_rows++] = row;
   }
   multiply_active_rows<T, TILE>(a, rows, n_rows);
-  for (int64_t row = a.row_begin; row < a.row_end; ++row)
-    for (int64_t i = 0; i < a.d; ++i)
-      scale[row * a.d + i] = activation_derivative(a.activation, a.y[row * a.ld + i] + a.c[row * a.d + i]);
+  if (a.penalty_row_norms == nullptr) {
+    for (int64_t row = a.row_begin; row < a.row_end; ++row)
+      for (int64_t i = 0; i < a.d; ++i)
+        scale[row * a.d + i] = activation_derivative(a.activation, a.y[row * a.ld + i] + a.c[row * a.d + i]);
+    return;
+  }
+  // With the Jacobian penalty, out starts as its gradient's term; the solve adds its result (solve_rows).
+  for (int64_t row = a.row_begin; row < a.row_end; ++row) {
+    for (int64_t i = 0; i < a.d; ++i) {
+      T second;
+      const T s = activation_derivatives(a.activation, a.y[row * a.ld + i] + a.c[row * a.d + i], second);
+      scale[row * a.d + i] = s;
+      a.out[row * a.d + i] = a.penalty_scale * s * second * a.penalty_row_norms[i];
+    }
+  }
+}
+
+// The Jacobian penalty's row term and value from s = act'(u) (batch, d) and the row norms, in one pass in batch
+// order (the same sums however many threads computed s).
+template <typename T>
+void finish_penalty_cpu(const T* s, const T* row_norms, DenseSolveTensors& t) {
+  const int64_t batch = t.batch(), d = t.d();
+  T* column = t.penalty_rows.mutable_data_ptr<T>();
+  std::fill(column, column + d, T(0));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < d; ++i) column[i] += s[b * d + i] * s[b * d + i];
+  T value = 0;
+  for (int64_t i = 0; i < d; ++i) value += column[i] * row_norms[i];
+  *t.penalty.mutable_data_ptr<T>() = value / static_cast<T>(t.penalty_count());
+  const T scale = static_cast<T>(t.penalty_scale());
+  for (int64_t i = 0; i < d; ++i) column[i] *= scale;
 }
 
 #ifdef DEQKERN_X86_DISPATCH
@@ -180,8 +212,9 @@ void for_row_ranges(int64_t batch, FN&& fn) {
   at::parallel_for(0, batch, grain, fn);
 }
 
+// The outputs are t's (its penalty ones too, with a penalty).
 template <typename METHOD, typename ARGS>
-SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
+void run_dense_solve(ARGS args, DenseSolveTensors& t) {
   using T = typename ARGS::T;
   const int64_t batch = t.batch(), d = t.d();
   const auto options = t.c.options();
@@ -189,6 +222,7 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
   int64_t bytes = 0;  // the shared scratch in one allocation, before the first iteration
   const int64_t packed_at = carve(bytes, d * ld * sizeof(T));
   const int64_t packed_forward_at = carve(bytes, args.adjoint ? d * ld * sizeof(T) : 0);
+  const int64_t row_norms_at = carve(bytes, t.penalised() ? d * sizeof(T) : 0);
   const int64_t x_at = carve(bytes, batch * ld * sizeof(T));
   const int64_t y_at = carve(bytes, batch * ld * sizeof(T));
   const int64_t active_at = carve(bytes, batch * sizeof(int64_t));
@@ -216,6 +250,16 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
     pack_matrix(W_t.const_data_ptr<T>(), W_t.stride(0), W_t.stride(1), d, ld, packed_forward);
     scale = at::empty({batch, d}, options);
     T* s = scale.mutable_data_ptr<T>();
+    T* row_norms = reinterpret_cast<T*>(base + row_norms_at);
+    if (t.penalised()) {
+      const T* W = t.W.const_data_ptr<T>();
+      for (int64_t i = 0; i < d; ++i) {
+        T sum = 0;
+        for (int64_t k = 0; k < d; ++k) sum += W[i * d + k] * W[i * d + k];
+        row_norms[i] = sum;
+      }
+      args.penalty_row_norms = row_norms;
+    }
     for_row_ranges(batch, [&](int64_t begin, int64_t end) {
       ARGS chunk = args;
       chunk.row_begin = begin;
@@ -223,6 +267,7 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
       adjoint_scale_dispatch(chunk, packed_forward, s);
     });
     args.scale = s;
+    if (t.penalised()) finish_penalty_cpu(s, row_norms, t);
   }
   const at::Tensor method_scratch = METHOD::allocate(args);
   for_row_ranges(batch, [&](int64_t begin, int64_t end) {
@@ -234,7 +279,6 @@ SolveOutputs run_dense_solve(ARGS args, const DenseSolveTensors& t) {
       solve_rows_dispatch<METHOD>(chunk);
     }
   });
-  return t.outputs();
 }
 
 }  // namespace cpu
