@@ -517,3 +517,27 @@ def test_cpu_results_do_not_depend_on_threads_or_batch(op):
     for one, two in zip(results[:4], results[4:]):
         for a, b in zip(one, two):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["picard", "anderson"])
+def test_kernel_penalty_gradient_equals_the_closed_form_in_python(method):
+    """fixed_point_dense(..., jacobian_penalty=w): the gradients the backward op's kernel gives equal the solve's
+    gradients plus the closed form computed in Python after it (dense_penalty.jacobian_penalty_gradient, the
+    create_graph path's), float64 to 1e-10; the reported penalty too."""
+    from deqkern.solvers.dense_penalty import jacobian_penalty_gradient
+
+    W, c, _ = kit.dense_problem(9, 13, seed=3)
+    grads, penalties = {}, {}
+    for weight in (0.0, 0.8):
+        W_, c_ = W.clone().requires_grad_(), c.clone().requires_grad_()
+        z, info = deqkern.fixed_point_dense(W_, c_, activation="sigmoid", method=method, tol=1e-12, max_iter=500,
+                                            jacobian_penalty=weight)
+        (z * torch.linspace(-1, 1, 13, dtype=z.dtype)).sum().backward()
+        grads[weight], penalties[weight] = (W_.grad, c_.grad), info.jacobian_penalty
+    z = z.detach()
+    grad_u, row_term, value = jacobian_penalty_gradient(W, c, z, "sigmoid", 0.8)
+    torch.testing.assert_close(grads[0.8][1], grads[0.0][1] + grad_u, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0.8][0], grads[0.0][0] + grad_u.T @ z + row_term[:, None] * W, rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(penalties[0.8], value, rtol=1e-12, atol=0)
+    assert penalties[0.0] is None
