@@ -66,6 +66,8 @@ def dense_cases(backend, widths):
             z = fixed_point_dense_ref(W, c, z0, *args)[0].nan_to_num()
             yield (f"{backend} fixed_point_dense_backward d={d} {dtype}", "fixed_point_dense_backward",
                    (W, c, z, torch.ones_like(z)), args, fixed_point_dense_backward_ref)
+            yield (f"{backend} fixed_point_dense_backward d={d} {dtype} jacobian penalty", "fixed_point_dense_backward",
+                   (W, c, z, torch.ones_like(z)), (*args, 0.5), fixed_point_dense_backward_ref)
     for d in (33, 300) if backend != "triton" else (33, 70):  # Triton: the register and the scratch kernel
         W, c, z0 = problem(5, d, torch.float32)
         args = ("tanh", 5, 1.0, 1e-6, 1e-5, 60)
@@ -74,6 +76,9 @@ def dense_cases(backend, widths):
         z = fixed_point_dense_anderson_ref(W, c, z0, *args)[0].nan_to_num()
         yield (f"{backend} fixed_point_dense_anderson_backward d={d}", "fixed_point_dense_anderson_backward",
                (W, c, z, torch.ones_like(z)), args, fixed_point_dense_anderson_backward_ref)
+        yield (f"{backend} fixed_point_dense_anderson_backward d={d} jacobian penalty",
+               "fixed_point_dense_anderson_backward", (W, c, z, torch.ones_like(z)), (*args, 0.5),
+               fixed_point_dense_anderson_backward_ref)
 
 
 def run_case(name, op, inputs, args, reference, backend, device):

@@ -1,8 +1,9 @@
 """The activation table: one row per activation, shared by every backend.
 
 The integer id is the contract with the kernels: `csrc/common/activations.h` (CPU and CUDA) and
-`triton_kernels/activations.py` switch on it. Adding an activation is one row here, one `case` there
-and one branch in the Triton helper; the solver kernels themselves do not change.
+`triton_kernels/activations.py` switch on it. Adding an activation is one row here, one `case` in each switch
+there (act, act', and act' with act'' for the Jacobian penalty) and one branch in each Triton helper; the solver
+kernels themselves do not change.
 """
 from typing import Callable, NamedTuple, Tuple
 

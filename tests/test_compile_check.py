@@ -77,9 +77,8 @@ def test_the_cuda_build_log_is_parsed(tmp_path):
 def test_a_launcher_is_compiled_for_sm90_at_each_of_its_paths(tmp_path):
     """The real thing at its smallest: the dense Anderson launcher at d = 16 (the register kernel) and one past the
     widest register row (the scratch kernel), forward and adjoint (and the adjoint with the Jacobian penalty), in
-    every dtype and precision variant: all compile,
-    and tensor-core instructions appear exactly where TF32 was allowed. A subprocess, because the tests run Triton
-    under the interpreter, which replaces the compiler."""
+    every dtype and precision variant: all compile, and tensor-core instructions appear exactly where TF32 was
+    allowed. A subprocess, because the tests run Triton under the interpreter, which replaces the compiler."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     sizes = f"16,{TRITON_DENSE_ANDERSON_REGISTER_WIDTH + 1}"
     done = subprocess.run([sys.executable, str(BENCH / "compile_check.py"), "--sizes", sizes,

@@ -105,6 +105,20 @@ def test_backward_with_jacobian_penalty_matches_reference(backend, batch, d, act
         assert not torch.allclose(out[0], plain[0])
 
 
+def test_jacobian_penalty_with_flagged_rows(backend):
+    """Rows with a non-finite input are not iterated, and the penalty's terms are the reference's all the same: NaN
+    where u = z W^T + c is (and in the column sums it enters), finite where only grad_z was bad."""
+    W, c, z0 = kit.dense_problem(5, 6, seed=4)
+    z = reference_fixed_point(W, c, z0, "tanh")
+    grad_z = kit.random_like(z)
+    c[1, 2], grad_z[3, 0] = NAN, INF
+    args = ("tanh", 1.0, 1e-10, MAX_ITER, 0.5)
+    out = backward(backend)(*kit.to_device(kit.device_of(backend), W, c, z, grad_z), *args)
+    ref = fixed_point_dense_backward_ref(W, c, z, grad_z, *args)
+    kit.assert_solve_matches(out, ref, torch.float64)
+    assert out[1].tolist() == [out[1][0], 0, out[1][2], 0, out[1][4]] and out[0][3].isfinite().all()
+
+
 @pytest.mark.parametrize("layout", ["strided", "transposed", "broadcast"])
 def test_any_strides(backend, layout):
     """The one contiguity rule: every input may have any strides (stride 0 included)."""

@@ -76,7 +76,7 @@ def activation_derivatives(u, ACTIVATION: tl.constexpr):
         a = 1.0 + tl.abs(u)
         s = 1.0 / (a * a)
         second = -2.0 * tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0)).to(u.dtype) * s / a
-    else:
+    else:  # identity, relu, relu6: piecewise linear (a new smooth activation needs its branch here)
         s = activation_derivative(u, ACTIVATION)
         second = tl.zeros_like(u)
     return s, second

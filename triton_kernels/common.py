@@ -5,6 +5,7 @@ the dense solves (operator tiles, the prologue, the map T) and the device guard 
 Inside kernels: p_ pointers, b_ register blocks, m_ masks, o_ offsets; compile-time switches are UPPER_CASE.
 """
 import contextlib
+import math
 import os
 
 import torch
@@ -272,6 +273,8 @@ class JacobianPenalty:
     C++ twin: DenseSolveTensors in csrc/common/params_from_tensors.h)."""
 
     def __init__(self, W, batch, programs, weight, compute_dtype):
+        torch._check(math.isfinite(weight) and weight >= 0,
+                     lambda: f"jacobian_penalty must be finite and >= 0, got {weight}")
         self.weight, self.numel = float(weight), max(batch * W.shape[0], 1)
         self.enabled = self.weight > 0
         if self.enabled:
@@ -319,6 +322,7 @@ def empty_solve_outputs(like: torch.Tensor):
     from deqkern.ops._dense_solve import fake_solve_outputs
 
     return fake_solve_outputs(like, like)
+
 
 def fake_penalty_outputs(W: torch.Tensor, like: torch.Tensor, jacobian_penalty: float):
     """A backward's Jacobian penalty outputs, metadata only (deqkern/ops/_dense_solve.py)."""

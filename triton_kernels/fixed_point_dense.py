@@ -4,7 +4,9 @@ Semantics: deqkern/reference/fixed_point_dense.py (fixed_point_dense_ref, fixed_
 solves; it iterates x <- (1 - alpha) x + alpha T(x) with
     forward:  T(x) = act(x W^T + c),               x0 = z0,
     adjoint:  T(h) = s * (h W + grad_z),           h0 = 0,   s = act'(z W^T + c) computed once,
-so both are x <- T(x) with a matvec against M = W (forward) or M = W^T (adjoint, passed as swapped strides).
+so both are x <- T(x) with a matvec against M = W (forward) or M = W^T (adjoint, passed as swapped strides). With the
+Jacobian penalty (PENALTY), the adjoint's epilogue adds its term to the result (common.jacobian_penalty_block, which
+forms z W^T + c once more: one product per program, next to the solve's one per iteration).
 
 Each program owns BLOCK_B rows and all d columns and runs every iteration itself: a `while` loop stops when no row
 of its tile is active, stopped rows are frozen by masks, and nothing returns to the host until the solve is done.

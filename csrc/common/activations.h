@@ -91,7 +91,10 @@ DEQKERN_HOST_DEVICE T activation_derivatives(ActivationId id, T u, T& second) {
       second = T(-2) * sign * s / a;
       return s;
     }
-    default:
+    case ActivationId::Relu:
+    case ActivationId::Relu6:
+    case ActivationId::Identity:
+    default:  // piecewise linear
       second = T(0);
       return activation_derivative(id, u);
   }

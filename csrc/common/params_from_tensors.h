@@ -64,8 +64,9 @@ struct DenseSolveTensors {
   double penalty_count() const { return double(std::max<int64_t>(batch() * d(), 1)); }
   double penalty_scale() const { return 2.0 * penalty_weight / penalty_count(); }
 
-  // The penalty's outputs from per-tile column sums (tiles, d) of act'(u)^2 and the row norms ||W_i||^2 (d,): for
-  // backends whose tiles cannot sum across the batch themselves (CUDA, Triton's twin in its launcher).
+  // The penalty's outputs from per-tile column sums (tiles, d) of act'(u)^2 and the row norms ||W_i||^2 (d,), by
+  // ATen reductions on their device: for backends whose tiles cannot sum across the batch themselves (CUDA; Triton's
+  // twin is JacobianPenalty in its launcher).
   void finish_penalty(const at::Tensor& column_partials, const at::Tensor& row_norms) {
     const at::Tensor column = column_partials.sum(0);
     penalty.copy_(at::dot(column, row_norms).div_(penalty_count()));

@@ -44,7 +44,7 @@ struct SolveParams : AndersonParams<T> {
   const T* M = nullptr;
   const T* Wt = nullptr;
   T* hist = nullptr;  // (batch, 2, m, d): x_i then g_i
-  T* penalty_columns = nullptr;  // (batch, d) with a penalty: act'(u)^2 of each row, summed over the batch on the host
+  T* penalty_columns = nullptr;  // (batch, d) with a penalty: act'(u)^2 of each row (finish_penalty sums them)
 };
 
 using cuda::block_sum;

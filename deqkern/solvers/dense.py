@@ -294,8 +294,9 @@ def fixed_point_dense(
     <= tol. method "picard" (damping alpha: a float, or a 0-dim tensor read inside the op, so that an alpha computed
     from a weight stays in a compiled graph) or "anderson" (history m <= 16, mixing beta, a float or such a tensor,
     regulariser lam relative to the Gram diagonal; the backward then runs Anderson too). jacobian_penalty=w adds the
-    gradient of w ||J||_F^2 / z.numel() at z* in the backward. on_backward_overflow "skip" turns a non-finite adjoint into zero
-    gradients and a SkippedGradientWarning. Every option and failure mode: docs/api.md.
+    gradient of w ||J||_F^2 / numel at z* in the backward (computed in the backward op's kernel).
+    on_backward_overflow "skip" turns a non-finite adjoint into zero gradients and a SkippedGradientWarning. Every
+    option and failure mode: docs/api.md.
     """
     what = "fixed_point_dense"
     check_dense_inputs(what, W, c, z0)

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "common/cpu/dense_kernels.h"
 #include "common/cpu/simd.h"
@@ -149,19 +150,19 @@ DEQKERN_ALWAYS_INLINE void adjoint_scale_rows(const ARGS& solve_args, const type
 }
 
 // The Jacobian penalty's row term and value from s = act'(u) (batch, d) and the row norms, in one pass in batch
-// order (the same sums however many threads computed s).
+// order (the same sums however many threads computed s), summed in double: a float32 running sum over a large batch
+// would drift.
 template <typename T>
 void finish_penalty_cpu(const T* s, const T* row_norms, DenseSolveTensors& t) {
   const int64_t batch = t.batch(), d = t.d();
-  T* column = t.penalty_rows.mutable_data_ptr<T>();
-  std::fill(column, column + d, T(0));
+  std::vector<double> column(d, 0.0);
   for (int64_t b = 0; b < batch; ++b)
-    for (int64_t i = 0; i < d; ++i) column[i] += s[b * d + i] * s[b * d + i];
-  T value = 0;
-  for (int64_t i = 0; i < d; ++i) value += column[i] * row_norms[i];
-  *t.penalty.mutable_data_ptr<T>() = value / static_cast<T>(t.penalty_count());
-  const T scale = static_cast<T>(t.penalty_scale());
-  for (int64_t i = 0; i < d; ++i) column[i] *= scale;
+    for (int64_t i = 0; i < d; ++i) column[i] += double(s[b * d + i]) * double(s[b * d + i]);
+  double value = 0.0;
+  for (int64_t i = 0; i < d; ++i) value += column[i] * double(row_norms[i]);
+  *t.penalty.mutable_data_ptr<T>() = static_cast<T>(value / t.penalty_count());
+  T* rows = t.penalty_rows.mutable_data_ptr<T>();
+  for (int64_t i = 0; i < d; ++i) rows[i] = static_cast<T>(column[i] * t.penalty_scale());
 }
 
 #ifdef DEQKERN_X86_DISPATCH
@@ -254,9 +255,9 @@ void run_dense_solve(ARGS args, DenseSolveTensors& t) {
     if (t.penalised()) {
       const T* W = t.W.const_data_ptr<T>();
       for (int64_t i = 0; i < d; ++i) {
-        T sum = 0;
-        for (int64_t k = 0; k < d; ++k) sum += W[i * d + k] * W[i * d + k];
-        row_norms[i] = sum;
+        double sum = 0.0;  // as finish_penalty_cpu's sums
+        for (int64_t k = 0; k < d; ++k) sum += double(W[i * d + k]) * double(W[i * d + k]);
+        row_norms[i] = static_cast<T>(sum);
       }
       args.penalty_row_norms = row_norms;
     }
