@@ -245,14 +245,15 @@ def scratch_prologue(W_ptr, z_ptr, c_ptr, gz_ptr, p_x, p_s, stride_x_b, o_b, m_b
 
 @triton.jit
 def jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out, stride_w_in,
-                           stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale, ACTIVATION: tl.constexpr,
+                           stride_z_b, stride_z_d, stride_c_b, stride_c_d, ACTIVATION: tl.constexpr,
                            USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Column block n0 of an adjoint's exact Jacobian penalty (with_jacobian_penalty in deqkern/reference/common.py),
     from u = z W^T + c ((stride_w_out, stride_w_in) are M = W^T's, as the adjoint's): returns the term
-    penalty_scale act'(u) act''(u) ||W_i||^2 of grad_u (rn_ptr: ||W_i||^2; 0 outside the masks) and stores this
-    program's sums of act'(u)^2 over its rows at colsum_ptr[program, n0:n0+BLOCK_N] (the launcher sums the programs:
-    JacobianPenalty.outputs). A register solve passes n0 = 0 and its whole-row blocks."""
+    act'(u) act''(u) (2 w / N) ||W_i||^2 of grad_u (rn_ptr: (2 w / N) ||W_i||^2, scaled by the launcher: a float64
+    scale argument made Triton 3.8 cap the Anderson register kernel at 128 registers and spill; 0 outside the masks)
+    and stores this program's sums of act'(u)^2 over its rows at colsum_ptr[program, n0:n0+BLOCK_N] (the launcher
+    sums the programs: JacobianPenalty.outputs). A register solve passes n0 = 0 and its whole-row blocks."""
     o_n = n0 + tl.arange(0, BLOCK_N)
     m_n = o_n < D
     m_bd = m_b[:, None] & m_n[None, :]
@@ -262,15 +263,14 @@ def jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0
                                            ACTIVATION)
     b_s = tl.where(m_bd, b_s, 0.0)
     tl.store(colsum_ptr + tl.program_id(0).to(tl.int64) * D + o_n, tl.sum(b_s * b_s, axis=0), mask=m_n)
-    row_norms = tl.load(rn_ptr + o_n, mask=m_n, other=0.0)
-    scale = tl.full([], penalty_scale, b_s.dtype)
-    return tl.where(m_bd, scale * b_s * b_second * row_norms[None, :], 0.0)
+    scaled_row_norms = tl.load(rn_ptr + o_n, mask=m_n, other=0.0)
+    return tl.where(m_bd, b_s * b_second * scaled_row_norms[None, :], 0.0)
 
 
 class JacobianPenalty:
     """The launcher's side of an adjoint's Jacobian penalty of weight w (0: none): the kernel arguments
-    (row norms ||W_i||^2, per-program column sums, 2 w / N) and, after the launch, the op's two penalty outputs (the
-    C++ twin: DenseSolveTensors in csrc/common/params_from_tensors.h)."""
+    ((2 w / N) ||W_i||^2, per-program column sums) and, after the launch, the op's two penalty outputs (the C++ twin:
+    DenseSolveTensors in csrc/common/params_from_tensors.h)."""
 
     def __init__(self, W, batch, programs, weight, compute_dtype):
         torch._check(math.isfinite(weight) and weight >= 0,
@@ -286,7 +286,8 @@ class JacobianPenalty:
         self.scale = 2.0 * self.weight / self.numel
 
     def kernel_args(self):
-        return self.row_norms, self.column_sums, self.scale
+        """(the row norms scaled by 2 w / N, the column sums' buffer)."""
+        return self.row_norms * self.scale, self.column_sums
 
     def outputs(self, W):
         """(row term (d,) in W's dtype, value 0-dim in the accumulation dtype), or (0,) each without a penalty."""

@@ -65,7 +65,7 @@ def _fixed_point_dense_kernel(
     # pointers
     W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, scratch_ptr, rn_ptr, colsum_ptr,
     # sizes and scalars (alpha, 1 - alpha and tol as fp64 so that float64 solves see the caller's exact values)
-    B, D, alpha: tl.float64, one_minus_alpha: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
+    B, D, alpha: tl.float64, one_minus_alpha: tl.float64, tol: tl.float64, max_iter,
     # strides; (stride_w_out, stride_w_in) are those of the iteration operator M: W's, or W^T's in the adjoint
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_s_buf, stride_s_b,
@@ -108,7 +108,7 @@ def _fixed_point_dense_kernel(
             residual, iters, active = record_step(active, r, residual, iters, k, b_tol)
         if PENALTY:
             b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, 0, D, stride_w_out,
-                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d,
                                           ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     else:
@@ -148,7 +148,7 @@ def _fixed_point_dense_kernel(
             if PENALTY:
                 b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out,
                                               stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d,
-                                              penalty_scale, ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N,
+                                              ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N,
                                               BLOCK_K)
             store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
 
@@ -214,11 +214,11 @@ def launch(W, c, z, grad_z, activation, alpha, tol, max_iter, adjoint: bool, con
         scratch = z.new_empty((3 if adjoint else 2, batch, d), dtype=compute)
     # M = W in the forward, W^T in the adjoint: the transpose is only a swap of strides.
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
-    row_norms, column_sums, penalty_scale = penalty.kernel_args()
+    row_norms, column_sums = penalty.kernel_args()
     with device_guard(z):
         _kernel[grid](
             W, c, z, grad_z, out, iters, residual, converged.view(torch.uint8), scratch, row_norms, column_sums,
-            batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter), penalty_scale,
+            batch, d, float(alpha), 1.0 - float(alpha), float(tol), int(max_iter),
             stride_out, stride_in, c.stride(0), c.stride(1), z.stride(0), z.stride(1),
             grad_z.stride(0), grad_z.stride(1), out.stride(0), out.stride(1),
             scratch.stride(0) if scratch.dim() == 3 else 0, scratch.stride(-2),

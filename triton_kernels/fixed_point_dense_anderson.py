@@ -80,7 +80,7 @@ def _anderson_kernel(
     # pointers
     W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr, rn_ptr, colsum_ptr,
     # sizes and scalars
-    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
+    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter,
     # strides; (stride_w_out, stride_w_in) are those of the iteration operator M: W's, or W^T's in the adjoint
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b,
@@ -157,7 +157,7 @@ def _anderson_kernel(
         tl.debug_barrier()
     if PENALTY:
         b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, 0, D, stride_w_out,
-                                      stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                      stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d,
                                       ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_D, BLOCK_D)
     store_rows(out_ptr, b_x, o_b, o_d, m_b, m_d, stride_o_b, stride_o_d)
     tl.store(iters_ptr + o_b, iters, mask=m_b)
@@ -170,7 +170,7 @@ def _anderson_scratch_kernel(
     # pointers; scratch: (2, B, d) the iterate and, in the adjoint, s
     W_ptr, c_ptr, z_ptr, gz_ptr, out_ptr, iters_ptr, res_ptr, conv_ptr, hist_ptr, rn_ptr, colsum_ptr, scratch_ptr,
     # sizes and scalars
-    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter, penalty_scale: tl.float64,
+    B, D, m, beta: tl.float64, lam: tl.float64, tol: tl.float64, max_iter,
     # strides, as _anderson_kernel's, plus the scratch's (its columns are contiguous)
     stride_w_out, stride_w_in, stride_c_b, stride_c_d, stride_z_b, stride_z_d, stride_gz_b, stride_gz_d,
     stride_o_b, stride_o_d, stride_h_kind, stride_h_slot, stride_h_b, stride_s_buf, stride_s_b,
@@ -261,7 +261,7 @@ def _anderson_scratch_kernel(
         b_x = load_rows(p_x, o_b, o_n, m_b, m_n, stride_s_b, 1)
         if PENALTY:
             b_x += jacobian_penalty_block(W_ptr, z_ptr, c_ptr, rn_ptr, colsum_ptr, o_b, m_b, n0, D, stride_w_out,
-                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d, penalty_scale,
+                                          stride_w_in, stride_z_b, stride_z_d, stride_c_b, stride_c_d,
                                           ACTIVATION, USE_DOT, DOT_PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         store_rows(out_ptr, b_x, o_b, o_n, m_b, m_n, stride_o_b, stride_o_d)
     tl.store(iters_ptr + o_b, iters, mask=m_b)
@@ -297,9 +297,8 @@ def launch(W, c, z, grad_z, activation, m, beta, lam, tol, max_iter, adjoint: bo
     mp = triton.next_power_of_2(m)
     hist = z.new_empty((2, m, batch, d), dtype=compute)
     stride_out, stride_in = (W.stride(1), W.stride(0)) if adjoint else (W.stride(0), W.stride(1))
-    row_norms, column_sums, penalty_scale = penalty.kernel_args()
-    common_args = (batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter), penalty_scale, stride_out,
-                   stride_in,
+    row_norms, column_sums = penalty.kernel_args()
+    common_args = (batch, d, int(m), float(beta), float(lam), float(tol), int(max_iter), stride_out, stride_in,
                    c.stride(0), c.stride(1), z.stride(0), z.stride(1), grad_z.stride(0), grad_z.stride(1),
                    out.stride(0), out.stride(1), hist.stride(0), hist.stride(1), hist.stride(2))
     meta = dict(ACTIVATION=act_id, ADJOINT=adjoint, **product_options(compute), MP=mp,
