@@ -8,6 +8,7 @@
 #include <ATen/ops/dot.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <tuple>
@@ -31,7 +32,9 @@ struct DenseSolveTensors {
   at::Tensor W, c, z, grad_z;                       // contiguous
   at::Tensor out, iterations, residual, converged;  // (batch, d), (batch,) int32, (batch,), (batch,) bool
   double penalty_weight;
-  at::Tensor penalty_rows, penalty;  // (d,) and 0-dim with a penalty, else (0,) each
+  at::Tensor penalty_rows, penalty;  // adjoint: (d,) and 0-dim with a penalty, else (0,) each; forward: undefined
+  // CUDA's penalty buffers (prepare_device_penalty): ||W_i||^2 (d,) and the tiles' column sums (batch, d)
+  at::Tensor penalty_row_norms, penalty_column_sums;
 
   DenseSolveTensors(const at::Tensor& W_in, const at::Tensor& c_in, const at::Tensor& z_in,
                     const at::Tensor& grad_z_in, double penalty_weight_in = 0.0)
@@ -43,9 +46,10 @@ struct DenseSolveTensors {
         iterations(at::empty({c_in.size(0)}, c_in.options().dtype(at::kInt))),
         residual(at::empty({c_in.size(0)}, c_in.options())),
         converged(at::empty({c_in.size(0)}, c_in.options().dtype(at::kBool))),
-        penalty_weight(penalty_weight_in),
-        penalty_rows(at::empty({penalty_weight_in > 0 ? c_in.size(1) : 0}, c_in.options())),
-        penalty(penalty_weight_in > 0 ? at::empty({}, c_in.options()) : at::empty({0}, c_in.options())) {
+        penalty_weight(penalty_weight_in) {
+    if (!adjoint()) return;  // a forward solve has no penalty outputs: nothing to allocate on its path
+    penalty_rows = at::empty({penalised() ? d() : 0}, c.options());
+    penalty = penalised() ? at::empty({}, c.options()) : at::empty({0}, c.options());
     if (penalised() && batch() == 0) {  // empty sums
       penalty_rows.zero_();
       penalty.zero_();
@@ -64,12 +68,22 @@ struct DenseSolveTensors {
   double penalty_count() const { return double(std::max<int64_t>(batch() * d(), 1)); }
   double penalty_scale() const { return 2.0 * penalty_weight / penalty_count(); }
 
-  // The penalty's outputs from per-tile column sums (tiles, d) of act'(u)^2 and the row norms ||W_i||^2 (d,), by
-  // ATen reductions on their device: for backends whose tiles cannot sum across the batch themselves (CUDA; Triton's
-  // twin is JacobianPenalty in its launcher).
-  void finish_penalty(const at::Tensor& column_partials, const at::Tensor& row_norms) {
-    const at::Tensor column = column_partials.sum(0);
-    penalty.copy_(at::dot(column, row_norms).div_(penalty_count()));
+  // For backends whose tiles cannot sum across the batch themselves (CUDA; Triton's twin is JacobianPenalty in its
+  // launcher): an adjoint with a penalty gets ||W_i||^2 into p and zeroed column sums of act'(u)^2 (batch, d), which
+  // a tile fills in the row of its first batch row; returns their pointer. finish_penalty then reduces them by ATen
+  // on their device into the penalty's outputs (a no-op without them).
+  template <typename T>
+  T* prepare_device_penalty(DenseSolveParams<T>& p) {
+    if (!adjoint() || !penalised()) return nullptr;
+    penalty_row_norms = W.square().sum(1);
+    penalty_column_sums = at::zeros({batch(), d()}, W.options());
+    p.penalty_row_norms = penalty_row_norms.const_data_ptr<T>();
+    return penalty_column_sums.mutable_data_ptr<T>();
+  }
+  void finish_penalty() {
+    if (!penalty_column_sums.defined()) return;
+    const at::Tensor column = penalty_column_sums.sum(0);
+    penalty.copy_(at::dot(column, penalty_row_norms).div_(penalty_count()));
     at::mul_out(penalty_rows, column, penalty_scale());
   }
 
@@ -108,8 +122,9 @@ auto solve_in_accumulation_dtype(const at::Tensor& W, const at::Tensor& c, const
   const auto widen = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
   auto out = solve(widen(W), widen(c), widen(z), widen(grad_z));
   std::get<0>(out) = std::get<0>(out).to(dtype);
-  if constexpr (std::tuple_size<decltype(out)>::value == std::tuple_size<BackwardOutputs>::value)
-    std::get<4>(out) = std::get<4>(out).to(dtype);
+  if constexpr (std::tuple_size<decltype(out)>::value == std::tuple_size<BackwardOutputs>::value) {
+    if (std::get<4>(out).defined()) std::get<4>(out) = std::get<4>(out).to(dtype);
+  }
   return out;
 }
 

@@ -6,7 +6,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -315,7 +314,6 @@ BackwardOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
   // Both modes read their iteration matrix by columns (coalesced): the forward needs W^T, the adjoint W
   // itself plus W^T once for s.
   const at::Tensor Wt = t.W.t().contiguous();
-  at::Tensor row_norms, column_partials;
   AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_cuda", [&] {
     using T = scalar_t;
     SolveParams<T> p;
@@ -323,15 +321,10 @@ BackwardOutputs dense_solve(const at::Tensor& W_in, const at::Tensor& c_in, cons
     set_picard_options(p, alpha);
     p.M = MODE == Mode::Forward ? Wt.const_data_ptr<T>() : t.W.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
-    if (MODE == Mode::Adjoint && t.penalised()) {
-      row_norms = t.W.square().sum(1);
-      column_partials = at::zeros({t.batch(), t.d()}, t.W.options());
-      p.penalty_row_norms = row_norms.const_data_ptr<T>();
-      p.penalty_columns = column_partials.mutable_data_ptr<T>();
-    }
+    p.penalty_columns = t.prepare_device_penalty(p);
     launch_dense_solve<T, MODE>(p, t.W.get_device());
   });
-  if (column_partials.defined()) t.finish_penalty(column_partials, row_norms);
+  t.finish_penalty();
   return t.backward_outputs();
 }
 

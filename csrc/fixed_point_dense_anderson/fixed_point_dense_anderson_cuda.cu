@@ -44,7 +44,7 @@ struct SolveParams : AndersonParams<T> {
   const T* M = nullptr;
   const T* Wt = nullptr;
   T* hist = nullptr;  // (batch, 2, m, d): x_i then g_i
-  T* penalty_columns = nullptr;  // (batch, d) with a penalty: act'(u)^2 of each row (finish_penalty sums them)
+  T* penalty_columns = nullptr;  // (batch, d) with a penalty: act'(u)^2 of each row (prepare_device_penalty)
 };
 
 using cuda::block_sum;
@@ -174,7 +174,6 @@ BackwardOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, c
   if (batch == 0) return t.backward_outputs();
   at::Tensor hist = at::empty({batch, 2, m, d}, t.W.options());
   const at::Tensor Wt = t.W.t().contiguous();
-  at::Tensor row_norms, column_partials;
   AT_DISPATCH_FLOATING_TYPES(t.W.scalar_type(), "deqkern_fixed_point_dense_anderson_cuda", [&] {
     using T = scalar_t;
     SolveParams<T> p;
@@ -183,13 +182,8 @@ BackwardOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, c
     p.M = t.adjoint() ? t.W.const_data_ptr<T>() : Wt.const_data_ptr<T>();
     p.Wt = Wt.const_data_ptr<T>();
     p.hist = hist.mutable_data_ptr<T>();
-    if (t.adjoint() && t.penalised()) {
-      row_norms = t.W.square().sum(1);
-      column_partials = at::empty({batch, d}, t.W.options());
-      p.penalty_row_norms = row_norms.const_data_ptr<T>();
-      p.penalty_columns = column_partials.mutable_data_ptr<T>();
-    }
-    auto kernel = column_partials.defined() ? anderson_kernel<T, true> : anderson_kernel<T, false>;
+    p.penalty_columns = t.prepare_device_penalty(p);
+    auto kernel = p.penalty_columns != nullptr ? anderson_kernel<T, true> : anderson_kernel<T, false>;
     const size_t smem = anderson_smem_bytes<T>(d, t.adjoint());
     const size_t limit = cuda::max_dynamic_shared_memory(kernel, t.W.get_device());
     TORCH_CHECK(smem <= limit, "deqkern.fixed_point_dense_anderson: d = ", d, " is too large for the CUDA kernel "
@@ -199,7 +193,7 @@ BackwardOutputs anderson_solve(const at::Tensor& W_in, const at::Tensor& c_in, c
     kernel<<<dim3(unsigned(batch)), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (column_partials.defined()) t.finish_penalty(column_partials, row_norms);
+  t.finish_penalty();
   return t.backward_outputs();
 }
 
