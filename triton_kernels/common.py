@@ -281,13 +281,14 @@ class JacobianPenalty:
             wide = W.to(compute_dtype)
             self.row_norms = (wide * wide).sum(dim=1)
             self.column_sums = W.new_empty((programs, W.shape[0]), dtype=compute_dtype)
-        else:
-            self.row_norms = self.column_sums = W.new_empty(0, dtype=compute_dtype)  # not read
+        else:  # not read: a forward's or a penalty-free adjoint's launch does no penalty work
+            self.row_norms = self.column_sums = W.new_empty(0, dtype=compute_dtype)
         self.scale = 2.0 * self.weight / self.numel
+        self.scaled_row_norms = self.row_norms * self.scale if self.enabled else self.row_norms
 
     def kernel_args(self):
         """(the row norms scaled by 2 w / N, the column sums' buffer)."""
-        return self.row_norms * self.scale, self.column_sums
+        return self.scaled_row_norms, self.column_sums
 
     def outputs(self, W):
         """(row term (d,) in W's dtype, value 0-dim in the accumulation dtype), or (0,) each without a penalty."""
