@@ -141,6 +141,12 @@ def test_any_strides(backend, layout):
     ref = fixed_point_dense_backward_ref(W.cpu(), c.cpu(), z.cpu(), grad_z[:1].expand(5, 12).cpu(), "tanh", 1.0,
                                          1e-10, MAX_ITER)
     kit.assert_solve_matches(back, ref, torch.float64)
+    # and with the Jacobian penalty, which reads W, c and z again
+    back = backward(backend)(W.T.contiguous().T, kit.strided(c), kit.strided(z), grad_z[:1].expand(5, 12),
+                             "tanh", 1.0, 1e-10, MAX_ITER, 0.5)
+    ref = fixed_point_dense_backward_ref(W.cpu(), c.cpu(), z.cpu(), grad_z[:1].expand(5, 12).cpu(), "tanh", 1.0,
+                                         1e-10, MAX_ITER, 0.5)
+    kit.assert_solve_matches(back, ref, torch.float64)
 
 
 @pytest.mark.parametrize("d", [5, 33])
