@@ -466,6 +466,137 @@ def test_carried_spectral_bound_is_a_bound():
         assert not bool(carried_spectral_bound(bad, W0, proven) <= 1e300)
 
 
+def test_carried_spectral_bound_in_float32():
+    """Both weights float32: the difference and its sum of squares in float32 (one BLAS dot product) with their
+    rounding bounded: above ||W||_2 for large, small and underflowing changes (squares below float32's range), the
+    drift above the float64 figure's by at most its rounding bound, and not a number for a weight that is not
+    finite."""
+    from deqkern.lipschitz.spectral_bound import carried_spectral_bound
+    g = torch.Generator().manual_seed(4)
+    for shape in ((5, 5), (7, 3), (64, 64)):
+        W0 = torch.randn(shape, generator=g)
+        proven = torch.linalg.svdvals(W0.double())[0] * (1 + 1e-12)
+        for size in (1.0, 1e-3, 1e-7, 1e-30, 0.0):
+            W = W0 + (size * torch.randn(shape, generator=g)).float()
+            carried = carried_spectral_bound(W, W0, proven)
+            in_float64 = carried_spectral_bound(W.double(), W0.double(), proven)
+            assert carried.dtype == F64 and carried >= torch.linalg.svdvals(W.double())[0]
+            # looser than the float64 figure by the float32 sum's rounding bound only: gamma_N, N = 4096, 2.4e-4
+            drift = in_float64 - proven
+            assert carried >= in_float64 and carried <= proven + drift * (1 + 3e-4) + 1e-12 * proven
+        tiny = (1e-25 * torch.randn(shape, generator=g)).float()  # squares of 1e-50: below float32's range
+        assert (tiny != 0).any()
+        assert carried_spectral_bound(tiny, torch.zeros(shape), torch.zeros((), dtype=F64)) >= \
+            torch.linalg.svdvals(tiny.double())[0] > 0
+        bad = W0.clone()
+        bad[0, 0] = float("inf")
+        assert not bool(carried_spectral_bound(bad, W0, proven) <= 1e300)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 40), (40, 96), (400, 400)])
+def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
+    """float32_gram=True: a float32 W's Gram matrix in float32, its rounding bound (gamma_m || |W| ||_2^2, the Perron
+    root bounded by Collatz-Wielandt) added to the proof: never below the norm (checked by SVD in float64), on a
+    Gaussian W, an entrywise positive one (|W| = W: the bound's worst case) and a rank-one one; `gram_rounding`
+    says what it cost, part of `slack`; where float32 products may not be IEEE (matmul precision "medium") or the
+    float32 product overflows, the float64 Gram matrix is used (gram_rounding 0)."""
+    from deqkern.lipschitz import spectral_norm_upper_bound
+    g = torch.Generator().manual_seed(shape[0] + shape[1])
+    gaussian = torch.randn(shape, generator=g) / math.sqrt(shape[0])
+    for V in (gaussian, gaussian.abs(), torch.randn(shape[0], 1, generator=g) @ torch.randn(1, shape[1], generator=g)):
+        truth = torch.linalg.svdvals(V.double())[0].item()
+        fast = spectral_norm_upper_bound(V, float32_gram=True)
+        exact = spectral_norm_upper_bound(V)
+        assert fast.method == exact.method == "cholesky" and fast.value.item() >= truth
+        assert 0 < fast.gram_rounding < 1e-2 and exact.gram_rounding == 0.0
+        assert fast.slack >= fast.gram_rounding
+        assert fast.value.item() <= truth * (1 + fast.slack) * (1 + 1e-6)  # the estimate is float32-rounded
+        assert fast.value.item() >= exact.value.item() * (1 - 1e-6)  # the rounding bound loosens, never tightens
+    # a float64 W is never multiplied in float32
+    assert spectral_norm_upper_bound(gaussian.double(), float32_gram=True).gram_rounding == 0.0
+    # products beyond float32's range: the float64 Gram matrix
+    huge = spectral_norm_upper_bound(gaussian * 1e20, float32_gram=True)
+    assert huge.gram_rounding == 0.0 and huge.value.item() >= torch.linalg.svdvals(gaussian.double() * 1e20)[0]
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # oneDNN may multiply float32 in bfloat16 here
+        assert spectral_norm_upper_bound(gaussian, float32_gram=True).gram_rounding == 0.0
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert spectral_norm_upper_bound(gaussian, float32_gram=True).gram_rounding > 0
+
+
+def test_lipschitz_backs_off_carrying_while_its_weight_moves_fast():
+    """A carried bound that misses the budget by far (a large learning rate) makes the layer skip 1, 3, ... attempts
+    before the next; once the weight moves little again a carried bound is accepted and the count resets. The bound
+    holds by SVD at every step throughout."""
+    torch.manual_seed(17)
+    x = torch.randn(32, 8)
+    y = 5 * torch.randn(32, 1)
+    layer = LipschitzDEQ(8, 40, gamma=0.9, tol=1e-6, max_iter=500, init_scale=2.0)
+    head = torch.nn.Linear(40, 1)
+    opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=0.1)
+    skipped, methods = [], []
+    for step in range(20):
+        if step == 8:
+            for group in opt.param_groups:
+                group["lr"] = 1e-7
+        loss = (head(layer(x)) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        assert torch.linalg.svdvals(layer.last_weight.double())[0].item() <= 0.9 * (1 + 8 * 2.0**-23)
+        opt.step()
+        skipped.append(layer._carry_skips)
+        methods.append(layer.last_weight_bound.method)
+    assert max(skipped[:8]) >= 1 and "carried" not in methods[:8]  # far misses: attempts skipped
+    assert "carried" in methods[8:] and layer._carry_misses == 0 and layer._carry_skips == 0
+
+
+@pytest.mark.parametrize("case", ["active", "inactive", "zero_direction"])
+def test_lipschitz_scaled_weight_gradient_is_spectral_norms(case):
+    """The one-node W = V min(1, c / sigma_bar) has the gradient of the formula it replaces (sigma_bar = sigma
+    (upper / sigma_d), sigma = ||V u||, through torch's autograd), first and second derivatives, where the scale is
+    active, where it is 1, and where V u = 0 (no sigma path)."""
+    from deqkern.nn.certified.lipschitz_deq import _SpectrallyScaledWeight
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(6, 6, generator=g, dtype=F64)
+    u = torch.randn(6, generator=g, dtype=F64)
+    u = u / u.norm()
+    if case == "zero_direction":
+        V = V - torch.outer(V @ u, u)  # V u = 0
+    V.requires_grad_(True)
+    upper = torch.tensor(0.5 if case == "inactive" else 3.0, dtype=F64)
+
+    def formula(V):
+        sigma = torch.linalg.vector_norm(V @ u)
+        sigma_d = sigma.detach()
+        sigma_bar = torch.where(sigma_d > 0, sigma * (upper / torch.where(sigma_d > 0, sigma_d, 1.0)), upper)
+        return V * torch.clamp(0.9 / sigma_bar.clamp_min(torch.finfo(F64).tiny), max=1.0)
+
+    G = torch.randn(6, 6, generator=g, dtype=F64)
+    for weight in (formula, lambda V: _SpectrallyScaledWeight.apply(V, u, upper, 0.9)):
+        W = weight(V)
+        first, = torch.autograd.grad((W * G).sum(), V, create_graph=True)
+        second, = torch.autograd.grad((first * G).sum() + first.square().sum(), V)
+        if weight is formula:
+            expected = (W.detach(), first.detach(), second)
+        else:
+            torch.testing.assert_close(W.detach(), expected[0], rtol=0, atol=1e-15)
+            torch.testing.assert_close(first.detach(), expected[1], rtol=1e-13, atol=1e-14)
+            torch.testing.assert_close(second, expected[2], rtol=1e-12, atol=1e-13)
+
+
+def test_warm_gram_steps_are_power_iterations():
+    from deqkern.lipschitz.matrix_norms import warm_gram_steps
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(30, 20, generator=g, dtype=F64)
+    u = torch.randn(20, generator=g, dtype=F64)
+    u = u / u.norm()
+    reference = lipschitz.power_iteration(W, u[None], mode="gram", max_iter=3, tol=1e-300,
+                                          on_nonconvergence="ignore").u[0]
+    torch.testing.assert_close(warm_gram_steps(W, u, 3), reference, rtol=1e-13, atol=1e-14)
+
+
 def test_blocked_cholesky_decides_as_lapack():
     """From BLOCKED_CHOLESKY_MIN rows the factorisation is blocked: it completes above lambda_max and fails below,
     as LAPACK's does, and a NaN below the diagonal fails it; a bound of a large matrix goes through it."""
