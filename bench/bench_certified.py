@@ -11,6 +11,9 @@ seed 0, default options:
                        factorisation, or the previous proof carried while the weight moved little)
   PositiveConcaveDEQ   W >= 0 by softplus, a positive concave map (pcDEQ-1)
   LinfContractiveDEQ   mu_inf(A) <= 0.5 by construction
+  LipschitzDEQ, proof frozen (not certified)
+                       its first proof's bound reused at every step, no proof after it: what the step costs
+                       without the proof, the floor under the certified layer's speed
 
 Each layer trains its own copy; the four are timed interleaved in one run (one step of each per round) and the
 result is each layer's speed relative to DEQLinear's (DEQLinear time / layer time: the issue's target is >= 0.8 for
@@ -31,9 +34,34 @@ SIZES = [(64, 64), (64, 128), (64, 256), (64, 512)]
 COLUMNS = ["B", "d", "layer", "median_ms", "p20_ms", "p80_ms", "repeats", "speed_vs_DEQLinear", "forward_iters",
            "backward_iters", "carried_share"]
 TITLE = "Certified layers: one training step against DEQLinear"
+
+
+def lipschitz_with_its_proof_frozen(d):
+    """A LipschitzDEQ whose training forwards reuse its first forward's proven bound instead of proving anew (its
+    power vector still takes its warm steps, its scale and gradient are the layer's): NOT certified after the first
+    step. What the layer's step costs without its proof: the floor under any proof's cost, so that the table shows
+    how much of the step the proof may take for a target speed."""
+    layer = deqkern.nn.LipschitzDEQ(64, d)
+    first = []
+
+    def sigma(V, converged, update):
+        if not first:
+            first.append(deqkern.nn.LipschitzDEQ._sigma(layer, V, converged, update))
+            return first[0]
+        with torch.no_grad():
+            u = layer._power_vector(V, converged)
+            if update:
+                layer.power_u.copy_(u)
+        return u, first[0][1]
+
+    layer._sigma = sigma
+    return layer
+
+
 LAYERS = {
     "DEQLinear": lambda d: deqkern.nn.DEQLinear(64, d),
     "LipschitzDEQ": lambda d: deqkern.nn.LipschitzDEQ(64, d),
+    "LipschitzDEQ, proof frozen (not certified)": lipschitz_with_its_proof_frozen,
     "PositiveConcaveDEQ": lambda d: deqkern.nn.PositiveConcaveDEQ(64, d),
     "LinfContractiveDEQ": lambda d: deqkern.nn.LinfContractiveDEQ(64, d),
 }
