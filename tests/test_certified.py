@@ -493,7 +493,7 @@ def test_carried_spectral_bound_in_float32():
         assert not bool(carried_spectral_bound(bad, W0, proven) <= 1e300)
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (96, 40), (40, 96), (400, 400)])
+@pytest.mark.parametrize("shape", [(256, 256), (300, 240), (240, 300), (400, 400)])
 def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
     """float32_gram=True: a float32 W's Gram matrix in float32, its rounding bound (gamma_m || |W| ||_2^2, the Perron
     root bounded by Collatz-Wielandt) added to the proof: never below the norm (checked by SVD in float64), on a
@@ -512,8 +512,9 @@ def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
         assert fast.slack >= fast.gram_rounding
         assert fast.value.item() <= truth * (1 + fast.slack) * (1 + 1e-6)  # the estimate is float32-rounded
         assert fast.value.item() >= exact.value.item() * (1 - 1e-6)  # the rounding bound loosens, never tightens
-    # a float64 W is never multiplied in float32
+    # a float64 W is never multiplied in float32, nor a narrow one (the float64 product is the faster there)
     assert spectral_norm_upper_bound(gaussian.double(), float32_gram=True).gram_rounding == 0.0
+    assert spectral_norm_upper_bound(gaussian[:, :200], float32_gram=True).gram_rounding == 0.0
     # products beyond float32's range: the float64 Gram matrix
     huge = spectral_norm_upper_bound(gaussian * 1e20, float32_gram=True)
     assert huge.gram_rounding == 0.0 and huge.value.item() >= torch.linalg.svdvals(gaussian.double() * 1e20)[0]
@@ -524,6 +525,32 @@ def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert spectral_norm_upper_bound(gaussian, float32_gram=True).gram_rounding > 0
+
+
+def test_lipschitz_float32_gram_proofs_hold_at_every_training_step():
+    """A float32 LipschitzDEQ wide enough for float32 Gram matrices (256): its training proofs use them (their
+    rounding bound recorded in last_weight_bound.gram_rounding), and ||W||_2 <= gamma / Lip(act) and ||V||_2 <=
+    raw_norm_bound hold by SVD in float64 at every step; with proof_budget=0 every proof is in float64."""
+    torch.manual_seed(18)
+    x = torch.randn(32, 8)
+    y = torch.randn(32, 1)
+    for budget in (1e-2, 0.0):
+        layer = LipschitzDEQ(8, 256, gamma=0.9, init_scale=2.0, proof_budget=budget)
+        head = torch.nn.Linear(256, 1)
+        opt = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=3e-2)
+        roundings = []
+        for _ in range(5):
+            V = layer.weight_raw.detach().double().clone()
+            loss = (head(layer(x)) - y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            proof = layer.last_weight_bound
+            assert torch.linalg.svdvals(layer.last_weight.double())[0].item() <= 0.9 * (1 + 8 * 2.0**-23)
+            assert torch.linalg.svdvals(V)[0].item() <= proof.raw_norm_bound
+            if proof.method == "cholesky":
+                roundings.append(proof.gram_rounding)
+        assert roundings and (all(r > 0 for r in roundings) if budget else all(r == 0 for r in roundings))
 
 
 def test_lipschitz_backs_off_carrying_while_its_weight_moves_fast():
@@ -556,7 +583,8 @@ def test_lipschitz_backs_off_carrying_while_its_weight_moves_fast():
 def test_lipschitz_scaled_weight_gradient_is_spectral_norms(case):
     """The one-node W = V min(1, c / sigma_bar) has the gradient of the formula it replaces (sigma_bar = sigma
     (upper / sigma_d), sigma = ||V u||, through torch's autograd), first and second derivatives, where the scale is
-    active, where it is 1, and where V u = 0 (no sigma path)."""
+    active, where it is 1, and where V u = 0 (no sigma path); its ratio given as a float (eager) and as a tensor
+    (traced)."""
     from deqkern.nn.certified.lipschitz_deq import _SpectrallyScaledWeight
     g = torch.Generator().manual_seed(5)
     V = torch.randn(6, 6, generator=g, dtype=F64)
@@ -574,9 +602,12 @@ def test_lipschitz_scaled_weight_gradient_is_spectral_norms(case):
         return V * torch.clamp(0.9 / sigma_bar.clamp_min(torch.finfo(F64).tiny), max=1.0)
 
     G = torch.randn(6, 6, generator=g, dtype=F64)
-    for weight in (formula, lambda V: _SpectrallyScaledWeight.apply(V, u, upper, 0.9)):
+    for weight in (formula, lambda V: _SpectrallyScaledWeight.apply(V, u, 0.9 / upper.item()),  # eager: a float
+                   lambda V: _SpectrallyScaledWeight.apply(V, u, 0.9 / upper)):  # traced: a 0-dim tensor
         W = weight(V)
+        plain, = torch.autograd.grad((W * G).sum(), V, retain_graph=True)  # no create_graph: the eager CPU path
         first, = torch.autograd.grad((W * G).sum(), V, create_graph=True)
+        torch.testing.assert_close(plain, first.detach(), rtol=1e-13, atol=1e-14)
         second, = torch.autograd.grad((first * G).sum() + first.square().sum(), V)
         if weight is formula:
             expected = (W.detach(), first.detach(), second)

@@ -167,6 +167,12 @@ class Gram(NamedTuple):
     error: Optional[torch.Tensor]
 
 
+# From this many columns (of the smaller Gram matrix) float32_gram applies: below, the float64 product is faster than
+# the float32 one with its rounding bound's two extra products (measured on a 2-core Xeon, 64 x 64: 19 us against
+# 53; 192: 111 against 121; 256: 228 against 183; 512: 1.75 ms against 0.95)
+FLOAT32_GRAM_MIN = 224
+
+
 def float32_products_are_ieee(device: torch.device) -> bool:
     """Whether torch multiplies float32 matrices on `device` in float32 with float32 sums, as the rounding bound of a
     float32 Gram matrix assumes: on the CPU only (cuBLAS may emulate float32), with every float32 matmul precision
@@ -184,13 +190,13 @@ def float32_products_are_ieee(device: torch.device) -> bool:
 
 
 def _gram(W: torch.Tensor, float32_gram: bool = False) -> Gram:
-    """The smaller Gram matrix of W: in float64, or (float32_gram, a float32 W on a device whose float32 products are
-    IEEE) in float32, about 2.5x faster at 512 x 512 on a 2-core Xeon, with its rounding bounded: each entry
-    |fl(G)_ij - G_ij| <= gamma_m (|W|^T |W|)_ij for any order of the m products' sum (Higham, Accuracy and
-    Stability, eq. 3.5; gamma_m = m u / (1 - m u), u = 2^-24), so ||fl(G) - G||_2 <= gamma_m || |W|^T |W| ||_2, and
-    that Perron root is at most max_i (M x)_i / x_i for any positive x (Collatz-Wielandt; x = M 1, two products of
-    |W| each): about 0.26% of ||W||_2^2 for a Gaussian 512 x 512 W, 1% at 1024 (measured; it grows as m n).
-    Underflow is covered: m n times the smallest normal number."""
+    """The smaller Gram matrix of W: in float64, or (float32_gram, a float32 W on a device whose float32 products
+    are IEEE) in float32, 1.8x faster at 512 x 512 on a 2-core Xeon (0.95 ms against 1.75), with its rounding
+    bounded: each entry |fl(G)_ij - G_ij| <= gamma_m (|W|^T |W|)_ij for any order of the m products' sum (Higham,
+    Accuracy and Stability, eq. 3.5; gamma_m = m u / (1 - m u), u = 2^-24), so ||fl(G) - G||_2 <= gamma_m || |W|^T
+    |W| ||_2, and that Perron root is at most max_i (M x)_i / x_i for any positive x (Collatz-Wielandt; x = M 1, two
+    products of |W| each): about 0.26% of ||W||_2^2 for a Gaussian 512 x 512 W, 1% at 1024 (measured; it grows as m
+    n). Underflow is covered: m n times the smallest normal number."""
     V = W.detach()
     rows_ge_cols = V.shape[0] >= V.shape[1]
     m, n = max(V.shape), min(V.shape)
@@ -241,18 +247,20 @@ def _cholesky_completes(A: torch.Tensor) -> bool:
     return int(torch.stack(infos).abs().amax()) == 0
 
 
-def _prove(gram: Gram, estimate, slacks):
+def _prove(gram: Gram, frobenius_sq: float, error: Optional[float], estimate: float, slacks):
     """The first (sigma_bar, slack) for the slacks of `slacks` that a Cholesky factorisation of t I - G (less the
-    rounding shift) proves, t = (estimate (1 + slack))^2 plus the Gram matrix's own error bound (0 in float64, where
-    sigma_bar = estimate (1 + slack)), or None. One factorisation and one host read per slack."""
-    G, m, n, frobenius_sq, error = gram
+    rounding shift) proves, t = (estimate (1 + slack))^2 plus the Gram matrix's own error bound (None in float64,
+    where sigma_bar = estimate (1 + slack)), or None. frobenius_sq and error: the Gram's, read on the host. The
+    scalars are Python floats: the same IEEE double arithmetic as 0-dim float64 tensors, without an operation
+    launched for each. One factorisation and one host read per slack."""
+    G, m, n = gram.G, gram.m, gram.n
     for slack in slacks:
         candidate = estimate * (1.0 + slack)
-        t = candidate.square()
+        t = candidate * candidate
         margin = _rounding_shift(m, n, t, frobenius_sq)
         if error is not None:  # lambda_max(fl(G)) <= t - error proves lambda_max(W^T W) <= t
-            candidate = (t + error).sqrt() * (1.0 + 4.0 * torch.finfo(torch.float64).eps)
-            t = candidate.square()
+            candidate = math.sqrt(t + error) * (1.0 + 4.0 * torch.finfo(torch.float64).eps)
+            t = candidate * candidate
             margin = _rounding_shift(m, n, t, frobenius_sq) + error
         trial = -G
         trial.diagonal().add_(t - margin)
@@ -278,11 +286,13 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
     proof without the Lanczos steps' two dozen products (vector None then). block (n, k), k >= 2, n > 2k: the
     first estimate is one block power step and a Rayleigh-Ritz projection from it (`_block_top`), far cheaper than
     Lanczos when warm; Lanczos (or the exact eigenpair) from its top vector follows only where it proves nothing.
-    The top Ritz vectors come back as ritz_block. float32_gram: a float32 W's Gram matrix is formed in float32 on the
-    CPU (`_gram`), the factorisation still in float64, and its rounding bound added to sigma_bar^2 (`gram_rounding`
-    says how much that adds: about 0.13% at 512 x 512); where that proves nothing, or the float32 product overflows,
-    the float64 Gram matrix is used instead. Raises FloatingPointError when W is not finite."""
-    if float32_gram and W.dtype == torch.float32 and float32_products_are_ieee(W.device):
+    The top Ritz vectors come back as ritz_block. float32_gram: a float32 W's Gram matrix (from FLOAT32_GRAM_MIN
+    columns) is formed in float32 on the CPU (`_gram`), the factorisation still in float64, and its rounding bound
+    added to sigma_bar^2 (`gram_rounding` says how much that adds: about 0.13% at 512 x 512); where that proves
+    nothing, or the float32 product overflows, the float64 Gram matrix is used instead. Raises FloatingPointError
+    when W is not finite."""
+    if float32_gram and W.dtype == torch.float32 and min(W.shape) >= FLOAT32_GRAM_MIN and \
+            float32_products_are_ieee(W.device):
         bound = _bound_from_gram(_gram(W, float32_gram=True), sigma_estimate, start, refine, slacks, block)
         if bound is not None:
             return bound
@@ -291,32 +301,39 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
 
 def _bound_from_gram(gram: Gram, sigma_estimate, start, refine, slacks, block) -> Optional[SpectralBound]:
     """spectral_norm_upper_bound from the Gram matrix; None where a float32 Gram matrix (one with an `error`) is not
-    finite or proves nothing before the squaring bound, which assumes exact entries."""
-    G, n, frobenius_sq = gram.G, gram.n, gram.frobenius_sq
-    finite, zero = torch.stack([torch.isfinite(frobenius_sq), frobenius_sq == 0]).tolist()
-    if gram.error is not None and not (finite and not zero):
+    finite or proves nothing before the squaring bound, which assumes exact entries. Its scalars are read on the host
+    once (the trace, the error bound and a tensor estimate together) and handled as Python floats."""
+    G, n = gram.G, gram.n
+    given_is_tensor = isinstance(sigma_estimate, torch.Tensor)
+    read = [gram.frobenius_sq] + ([gram.error] if gram.error is not None else []) + (
+        [sigma_estimate.detach().reshape(()).to(gram.frobenius_sq)] if given_is_tensor else [])
+    values = torch.stack(read).tolist() if len(read) > 1 else [read[0].item()]
+    frobenius_sq = values[0]
+    error = values[1] if gram.error is not None else None
+    given = values[-1] if given_is_tensor else (None if sigma_estimate is None else float(sigma_estimate))
+    if given is not None and not (math.isfinite(given) and given > 0):
+        given = None  # not an estimate to prove, nor to take the larger of
+    if error is not None and not (math.isfinite(frobenius_sq) and frobenius_sq > 0 and math.isfinite(error)):
         return None  # a float32 overflow (or W = 0): the float64 product decides
-    if not finite:
+    if not math.isfinite(frobenius_sq):
         raise FloatingPointError("deqkern.spectral_norm_upper_bound: the weight has NaN or Inf entries")
-    if zero:
-        return SpectralBound(frobenius_sq.new_zeros(()), "zero", 0.0, None)
+    if frobenius_sq == 0:
+        return SpectralBound(G.new_zeros(()), "zero", 0.0, None)
 
     def proven_bound(estimate, ladder, vector=None, ritz_block=None):
-        proven = _prove(gram, estimate, ladder)
+        proven = _prove(gram, frobenius_sq, error, estimate, ladder)
         if proven is None:
             return None
         value, slack = proven
-        rounding = 0.0
-        if gram.error is not None:  # the slack the rounding bound added, on top of the ladder's (one host read)
-            rounding = float(value / (estimate * (1.0 + slack))) - 1.0
-        return SpectralBound(value, "cholesky", (1.0 + slack) * (1.0 + rounding) - 1.0, vector, ritz_block, rounding)
+        # the slack the rounding bound added, on top of the ladder's
+        rounding = value / (estimate * (1.0 + slack)) - 1.0 if error is not None else 0.0
+        return SpectralBound(torch.tensor(value, dtype=torch.float64, device=G.device), "cholesky",
+                             (1.0 + slack) * (1.0 + rounding) - 1.0, vector, ritz_block, rounding)
 
-    if not refine and sigma_estimate is not None:
-        given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
-        if bool(torch.isfinite(given) & (given > 0)):
-            bound = proven_bound(given, slacks)
-            if bound is not None:
-                return bound
+    if not refine and given is not None:
+        bound = proven_bound(given, slacks)
+        if bound is not None:
+            return bound
     if start is None or start.numel() != n:
         start = default_start(n, torch.float64, G.device)
     # the block's estimate first where there is a block; where it proves nothing within the ladder (a block gone
@@ -326,20 +343,19 @@ def _bound_from_gram(gram: Gram, sigma_estimate, start, refine, slacks, block) -
     vector = ritz_block = None
     for from_block in ((True, False) if usable_block else (False,)):
         if from_block:
-            ritz, vector, error, ritz_block = _block_top(G, block.detach().double())
+            ritz, vector, ritz_error, ritz_block = _block_top(G, block.detach().double())
         else:
             first_start = start if vector is None else vector
-            ritz, vector, error, ritz_block = _top_eigenpair(G, first_start.detach().double().reshape(n))
-        estimate = ritz.clamp_min(0).sqrt()
-        if sigma_estimate is not None:
-            given = torch.as_tensor(sigma_estimate, dtype=torch.float64, device=G.device).detach().reshape(())
-            estimate = torch.where(torch.isfinite(given), torch.maximum(estimate, given), estimate)
-        ok, guess = torch.stack([torch.isfinite(estimate) & (estimate > 0),
-                                 error / (2 * estimate.square()).clamp_min(torch.finfo(G.dtype).tiny)]).tolist()
-        if ok:
+            ritz, vector, ritz_error, ritz_block = _top_eigenpair(G, first_start.detach().double().reshape(n))
+        ritz, ritz_error = torch.stack([ritz, ritz_error]).tolist()
+        estimate = math.sqrt(ritz) if ritz > 0 else (0.0 if ritz <= 0 else math.nan)
+        if given is not None:
+            estimate = max(estimate, given) if math.isfinite(estimate) else estimate
+        if math.isfinite(estimate) and estimate > 0:
             # the ladder starts at the first slack above a tenth of the Ritz value's estimated error (relative,
             # halved for sigma): a guess that saves factorisations bound to fail (measured: 3 for a Gaussian 512 x
             # 512 W), a tenth so that a pessimistic guess costs little tightness; the proof does not depend on it
+            guess = ritz_error / max(2.0 * estimate * estimate, torch.finfo(torch.float64).tiny)
             first = next((i for i, slack in enumerate(CERTIFICATE_LADDER) if slack >= 0.1 * guess),
                          len(CERTIFICATE_LADDER) - 1)
             bound = proven_bound(estimate, CERTIFICATE_LADDER[first:], vector, ritz_block)
@@ -388,23 +404,43 @@ def carried_spectral_bound(W: torch.Tensor, proven_at: torch.Tensor, proven_boun
     (what each loses, denormals flushed to zero or not). A float32
     sum whose gamma would exceed 10% (above 1.6e6 entries: 0.1% of sigma_bar at most, the carried drift being
     within a 1% budget) is made in float64."""
+    square_sum, rounding = carried_square_sum(W, proven_at)
+    return rounding.bound(square_sum, proven_bound.double())
+
+
+class CarriedRounding(NamedTuple):
+    """How the carried bound rounds up the sum of squares of W - W0 it was computed from (see
+    carried_spectral_bound): the arithmetic of `bound` is the same IEEE double arithmetic on 0-dim float64 tensors
+    (no host read) and on Python floats (for a layer that reads the sum once with its other host values)."""
+
+    count: int
+    unit: float  # the unit roundoff u of the dtype the difference and its squares were formed in
+    tiny: float  # that dtype's smallest normal number
+
+    def bound(self, square_sum, proven_bound):
+        """proven_bound + ||W - W0||_F, rounded up, from the computed sum of squares."""
+        count, unit, tiny = self.count, self.unit, self.tiny
+        gamma = (count + 2) * unit / (1.0 - (count + 2) * unit)
+        eps = torch.finfo(torch.float64).eps
+        # a square or a difference below the normal range loses less than the smallest normal number, even with
+        # denormals flushed to zero (torch.set_flush_denormal)
+        widened = square_sum * ((1.0 + gamma) * (1.0 + unit) ** 2 * (1.0 + 4.0 * eps)) + count * tiny
+        root = math.sqrt(widened) if isinstance(widened, float) else widened.sqrt()
+        return (proven_bound + (root + math.sqrt(count) * tiny) * (1.0 + 4.0 * eps)) * (1.0 + 4.0 * eps)
+
+
+def carried_square_sum(W: torch.Tensor, proven_at: torch.Tensor) -> Tuple[torch.Tensor, CarriedRounding]:
+    """The sum of squares of W - W0 (0-dim, float64, no host read) as carried_spectral_bound forms it, and how to
+    round it up."""
     W, proven_at = W.detach(), proven_at.detach()
     dtype = W.dtype if W.dtype == proven_at.dtype and W.dtype in (torch.float32, torch.float64) else torch.float64
     count = W.numel()
     if dtype == torch.float32 and (count + 2) * 2.0**-24 > 0.1:
         dtype = torch.float64
     info = torch.finfo(dtype)
-    unit = info.eps / 2
-    gamma = (count + 2) * unit / (1.0 - (count + 2) * unit)
     difference = (W.to(dtype) - proven_at.to(dtype)).reshape(-1)
     square_sum = torch.dot(difference, difference).double()
-    # a square or a difference below the normal range loses less than the smallest normal number, even with
-    # denormals flushed to zero (torch.set_flush_denormal)
-    tiny = info.smallest_normal
-    eps = torch.finfo(torch.float64).eps
-    frobenius = ((square_sum * ((1.0 + gamma) * (1.0 + unit) ** 2 * (1.0 + 4.0 * eps)) + count * tiny).sqrt()
-                 + math.sqrt(count) * tiny)
-    return (proven_bound.double() + frobenius * (1.0 + 4.0 * eps)) * (1.0 + 4.0 * eps)
+    return square_sum, CarriedRounding(count, info.eps / 2, info.smallest_normal)
 
 
 @torch.library.custom_op("deqkern::proven_spectral_bound", mutates_args=())

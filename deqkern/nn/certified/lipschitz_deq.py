@@ -15,7 +15,7 @@ from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import spectral_norm, spectral_norm_upper_bound
 from ...lipschitz.matrix_norms import warm_gram_steps
-from ...lipschitz.spectral_bound import SpectralBound, carried_spectral_bound, prove_with_vector, proven_spectral_bound
+from ...lipschitz.spectral_bound import SpectralBound, carried_square_sum, prove_with_vector, proven_spectral_bound
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
@@ -63,43 +63,64 @@ FLOAT32_GRAM_SHARE = 0.25
 class WeightBound(NamedTuple):
     """The proof behind the latest W: weight_norm_bound >= ||W||_2 (at most gamma / Lip(act), up to W's rounding),
     raw_norm_bound >= ||V||_2, how that bound was proven ("cholesky", "squaring", "zero" or "carried": see
-    LipschitzDEQ) and its slack above the power-iteration estimate."""
+    LipschitzDEQ) and its slack above the power-iteration estimate, of which gram_rounding is a float32 Gram matrix's
+    rounding bound (0 for a proof in float64)."""
 
     weight_norm_bound: float
     raw_norm_bound: float
     method: str
     slack: float
+    gram_rounding: float = 0.0
 
 
 class _SpectrallyScaledWeight(torch.autograd.Function):
-    """W = V min(1, max_norm / sigma_bar), sigma_bar = `upper` (a proven bound of ||V||_2, no gradient), with the
-    gradient of torch's spectral_norm: sigma_bar taken as sigma (upper / sigma), sigma = ||V u|| with u held fixed
-    and the ratio constant, so where the scale s = max_norm / upper is active (<= 1)
-    dL/dV = s G - s <G, V> / sigma^2 (V u) u^T, and G where it is 1 (or sigma = 0). One node with a four-operation
+    """W = V min(1, ratio), ratio = max_norm / sigma_bar, sigma_bar a proven bound of ||V||_2 (no gradient), with the
+    gradient of torch's spectral_norm: sigma_bar taken as sigma (sigma_bar / sigma), sigma = ||V u|| with u held
+    fixed and the quotient constant, so where the scale s = ratio is active (<= 1)
+    dL/dV = s G - s <G, V> / sigma^2 (V u) u^T, and G where it is 1 (or sigma = 0). One node with a one-operation
     forward, in place of a dozen small operations and their backward nodes (a tenth of LipschitzDEQ's step at
-    width 64)."""
+    width 64). ratio: a Python float (eager: the branches are taken on the host) or a 0-dim tensor (traced)."""
 
     @staticmethod
-    def forward(ctx, V, u, upper, max_norm):
-        ratio = max_norm / upper.clamp_min(torch.finfo(V.dtype).tiny)
-        ctx.save_for_backward(V, u, ratio)
-        return V * ratio.clamp(max=1.0)
+    def forward(ctx, V, u, ratio):
+        if isinstance(ratio, torch.Tensor):
+            ctx.ratio = None
+            ctx.save_for_backward(V, u, ratio)
+            return V * ratio.clamp(max=1.0)
+        ctx.ratio = ratio
+        ctx.save_for_backward(V, u)
+        return V * min(ratio, 1.0)
 
     @staticmethod
     def backward(ctx, grad_W):
-        V, u, ratio = ctx.saved_tensors
+        if ctx.ratio is not None and ctx.ratio > 1.0 and not torch.is_grad_enabled():  # the scale is 1: W = V (with
+            # create_graph the general path below, so that the gradient stays connected to V, as the formula's is)
+            return grad_W, None, None
+        V, u, *traced = ctx.saved_tensors
         Vu = V @ u
+        if not traced and not torch.is_grad_enabled() and V.device.type == "cpu":
+            # on the CPU a host read costs less than the half-dozen operations it saves (on a GPU it would wait for
+            # the device): the two scalars read at once, the rest on the host
+            sigma_sq, inner = torch.stack([Vu @ Vu, torch.dot(grad_W.reshape(-1), V.reshape(-1))]).tolist()
+            scale = min(ctx.ratio, 1.0)
+            coefficient = scale * inner / sigma_sq if sigma_sq > 0 else 0.0
+            return torch.addr(grad_W * scale, Vu, u, alpha=-coefficient), None, None
         sigma_sq = Vu @ Vu
+        positive = sigma_sq > 0
         # the sigma path only where the scale is active (clamp's gradient passes at <= 1) and sigma > 0
-        active = (ratio <= 1.0) & (sigma_sq > 0)
-        sigma_sq = torch.where(sigma_sq > 0, sigma_sq, 1.0)
-        scale = ratio.clamp(max=1.0)
+        if traced:
+            ratio = traced[0]
+            active, scale = (ratio <= 1.0) & positive, ratio.clamp(max=1.0)
+        else:
+            ratio, scale = ctx.ratio, min(ctx.ratio, 1.0)
+            active = positive if ratio <= 1.0 else torch.zeros_like(positive)
+        sigma_sq = torch.where(positive, sigma_sq, 1.0)
         if torch.is_grad_enabled():  # create_graph: the scale written ratio sigma_d / sigma, its value with its
             # dependence on V, so that a second derivative sees it too
             sigma = sigma_sq.sqrt()
             scale = torch.where(active, ratio * (sigma.detach() / sigma), scale)
         coefficient = torch.where(active, scale * (grad_W * V).sum() / sigma_sq, 0.0)
-        return torch.addr(grad_W * scale, Vu, u * coefficient, alpha=-1.0), None, None, None
+        return torch.addr(grad_W * scale, Vu, u * coefficient, alpha=-1.0), None, None
 
 
 class LipschitzDEQ(CertifiedDEQ):
@@ -117,9 +138,9 @@ class LipschitzDEQ(CertifiedDEQ):
     bound matters) of ||V u|| (method "carried": the scale is then conservative by at most that budget), u taking
     `n_power_iterations` warm-started power steps; after attempts that missed the budget by far (V moving fast),
     1, 3, 7, ... steps prove without attempting. Otherwise V is proven anew (the Gram matrix, in float32 for a
-    float32 V on the CPU with its rounding bound added to the proof while that costs at most a quarter of
-    proof_budget, else in float64; an estimate; one Cholesky factorisation in float64 when it proves at the first
-    slack tried): the estimate is one block power step and a
+    float32 V of at least 224 columns on the CPU with its rounding bound added to the proof while that costs at most
+    a quarter of proof_budget, else in float64; an estimate; one Cholesky factorisation in float64 when it proves at
+    the first slack tried): the estimate is one block power step and a
     Rayleigh-Ritz projection from the previous proof's Ritz block (Lanczos steps from u for the first proof), and
     its top Ritz vector becomes u. Eval forward: u is the power iteration run to convergence (`power_tol`, default
     1e-10, in float64) from the buffer, left alone, and its estimate is proven as it is; an eval forward for an
@@ -165,9 +186,10 @@ class LipschitzDEQ(CertifiedDEQ):
         self.last_weight: Optional[torch.Tensor] = None  # the W of the latest forward (detached)
         self.last_weight_bound: Optional[WeightBound] = None  # its proof: ||W||_2 <= weight_norm_bound
         self._converged_cache = None
-        # (V, sigma_bar(V), its Ritz block) of the latest training proof: carried forward, and the next proof's start
+        # (V, sigma_bar(V), its Ritz block, sigma_bar(V) as a float) of the latest training proof: carried forward, and
+        # the next proof's start
         self._last_proof = None
-        # training proofs of a float32 weight on the CPU form the Gram matrix in float32 (2.5x faster at 512), its
+        # training proofs of a float32 weight on the CPU form the Gram matrix in float32 (1.8x faster at 512), its
         # rounding bound added to the proof, while that loosens sigma_bar by at most FLOAT32_GRAM_SHARE of
         # proof_budget (0.13% at 512 for a Gaussian V against 0.25%); proof_budget=0 asks for the tightest: float64
         self._float32_gram = self.proof_budget > 0
@@ -237,14 +259,14 @@ class LipschitzDEQ(CertifiedDEQ):
                                                  float32_gram=self._float32_gram)
                     if bound.gram_rounding > FLOAT32_GRAM_SHARE * self.proof_budget:
                         self._float32_gram = False  # too loose for this layer's budget: float64 from now on
-                    self._last_proof = (V.detach().clone(), bound.value, bound.ritz_block)
+                    self._last_proof = (V.detach().clone(), bound.value, bound.ritz_block, bound.value.item())
             if update:
                 self.power_u.copy_(u)
         return u, bound
 
     def _last_proof_for(self, V):
-        """The latest training proof (V0, sigma_bar(V0), its Ritz block) where it can serve V (the same shape, dtype
-        and device), else None."""
+        """The latest training proof (V0, sigma_bar(V0), its Ritz block, sigma_bar(V0) as a float) where it can
+        serve V (the same shape, dtype and device), else None."""
         previous = self._last_proof
         if previous is None or previous[0].shape != V.shape or previous[0].dtype != V.dtype or \
                 previous[0].device != V.device:
@@ -270,15 +292,18 @@ class LipschitzDEQ(CertifiedDEQ):
             self._carry_skips -= 1
             return None
         V = V.detach()
-        carried = carried_spectral_bound(V, *previous[:2])
+        square_sum, rounding = carried_square_sum(V, previous[0])
         # ||V u|| decides only whether the carried bound is tight enough, not whether it is a bound: V's dtype will do
         estimate = torch.linalg.vector_norm(V @ u.to(V.dtype), dtype=torch.float64)
-        carried_value, estimate_value = torch.stack([carried, estimate]).tolist()
+        square_value, estimate_value = torch.stack([square_sum, estimate]).tolist()
+        # carried_spectral_bound's arithmetic on the host's floats (the same float64 operations)
+        carried_value = rounding.bound(square_value, previous[3])
         # NaN (a weight gone non-finite) accepts nothing: a new proof then raises
         accepted = carried_value <= self.max_weight_norm or carried_value <= estimate_value * (1.0 + self.proof_budget)
         slack = carried_value / estimate_value - 1.0 if estimate_value > 0 else math.inf
         if accepted:
             self._carry_misses = 0
+            carried = torch.tensor(carried_value, dtype=torch.float64, device=V.device)
             return SpectralBound(carried, "carried", slack, None)
         # a miss by more than CARRY_MISS_FACTOR budgets means that one optimiser step moves V beyond the budget (wide
         # layers under Adam: measured 7% of ||V||_2 per step at 512): skip 1, 3, 7, ... attempts (at most
@@ -298,6 +323,9 @@ class LipschitzDEQ(CertifiedDEQ):
                               u0=self.power_u.double(), backend=backend).u.to(V.dtype)
         else:  # a fixed number of warm-started steps: tol below reach, no check
             u = warm_gram_steps(V.detach(), self.power_u, self.n_power_iterations, backend)
+            if not torch.compiler.is_compiling():  # checked on the host: 3 operations where the tensors' test is 13
+                norm = torch.linalg.vector_norm(u).item()
+                return u / norm if math.isfinite(norm) and norm > 0 else self.power_u.clone()
         norm = u.norm()
         usable = torch.isfinite(norm) & (norm > 0)
         return torch.where(usable, u / torch.where(usable, norm, torch.ones_like(norm)), self.power_u)
@@ -309,13 +337,19 @@ class LipschitzDEQ(CertifiedDEQ):
         sigma * (sigma_bar / sigma), the ratio held constant. Stores the proof in `last_weight_bound`."""
         V = self.weight_raw
         u, bound = self._sigma(V, converged, update)
-        # sigma_bar in V's dtype, rounded up: W = V * scale must not exceed the bound by W's own rounding either
-        upper = (bound.value * (1.0 + 4.0 * torch.finfo(V.dtype).eps)).to(V.dtype)
-        if not torch.compiler.is_compiling():  # its floats read the host
+        if u is self.power_u:  # the autograd node keeps u: not the buffer, which the next forward overwrites
+            u = u.clone()
+        # sigma_bar rounded up by 4 eps of V's dtype: W = V * scale must not exceed the bound by the scale's and W's
+        # own roundings either
+        eps, tiny = torch.finfo(V.dtype).eps, torch.finfo(V.dtype).tiny
+        if torch.compiler.is_compiling():  # the bound stays a tensor (its floats would read the host)
+            ratio = self.max_weight_norm / (bound.value * (1.0 + 4.0 * eps)).to(V.dtype).clamp_min(tiny)
+        else:
             raw = bound.value.item()
-            self.last_weight_bound = WeightBound(min(raw, self.max_weight_norm * (1 + 8 * torch.finfo(V.dtype).eps)),
-                                                 raw, bound.method, bound.slack)
-        return _SpectrallyScaledWeight.apply(V, u, upper, self.max_weight_norm)
+            ratio = self.max_weight_norm / max(raw * (1.0 + 4.0 * eps), tiny)
+            self.last_weight_bound = WeightBound(min(raw, self.max_weight_norm * (1 + 8 * eps)), raw, bound.method,
+                                                 bound.slack, bound.gram_rounding)
+        return _SpectrallyScaledWeight.apply(V, u, ratio)
 
     @property
     def weight(self) -> torch.Tensor:
