@@ -15,7 +15,7 @@ seed 0, default options:
                        its first proof's bound reused at every step, no proof after it: what the step costs
                        without the proof, the floor under the certified layer's speed
 
-Each layer trains its own copy; the four are timed interleaved in one run (one step of each per round) and the
+Each layer trains its own copy; the five are timed interleaved in one run (one step of each per round) and the
 result is each layer's speed relative to DEQLinear's (DEQLinear time / layer time: the issue's target is >= 0.8 for
 LipschitzDEQ). The iteration counts of the last step are reported beside, and for LipschitzDEQ the share of the timed
 steps whose bound was carried from an earlier proof (method "carried") rather than proven anew. Run

@@ -16,6 +16,7 @@ a gap at the top it is far tighter: 1 + 1e-9 on 128 x 128 Gaussian matrices). Be
 sigma_bar(W0) + ||W - W0||_F bounds ||W||_2 with no factorisation (`carried_spectral_bound`).
 """
 import math
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -49,7 +50,7 @@ class SpectralBound(NamedTuple):
     gram_rounding: float = 0.0
 
 
-def _rounding_shift(m: int, n: int, t: torch.Tensor, frobenius_sq: torch.Tensor) -> torch.Tensor:
+def _rounding_shift(m: int, n: int, t: float, frobenius_sq: float) -> float:
     """The shift c with: fl-Cholesky of (t - c) I - fl(G) completes => lambda_max(G) < t, in float64 (n x n Gram
     of inner size m). It covers forming G (|fl(G) - G| <= gamma_m |V|^T |V|, so ||fl(G) - G||_2 <= gamma_m
     ||V||_F^2) and the Cholesky itself (Rump 2006: completing on A - c' I with c' about gamma_{n+1} tr(A), here
@@ -157,8 +158,9 @@ def _block_top(G: torch.Tensor, block: torch.Tensor):
 
 
 class Gram(NamedTuple):
-    """The smaller Gram matrix G of W (float64 values, n x n, inner size m), a bound of ||W||_F^2 (its trace, rounded
-    up), and `error`, a bound of ||G - W^T W||_2 beyond what `_rounding_shift` covers (None for a float64 product)."""
+    """The smaller Gram matrix G of W (float64 values, n x n, inner size m), its trace (||W||_F^2; rounded up when G
+    was formed in float32), and `error`, a bound of ||G - W^T W||_2 beyond what `_rounding_shift` covers (None for a
+    float64 product)."""
 
     G: torch.Tensor
     m: int
@@ -178,6 +180,10 @@ def float32_products_are_ieee(device: torch.device) -> bool:
     float32 Gram matrix assumes: on the CPU only (cuBLAS may emulate float32), with every float32 matmul precision
     setting at full precision (a user's "medium" or "bf16" lets oneDNN multiply in bfloat16)."""
     if device.type != "cpu":
+        return False
+    # oneDNN's own switch, which torch does not see: anything but strict lets it multiply float32 in bfloat16
+    if any(os.environ.get(name, "STRICT").upper() not in ("", "STRICT")
+           for name in ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")):
         return False
     flags = [getattr(torch.backends, "fp32_precision", "none"),
              getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")]
@@ -215,10 +221,11 @@ def _gram(W: torch.Tensor, float32_gram: bool = False) -> Gram:
     # M x for this x summed in float32 too: nonnegative terms, each of the two products at least (1 - gamma_m) of
     # its exact value, so the exact one is at most the computed one / (1 - gamma_m)^2
     perron = (A.T @ (A @ x)).double().div(x.double()).amax() / (1.0 - gamma) ** 2 * (1.0 + 1e-12)
-    # each of the m products of an entry loses less than the smallest normal number where it underflows (denormals
-    # flushed or not): m n of it bounds that error matrix's norm
-    underflow = m * n * torch.finfo(torch.float32).smallest_normal
-    trace = G.diagonal().sum() * (1.0 + gamma) * (1.0 + 1e-12) + m * n * torch.finfo(torch.float32).smallest_normal
+    # underflow: a product or a partial sum that underflows loses less than the smallest normal number s (denormals
+    # flushed or not), and a denormal entry read as 0 (torch.set_flush_denormal also sets DAZ) loses less than s
+    # max|W| in each product: m (1 + max|W|) s per entry, n times that bounds the error matrix's norm
+    underflow = m * n * torch.finfo(torch.float32).smallest_normal * (1.0 + A.amax().double())
+    trace = G.diagonal().sum() * (1.0 + gamma) * (1.0 + 1e-12) + underflow
     return Gram(G, m, n, trace, gamma * perron + underflow)
 
 
@@ -274,7 +281,8 @@ def _prove(gram: Gram, frobenius_sq: float, error: Optional[float], estimate: fl
 def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optional[torch.Tensor] = None, *,
                               refine: bool = True, slacks=CERTIFICATE_LADDER,
                               block: Optional[torch.Tensor] = None, float32_gram: bool = False) -> SpectralBound:
-    """A certified sigma_bar >= ||W||_2 for W (m, n). Computed in float64. The estimate proven is the larger of
+    """A certified sigma_bar >= ||W||_2 for W (m, n). Computed in float64 (the Gram matrix in float32 with
+    float32_gram). The estimate proven is the larger of
     `sigma_estimate` (a float or 0-dim tensor, e.g. a power iteration's lower bound; optional) and the square root
     of the top Ritz value of LANCZOS_STEPS Lanczos steps on the smaller Gram matrix from `start` (a vector of its
     size, e.g. the power iteration's; default a fixed one), or of its top eigenvalue when it has at most
@@ -292,7 +300,7 @@ def spectral_norm_upper_bound(W: torch.Tensor, sigma_estimate=None, start: Optio
     nothing, or the float32 product overflows, the float64 Gram matrix is used instead. Raises FloatingPointError
     when W is not finite."""
     if float32_gram and W.dtype == torch.float32 and min(W.shape) >= FLOAT32_GRAM_MIN and \
-            float32_products_are_ieee(W.device):
+            max(W.shape) * 2.0**-24 <= 1e-2 and float32_products_are_ieee(W.device):  # gamma_m below 1%
         bound = _bound_from_gram(_gram(W, float32_gram=True), sigma_estimate, start, refine, slacks, block)
         if bound is not None:
             return bound

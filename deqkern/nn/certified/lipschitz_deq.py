@@ -98,14 +98,19 @@ class _SpectrallyScaledWeight(torch.autograd.Function):
             return grad_W, None, None
         V, u, *traced = ctx.saved_tensors
         Vu = V @ u
-        if not traced and not torch.is_grad_enabled() and V.device.type == "cpu":
+        # the two sums in at least float32: a float16 ||V u||^2 overflows from ||V u|| = 256
+        wide = torch.promote_types(V.dtype, torch.float32)
+        Vu_wide = Vu.to(wide)
+        if not traced and not torch.is_grad_enabled() and V.device.type == "cpu" and \
+                not torch.compiler.is_compiling():
             # on the CPU a host read costs less than the half-dozen operations it saves (on a GPU it would wait for
-            # the device): the two scalars read at once, the rest on the host
-            sigma_sq, inner = torch.stack([Vu @ Vu, torch.dot(grad_W.reshape(-1), V.reshape(-1))]).tolist()
+            # the device; compiled autograd traces this backward): the two scalars read at once, the rest on the host
+            sigma_sq, inner = torch.stack([Vu_wide @ Vu_wide, torch.dot(grad_W.reshape(-1).to(wide),
+                                                                        V.reshape(-1).to(wide))]).tolist()
             scale = min(ctx.ratio, 1.0)
             coefficient = scale * inner / sigma_sq if sigma_sq > 0 else 0.0
             return torch.addr(grad_W * scale, Vu, u, alpha=-coefficient), None, None
-        sigma_sq = Vu @ Vu
+        sigma_sq = Vu_wide @ Vu_wide
         positive = sigma_sq > 0
         # the sigma path only where the scale is active (clamp's gradient passes at <= 1) and sigma > 0
         if traced:
@@ -119,8 +124,8 @@ class _SpectrallyScaledWeight(torch.autograd.Function):
             # dependence on V, so that a second derivative sees it too
             sigma = sigma_sq.sqrt()
             scale = torch.where(active, ratio * (sigma.detach() / sigma), scale)
-        coefficient = torch.where(active, scale * (grad_W * V).sum() / sigma_sq, 0.0)
-        return torch.addr(grad_W * scale, Vu, u * coefficient, alpha=-1.0), None, None
+        coefficient = torch.where(active, scale * (grad_W.to(wide) * V.to(wide)).sum() / sigma_sq, 0.0)
+        return torch.addr(grad_W * scale, Vu, u * coefficient.to(V.dtype), alpha=-1.0), None, None
 
 
 class LipschitzDEQ(CertifiedDEQ):
@@ -224,10 +229,10 @@ class LipschitzDEQ(CertifiedDEQ):
         return 1e-10 if self.power_tol is None else float(self.power_tol)
 
     def _sigma(self, V: torch.Tensor, converged: bool, update: bool):
-        """(sigma, sigma_bar): sigma = ||V u||_2 at the power-iteration vector u, differentiable in V with u held
-        fixed (a lower bound of ||V||_2, equal to it once u is a top right singular vector), and sigma_bar, a
-        certified upper bound of ||V||_2 (a SpectralBound; float64, no grad), proven for this V (eval: reused for an
-        unchanged V)."""
+        """(u, sigma_bar): u the unit power-iteration vector, through which the scale's gradient flows (sigma = ||V
+        u||_2 with u held fixed, a lower bound of ||V||_2, equal to it once u is a top right singular vector), and
+        sigma_bar, a certified upper bound of ||V||_2 (a SpectralBound; float64, no grad), proven for this V (eval:
+        reused for an unchanged V)."""
         if torch.compiler.is_compiling():  # traced: the proof as one opaque op, no cache (its test reads the host)
             with torch.no_grad():
                 u = self._power_vector(V, converged)
