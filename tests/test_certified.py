@@ -445,7 +445,7 @@ def test_spectral_norm_upper_bound_is_never_below_the_norm(shape, estimate_ratio
 def test_carried_spectral_bound_is_a_bound():
     """sigma_bar(W0) + ||W - W0||_F, rounded up: above ||W||_2 for large, small and underflowing changes, and not a
     number (so no comparison accepts it) for a weight that is not finite."""
-    from deqkern.lipschitz.spectral_bound import carried_spectral_bound
+    from deqkern.lipschitz.carried_bound import carried_spectral_bound
     g = torch.Generator().manual_seed(3)
     for shape in ((5, 5), (7, 3), (40, 40)):
         W0 = torch.randn(shape, generator=g, dtype=F64)
@@ -471,7 +471,7 @@ def test_carried_spectral_bound_in_float32():
     rounding bounded: above ||W||_2 for large, small and underflowing changes (squares below float32's range), the
     drift above the float64 figure's by at most its rounding bound, and not a number for a weight that is not
     finite."""
-    from deqkern.lipschitz.spectral_bound import carried_spectral_bound
+    from deqkern.lipschitz.carried_bound import carried_spectral_bound
     g = torch.Generator().manual_seed(4)
     for shape in ((5, 5), (7, 3), (64, 64)):
         W0 = torch.randn(shape, generator=g)

@@ -15,7 +15,8 @@ from ...core.api import api_changes
 from ...core import validation
 from ...lipschitz import spectral_norm, spectral_norm_upper_bound
 from ...lipschitz.matrix_norms import warm_gram_steps
-from ...lipschitz.spectral_bound import SpectralBound, carried_square_sum, prove_with_vector, proven_spectral_bound
+from ...lipschitz.carried_bound import carried_square_sum
+from ...lipschitz.spectral_bound import SpectralBound, prove_with_vector, proven_spectral_bound
 from ...solvers.dense import fixed_point_dense
 from ..dense_layer import names_its_inputs
 from ._base import CertifiedDEQ
