@@ -79,8 +79,9 @@ class _SpectrallyScaledWeight(torch.autograd.Function):
     gradient of torch's spectral_norm: sigma_bar taken as sigma (sigma_bar / sigma), sigma = ||V u|| with u held
     fixed and the quotient constant, so where the scale s = ratio is active (<= 1)
     dL/dV = s G - s <G, V> / sigma^2 (V u) u^T, and G where it is 1 (or sigma = 0). One node with a one-operation
-    forward, in place of a dozen small operations and their backward nodes (a tenth of LipschitzDEQ's step at
-    width 64). ratio: a Python float (eager: the branches are taken on the host) or a 0-dim tensor (traced)."""
+    forward, in place of a dozen small operations and their backward nodes (at width 64 the operations launched are
+    what most of LipschitzDEQ's extra time per step goes to). ratio: a Python float (eager: the branches are taken
+    on the host) or a 0-dim tensor (traced)."""
 
     @staticmethod
     def forward(ctx, V, u, ratio):
@@ -313,8 +314,8 @@ class LipschitzDEQ(CertifiedDEQ):
             return SpectralBound(carried, "carried", slack, None)
         # a miss by more than CARRY_MISS_FACTOR budgets means that one optimiser step moves V beyond the budget (wide
         # layers under Adam: measured 7% of ||V||_2 per step at 512): skip 1, 3, 7, ... attempts (at most
-        # CARRY_MAX_SKIPS) before the next, each attempt costing two conversions and a difference norm of V;
-        # a narrow miss keeps trying at every step. Only a cost: a proof is valid whenever it is made
+        # CARRY_MAX_SKIPS) before the next, each attempt costing a difference of V and its dot product; a narrow
+        # miss keeps trying at every step. Only a cost: a proof is valid whenever it is made
         if not slack <= CARRY_MISS_FACTOR * self.proof_budget:
             self._carry_misses += 1
             self._carry_skips = min(2 ** self._carry_misses - 1, CARRY_MAX_SKIPS)
