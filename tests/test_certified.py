@@ -494,12 +494,12 @@ def test_carried_spectral_bound_in_float32():
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (300, 240), (240, 300), (400, 400)])
-def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
+def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape, monkeypatch):
     """float32_gram=True: a float32 W's Gram matrix in float32, its rounding bound (gamma_m || |W| ||_2^2, the Perron
     root bounded by Collatz-Wielandt) added to the proof: never below the norm (checked by SVD in float64), on a
     Gaussian W, an entrywise positive one (|W| = W: the bound's worst case) and a rank-one one; `gram_rounding`
-    says what it cost, part of `slack`; where float32 products may not be IEEE (matmul precision "medium") or the
-    float32 product overflows, the float64 Gram matrix is used (gram_rounding 0)."""
+    says what it cost, part of `slack`; where float32 products may not be IEEE (matmul precision "medium", oneDNN's
+    fpmath mode, off the CPU) or the float32 product overflows, the float64 Gram matrix is used (gram_rounding 0)."""
     from deqkern.lipschitz import spectral_norm_upper_bound
     g = torch.Generator().manual_seed(shape[0] + shape[1])
     gaussian = torch.randn(shape, generator=g) / math.sqrt(shape[0])
@@ -532,6 +532,11 @@ def test_spectral_norm_upper_bound_with_a_float32_gram_matrix(shape):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert spectral_norm_upper_bound(gaussian, float32_gram=True).gram_rounding > 0
+    from deqkern.lipschitz.spectral_bound import float32_products_are_ieee
+    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")  # oneDNN's own switch, which torch does not see
+    assert not float32_products_are_ieee(torch.device("cpu"))
+    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "strict")
+    assert float32_products_are_ieee(torch.device("cpu")) and not float32_products_are_ieee(torch.device("meta"))
 
 
 def test_lipschitz_float32_gram_proofs_hold_at_every_training_step():
