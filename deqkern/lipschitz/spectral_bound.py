@@ -196,17 +196,18 @@ def float32_products_are_ieee(device: torch.device) -> bool:
 
 
 def _gram(W: torch.Tensor, float32_gram: bool = False) -> Gram:
-    """The smaller Gram matrix of W: in float64, or (float32_gram, a float32 W on a device whose float32 products
-    are IEEE) in float32, 1.8x faster at 512 x 512 on a 2-core Xeon (0.95 ms against 1.75), with its rounding
-    bounded: each entry |fl(G)_ij - G_ij| <= gamma_m (|W|^T |W|)_ij for any order of the m products' sum (Higham,
-    Accuracy and Stability, eq. 3.5; gamma_m = m u / (1 - m u), u = 2^-24), so ||fl(G) - G||_2 <= gamma_m || |W|^T
-    |W| ||_2, and that Perron root is at most max_i (M x)_i / x_i for any positive x (Collatz-Wielandt; x = M 1, two
-    products of |W| each): about 0.26% of ||W||_2^2 for a Gaussian 512 x 512 W, 1% at 1024 (measured; it grows as m
-    n). Underflow is covered: m n (1 + max|W|) times the smallest normal number."""
+    """The smaller Gram matrix of W: in float64, or (float32_gram, which spectral_norm_upper_bound sets only for a
+    float32 W on a device whose float32 products are IEEE) in float32, 1.8x faster at 512 x 512 on a 2-core Xeon
+    (0.95 ms against 1.75), with its rounding bounded: each entry |fl(G)_ij - G_ij| <= gamma_m (|W|^T |W|)_ij for
+    any order of the m products' sum (Higham, Accuracy and Stability, eq. 3.5; gamma_m = m u / (1 - m u), u =
+    2^-24), so ||fl(G) - G||_2 <= gamma_m || |W|^T |W| ||_2, and that Perron root is at most max_i (M x)_i / x_i for
+    any positive x (Collatz-Wielandt; x = M 1, two products of |W| each): about 0.26% of ||W||_2^2 for a Gaussian
+    512 x 512 W, 1% at 1024 (measured; it grows as m n). Underflow is covered: m n (1 + max|W|) times the smallest
+    normal number."""
     V = W.detach()
     rows_ge_cols = V.shape[0] >= V.shape[1]
     m, n = max(V.shape), min(V.shape)
-    if not (float32_gram and V.dtype == torch.float32 and float32_products_are_ieee(V.device)):
+    if not float32_gram:
         V = V.double()
         # not symmetrised: the Cholesky factorisation reads the lower triangle only (each entry fl(G_ij), within the
         # rounding shift's analysis), and Lanczos needs only an estimate
@@ -264,13 +265,13 @@ def _prove(gram: Gram, frobenius_sq: float, error: Optional[float], estimate: fl
     for slack in slacks:
         candidate = estimate * (1.0 + slack)
         t = candidate * candidate
-        margin = _rounding_shift(m, n, t, frobenius_sq)
+        gram_error = 0.0
         if error is not None:  # lambda_max(fl(G)) <= t - error proves lambda_max(W^T W) <= t
             candidate = math.sqrt(t + error) * (1.0 + 4.0 * torch.finfo(torch.float64).eps)
             t = candidate * candidate
-            margin = _rounding_shift(m, n, t, frobenius_sq) + error
+            gram_error = error
         trial = -G
-        trial.diagonal().add_(t - margin)
+        trial.diagonal().add_(t - (_rounding_shift(m, n, t, frobenius_sq) + gram_error))
         # G and t are finite here (checked before), so a factorisation that completes is finite
         if _cholesky_completes(trial):
             return candidate, slack
